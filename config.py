@@ -1,0 +1,206 @@
+"""Merge configs/*.yaml, legacy config.json, --config files and CLI flags into one validated config.
+
+Precedence, lowest to highest: dataclass defaults < configs/*.yaml (sorted by name) < legacy
+config.json (only where configs/ is absent) < --config FILE (may repeat; a bare name means
+configs/presets/NAME.yaml) < CLI flags. `--n-layer 6` and `--n_layer=6` both work. Unknown keys and
+wrong types are errors that name the key, where it came from, and the closest valid key.
+
+    python train.py --config debug --n-layer 3 --print-config
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from parameters import ModelConfig
+
+PROJECT_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PROJECT_DIR / "configs"
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass
+class Parsed:
+    config: Any                 # the validated dataclass instance
+    files: list[Path]           # config files merged, lowest precedence first
+    args: argparse.Namespace    # the stage's own flags (e.g. print_config)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of exiting, so stages report one line and exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message)
+
+
+def _types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def closest(key: str, valid: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest valid key, or '' when nothing is close."""
+    match = difflib.get_close_matches(key.replace("-", "_"), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def coerce(key: str, value: Any, typ: type, source: str) -> Any:
+    """Check/convert one value to the field's type; strings from the CLI are parsed."""
+    where = f"{source}: {key}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            if isinstance(value, str):
+                return int(value)
+        except ValueError:
+            pass
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads `6e-4` (no dot) as a string; accept it as users mean it
+            if isinstance(value, str):
+                return float(value)
+        except ValueError:
+            pass
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r} (quote it in YAML)")
+    raise AssertionError(f"unsupported field type {typ} for {key}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A flat mapping from a .yaml/.yml/.json file; empty files are empty mappings."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file '{path}' does not exist") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def check_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Type-check a mapping against the dataclass; unknown keys name the closest valid one."""
+    types = _types(cls)
+    out = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in types:
+            raise ValueError(f"{source}: unknown key '{key}'{closest(key, types)}")
+        out[key] = coerce(key, value, types[key], source)
+    return out
+
+
+def default_config_files(config_dir: Path) -> list[Path]:
+    """configs/*.yaml, or the legacy config.json beside it where configs/ does not exist."""
+    if config_dir.is_dir():
+        return sorted(p for p in config_dir.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    legacy = config_dir.parent / "config.json"
+    return [legacy] if legacy.is_file() else []
+
+
+def resolve_config_arg(spec: str, config_dir: Path) -> Path:
+    """--config takes a path, or the name of a preset in configs/presets/."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    for candidate in (config_dir / "presets" / spec, config_dir / "presets" / f"{spec}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in (config_dir / "presets").glob("*.yaml"))
+    raise FileNotFoundError(
+        f"config '{spec}' is neither a file nor a preset; presets: {', '.join(presets) or 'none'}"
+    )
+
+
+def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse.ArgumentParser], None]) -> _Parser:
+    """--help generated from the dataclass: one flag per field, in both --a-b and --a_b forms."""
+    parser = _Parser(description=description, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stage_args(parser)
+    group = parser.add_argument_group(f"{cls.__name__} fields (also settable in YAML)")
+    types = _types(cls)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        typ = types[f.name]
+        choices = f.metadata.get("choices")
+        meta = "{" + ",".join(choices) + "}" if choices else typ.__name__.upper()
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=meta, help=help_text,
+                           **({"nargs": "?", "const": "true"} if typ is bool else {}))
+    return parser
+
+
+def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Path | None = CONFIG_DIR,
+          add_stage_args: Callable[[argparse.ArgumentParser], None] = lambda p: None) -> Parsed:
+    """Parse argv into a validated `cls` instance; config_dir=None means no config files at all."""
+    parser = build_parser(cls, description, add_stage_args)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=")[0]
+        match = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), _types(cls), n=1, cutoff=0.6)
+        hint = f" (did you mean '--{match[0].replace('_', '-')}'?)" if match else ""
+        raise ValueError(f"command line: unknown option '{flag}'{hint}; see --help")
+    files: list[Path] = []
+    values: dict[str, Any] = {}
+    if config_dir is not None:
+        files = default_config_files(config_dir)
+        files += [resolve_config_arg(spec, config_dir) for spec in getattr(ns, "config", None) or []]
+        for path in files:
+            values.update(check_values(cls, read_config_file(path), str(path)))
+    # Field flags default to SUPPRESS, so the namespace holds only flags given plus the stage's own.
+    types = _types(cls)
+    values.update(check_values(cls, {k: v for k, v in vars(ns).items() if k in types}, "command line"))
+    stage_args = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in types})
+    return Parsed(cls(**values).validate(), files, stage_args)
+
+
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    """--config, shared by every stage that reads ModelConfig."""
+    parser.add_argument("--config", action="append", metavar="FILE",
+                        help="YAML/JSON config merged over configs/*.yaml; a bare name means "
+                             "configs/presets/NAME.yaml; may repeat (later wins)")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of train.py that are not config fields."""
+    add_config_arg(parser)
+    parser.add_argument("--print-config", "--print_config", action="store_true",
+                        help="print the merged, validated config as YAML and exit")
+
+
+def load_config(argv: list[str] | None = None, description: str = "", config_dir: Path = CONFIG_DIR,
+                add_stage_args: Callable[[argparse.ArgumentParser], None] = add_train_args) -> Parsed:
+    """The merged, validated ModelConfig for train.py and profile_model.py."""
+    return parse(ModelConfig, argv, description, config_dir=config_dir, add_stage_args=add_stage_args)
+
+
+def config_yaml(config: Any, files: list[Path]) -> str:
+    """The merged config as YAML, headed by the files it came from (for --print-config)."""
+    header = "# merged from: defaults" + "".join(f" < {p}" for p in files) + " < command line\n"
+    return header + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,162 @@
+"""ModelConfig: every hyperparameter of gptlab in one validated dataclass.
+
+Each field has a default, a type and a one-line help text; config.py builds `--help`, YAML
+checking and `--print-config` from these fields, so a knob is declared here and nowhere else.
+Cross-field rules live in `ModelConfig.validate()`, which reports every problem at once.
+GenerateConfig holds the knobs of inference.py the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field carrying its help text (and allowed values) for the generated CLI."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    # --- run ---
+    run_tag: str = knob("run", "name appended to the run directory: runs/<YYYYMMDD_HHMMSS>_<tag>")
+    runs_dir: str = knob("runs", "directory that holds one sub-directory per run")
+    seed: int = knob(1337, "seed for init, dropout and batch sampling (batch k is a function of seed, k)")
+    device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    dtype: str = knob(
+        "auto", "compute dtype; auto = bfloat16 on CUDA where supported, else float32",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    torch_compile: bool = knob(False, "compile the model with torch.compile (aot_eager on MPS)")
+
+    # --- data ---
+    data: str = knob(
+        "shakespeare", "dataset name (shakespeare, pydoc) or a path to a UTF-8 .txt file or a directory of them"
+    )
+    data_dir: str = knob("data", "cache for downloaded corpora and tokenized ids")
+    tokenizer: str = knob("char", "char (vocabulary = the corpus' characters) or gpt2 (tiktoken BPE)",
+                          choices=("char", "gpt2"))
+    val_fraction: float = knob(0.1, "fraction of the tokens (the tail) held out for validation")
+
+    # --- model ---
+    n_layer: int = knob(4, "transformer blocks")
+    n_head: int = knob(4, "attention heads per block; must divide n_embd")
+    n_embd: int = knob(128, "width of the residual stream")
+    block_size: int = knob(64, "context length in tokens")
+    dropout: float = knob(0.0, "dropout probability in [0, 1); 0 for small data is rarely right, 0.2 is common")
+    bias: bool = knob(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+
+    # --- optimization ---
+    batch_size: int = knob(12, "sequences per micro-step (per process)")
+    grad_accum_steps: int = knob(1, "micro-steps per optimizer step")
+    max_iters: int = knob(2000, "optimizer steps")
+    learning_rate: float = knob(1e-3, "peak learning rate, reached after warmup")
+    min_lr: float = knob(1e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = knob(100, "linear warmup steps; must be < max_iters")
+    lr_decay_iters: int = knob(0, "steps of cosine decay; 0 means max_iters")
+    weight_decay: float = knob(0.1, "AdamW weight decay, applied to matrices only")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.99, "AdamW beta2")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 disables")
+
+    # --- evaluation, logging, output ---
+    eval_interval: int = knob(250, "evaluate (and sample) every this many steps, and at the end")
+    eval_iters: int = knob(20, "batches averaged per split at each evaluation")
+    log_interval: int = knob(10, "print and log the training loss every this many steps")
+    histogram_interval: int = knob(500, "log parameter and gradient histograms every this many steps; 0 disables")
+    sample_length: int = knob(200, "characters/tokens sampled at each eval and at the end; 0 disables")
+    sample_prompt: str = knob("\n", "prompt for the samples printed during training")
+    aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
+    aim_repo: str = knob(".", "directory of the Aim repository (.aim is created inside it)")
+
+    def validate(self) -> "ModelConfig":
+        """Check every cross-field rule; raise one ValueError that lists all violations."""
+        errors = [f"{name}: {msg}" for name, msg in self._problems()]
+        if errors:
+            raise ValueError("invalid config: " + "; ".join(errors))
+        return self
+
+    def _problems(self) -> list[tuple[str, str]]:
+        p: list[tuple[str, str]] = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                p.append((f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}"))
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps",
+                     "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) <= 0:
+                p.append((name, f"must be > 0, got {getattr(self, name)}"))
+        for name in ("warmup_iters", "lr_decay_iters", "histogram_interval", "sample_length",
+                     "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, name) < 0:
+                p.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            p.append(("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}"))
+        if not 0.0 <= self.dropout < 1.0:
+            p.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if not 0.0 < self.val_fraction < 1.0:
+            p.append(("val_fraction", f"must be in (0, 1), got {self.val_fraction}"))
+        if self.max_iters > 0 and self.warmup_iters >= self.max_iters:
+            p.append(("warmup_iters", f"{self.warmup_iters} must be < max_iters={self.max_iters}"))
+        if self.learning_rate <= 0:
+            p.append(("learning_rate", f"must be > 0, got {self.learning_rate}"))
+        elif self.min_lr > self.learning_rate:
+            p.append(("min_lr", f"{self.min_lr} must be <= learning_rate={self.learning_rate}"))
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                p.append((name, f"must be in [0, 1), got {getattr(self, name)}"))
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            p.append(("device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps"))
+        if not self.run_tag or any(c in self.run_tag for c in "/\\ ") or self.run_tag.startswith("."):
+            p.append(("run_tag", f"{self.run_tag!r} must be non-empty, without '/', '\\' or spaces, not starting with '.'"))
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def decay_iters(self) -> int:
+        """Length of the cosine schedule."""
+        return self.lr_decay_iters or self.max_iters
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step of one process."""
+        return self.batch_size * self.grad_accum_steps * self.block_size
+
+
+# Fields that define the network's shape: what an export needs to rebuild the model.
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
+
+
+@dataclass
+class GenerateConfig:
+    run: str = knob("latest", "run directory (or its export/ folder) to load; latest = newest run with an export")
+    runs_dir: str = knob("runs", "where `latest` looks for runs")
+    prompt: str = knob("\n", "text the samples continue")
+    prompt_file: str = knob("", "read the prompt from this file instead of --prompt")
+    max_new_tokens: int = knob(500, "tokens to generate per sample")
+    temperature: float = knob(0.8, "sampling temperature; 0 = greedy (always the most likely token)")
+    top_k: int = knob(200, "sample only among the k most likely tokens; 0 disables")
+    top_p: float = knob(1.0, "nucleus sampling: smallest set of tokens with this total probability; 1 disables")
+    num_samples: int = knob(1, "independent samples to draw")
+    seed: int = knob(1337, "sampling seed")
+    device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+
+    def validate(self) -> "GenerateConfig":
+        errors = []
+        if self.max_new_tokens <= 0:
+            errors.append(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            errors.append(f"temperature: must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            errors.append(f"top_k: must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            errors.append(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.num_samples <= 0:
+            errors.append(f"num_samples: must be > 0, got {self.num_samples}")
+        if errors:
+            raise ValueError("invalid arguments: " + "; ".join(errors))
+        return self

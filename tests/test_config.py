@@ -1,0 +1,192 @@
+"""Config: precedence, flag forms, type checks, suggestions, every validation rule, shipped files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import CONFIG_DIR, load_config, parse
+from conftest import REPO, run_cli
+from parameters import GenerateConfig, ModelConfig
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    write(tmp_path / "configs" / "model.yaml", "n_layer: 3\nn_embd: 96\n")
+    write(tmp_path / "configs" / "train.yaml", "max_iters: 500\n")
+    write(tmp_path / "configs" / "presets" / "big.yaml", "n_layer: 5\nn_head: 6\n")
+    return tmp_path / "configs"
+
+
+def test_precedence_defaults_files_presets_cli(config_dir: Path, tmp_path: Path):
+    assert load_config([], config_dir=tmp_path / "absent").config == ModelConfig()
+    cfg = load_config([], config_dir=config_dir).config
+    assert (cfg.n_layer, cfg.n_embd, cfg.max_iters, cfg.n_head) == (3, 96, 500, ModelConfig.n_head)
+    cfg = load_config(["--config", "big"], config_dir=config_dir).config
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (5, 6, 96)
+    extra = write(tmp_path / "extra.yaml", "n_layer: 8\n")
+    cfg = load_config(["--config", "big", "--config", str(extra)], config_dir=config_dir).config
+    assert cfg.n_layer == 8  # later --config wins
+    cfg = load_config(["--config", "big", "--config", str(extra), "--n-layer", "2"], config_dir=config_dir).config
+    assert cfg.n_layer == 2  # CLI beats every file
+
+
+def test_legacy_config_json_only_where_configs_absent(tmp_path: Path):
+    write(tmp_path / "config.json", json.dumps({"n_layer": 7, "learning_rate": 0.002}))
+    parsed = load_config([], config_dir=tmp_path / "configs")
+    assert (parsed.config.n_layer, parsed.config.learning_rate) == (7, 0.002)
+    assert parsed.files == [tmp_path / "config.json"]
+    write(tmp_path / "configs" / "model.yaml", "n_layer: 3\n")
+    assert load_config([], config_dir=tmp_path / "configs").config.n_layer == 3
+
+
+@pytest.mark.parametrize("argv", [["--n-layer", "6"], ["--n_layer", "6"], ["--n-layer=6"], ["--n_layer=6"]])
+def test_flag_forms(argv, tmp_path: Path):
+    assert load_config(argv, config_dir=tmp_path).config.n_layer == 6
+
+
+@pytest.mark.parametrize("argv,key,expected", [
+    (["--torch-compile"], "torch_compile", True), (["--torch-compile", "false"], "torch_compile", False),
+    (["--torch_compile=yes"], "torch_compile", True), (["--bias", "0"], "bias", False),
+    ([], "torch_compile", False),
+])
+def test_bool_flags(argv, key, expected, tmp_path: Path):
+    assert getattr(load_config(argv, config_dir=tmp_path).config, key) is expected
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path: Path):
+    write(tmp_path / "configs" / "t.yaml", "learning_rate: 6e-4\nmin_lr: 6e-5\n")
+    cfg = load_config([], config_dir=tmp_path / "configs").config
+    assert cfg.learning_rate == pytest.approx(6e-4) and isinstance(cfg.learning_rate, float)
+
+
+def test_unknown_file_key_names_file_and_closest(config_dir: Path):
+    bad = write(config_dir / "bad.yaml", "n_layers: 3\n")
+    with pytest.raises(ValueError) as e:
+        load_config([], config_dir=config_dir)
+    assert str(bad) in str(e.value) and "'n_layers'" in str(e.value) and "did you mean 'n_layer'" in str(e.value)
+
+
+def test_unknown_cli_flag_suggests(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"unknown option '--n-layers' \(did you mean '--n-layer'\?\)"):
+        load_config(["--n-layers", "3"], config_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown option '--zzz'; see --help"):
+        load_config(["--zzz"], config_dir=tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("n_layer: four\n", "n_layer: expected an integer, got 'four'"),
+    ("dropout: high\n", "dropout: expected a number"),
+    ("bias: maybe\n", "bias: expected true or false"),
+    ("run_tag: 12\n", "run_tag: expected a string"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("n_layer: [\n", "not valid YAML"),
+])
+def test_wrong_types_name_key_and_file(text, message, tmp_path: Path):
+    path = write(tmp_path / "configs" / "x.yaml", text)
+    with pytest.raises(ValueError) as e:
+        load_config([], config_dir=tmp_path / "configs")
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_cli_type_error_names_the_command_line(tmp_path: Path):
+    with pytest.raises(ValueError, match="command line: batch_size: expected an integer, got '1.5'"):
+        load_config(["--batch-size", "1.5"], config_dir=tmp_path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"n_embd": 100, "n_head": 3}, "n_embd: 100 is not divisible by n_head=3"),
+    ({"dropout": 1.0}, "dropout: must be in [0, 1)"),
+    ({"dropout": -0.1}, "dropout: must be in [0, 1)"),
+    ({"batch_size": 0}, "batch_size: must be > 0"),
+    ({"block_size": -1}, "block_size: must be > 0"),
+    ({"n_layer": 0}, "n_layer: must be > 0"),
+    ({"grad_accum_steps": 0}, "grad_accum_steps: must be > 0"),
+    ({"max_iters": 0}, "max_iters: must be > 0"),
+    ({"eval_iters": 0}, "eval_iters: must be > 0"),
+    ({"warmup_iters": 2000, "max_iters": 2000}, "warmup_iters: 2000 must be < max_iters=2000"),
+    ({"learning_rate": 0.0}, "learning_rate: must be > 0"),
+    ({"min_lr": 0.1, "learning_rate": 0.01}, "min_lr: 0.1 must be <= learning_rate=0.01"),
+    ({"val_fraction": 0.0}, "val_fraction: must be in (0, 1)"),
+    ({"val_fraction": 1.0}, "val_fraction: must be in (0, 1)"),
+    ({"beta2": 1.0}, "beta2: must be in [0, 1)"),
+    ({"weight_decay": -1.0}, "weight_decay: must be >= 0"),
+    ({"grad_clip": -1.0}, "grad_clip: must be >= 0"),
+    ({"histogram_interval": -5}, "histogram_interval: must be >= 0"),
+    ({"device": "tpu"}, "device: 'tpu' is not auto, cpu, cuda, cuda:N or mps"),
+    ({"dtype": "fp8"}, "dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
+    ({"tokenizer": "bpe"}, "tokenizer: 'bpe' is not one of char, gpt2"),
+    ({"run_tag": "a/b"}, "run_tag: 'a/b' must be non-empty"),
+    ({"run_tag": ""}, "run_tag: '' must be non-empty"),
+])
+def test_each_validation_rule(overrides, message):
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**overrides).validate()
+    assert message in str(e.value)
+
+
+def test_all_problems_reported_together():
+    with pytest.raises(ValueError) as e:
+        ModelConfig(n_embd=100, n_head=3, dropout=2.0, batch_size=0).validate()
+    assert all(k in str(e.value) for k in ("n_embd:", "dropout:", "batch_size:"))
+
+
+def test_every_field_has_help_and_type():
+    for cls in (ModelConfig, GenerateConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path):
+    parsed = load_config(["--config", str(path)])
+    assert path in parsed.files
+
+
+def test_shipped_default_recipe():
+    cfg = load_config([]).config
+    assert (cfg.tokenizer, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == ("char", 4, 4, 128, 64)
+    assert (cfg.batch_size, cfg.max_iters, cfg.dropout) == (12, 2000, 0.0)
+
+
+def test_missing_preset_lists_presets():
+    with pytest.raises(FileNotFoundError, match="presets: debug, gpt2_small, shakespeare_char"):
+        load_config(["--config", "nope"])
+
+
+def test_generate_config_parses_without_config_files():
+    cfg = parse(GenerateConfig, ["--top-p", "0.9", "--num_samples=2"], "", config_dir=None).config
+    assert (cfg.top_p, cfg.num_samples, cfg.temperature) == (0.9, 2, 0.8)
+    with pytest.raises(ValueError, match="top_p: must be in"):
+        parse(GenerateConfig, ["--top-p", "0"], "", config_dir=None)
+
+
+def test_cli_help_and_print_config():
+    res = run_cli("train.py", "--help")
+    assert res.returncode == 0
+    for f in dataclasses.fields(ModelConfig):
+        assert f"--{f.name.replace('_', '-')}" in res.stdout
+    assert "transformer blocks" in res.stdout
+    res = run_cli("train.py", "--config", "debug", "--n-layer", "3", "--print-config")
+    assert res.returncode == 0, res.stderr
+    printed = yaml.safe_load(res.stdout)
+    expected = load_config(["--config", "debug", "--n-layer", "3"]).config.to_dict()
+    assert printed == expected
+    assert "configs/presets/debug.yaml" in res.stdout.splitlines()[0]
+
+
+def test_cli_config_error_is_one_line_exit_2():
+    res = run_cli("train.py", "--n-layer", "x", cwd=REPO)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "n_layer: expected an integer" in res.stderr
+    assert "Traceback" not in res.stderr
