@@ -1,0 +1,209 @@
+"""Data: text sources, an on-disk token cache, the train/val split and batch sampling.
+
+    source = load_text("shakespeare", "data")          # or "pydoc", or a path to .txt file(s)
+    tok = build_tokenizer("char", source.text)
+    tokens, cache_hit = tokenize_cached(source.text, tok, "data")
+    splits = split_tokens(tokens, val_fraction=0.1, block_size=64)
+    x, y = get_batch(splits["train"], 12, 64, seed=1337, step=0)   # (B, T) int64 each
+
+Nothing here prints: a line the user should see (the offline fallback) comes back in TextSource.note.
+The only files written are caches under data_dir, each atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from tokenizer import CharTokenizer, Gpt2Tokenizer
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DOWNLOAD_TIMEOUT_S = 15
+DATASET_NAMES = ("shakespeare", "pydoc")
+# Part of every batch's seed, so train and val batches of the same step are independent draws.
+SPLIT_ID = {"train": 0, "val": 1}
+
+
+@dataclass(frozen=True)
+class TextSource:
+    name: str  # "shakespeare", "pydoc", or the resolved path of the file or directory
+    text: str
+    note: str  # one line for the caller to print; "" when there is nothing to say
+
+
+def load_text(spec: str, data_dir: str | Path) -> TextSource:
+    """The corpus named by `spec`: a dataset name (shakespeare, pydoc) or a path.
+
+    A name wins over a file of the same name in the working directory; write ./pydoc for the file.
+    """
+    if spec == "shakespeare":
+        return _load_shakespeare(Path(data_dir))
+    if spec == "pydoc":
+        return TextSource("pydoc", pydoc_text(), "")
+    return _load_path(Path(spec).expanduser())
+
+
+def pydoc_text() -> str:
+    """The documentation that ships with CPython (pydoc_data.topics), ~0.47 MB, deterministic."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _load_shakespeare(data_dir: Path) -> TextSource:
+    path = data_dir / "shakespeare" / "input.txt"
+    data = _read_if_hash_matches(path, SHAKESPEARE_SHA256)
+    if data is None:
+        data, reason = _download(SHAKESPEARE_URL, SHAKESPEARE_SHA256)
+        if data is None:
+            if path.exists():
+                reason = f"the copy there failed its SHA-256 check; {reason}"
+            note = (f"tiny shakespeare is not in {path.parent}/ and could not be downloaded ({reason}); "
+                    "training on the built-in pydoc corpus instead. To use shakespeare: put input.txt in "
+                    f"{path.parent}/ or pass --data PATH")
+            return TextSource("pydoc", pydoc_text(), note)
+        write_atomic(path, data)
+    return TextSource("shakespeare", data.decode("utf-8"), "")
+
+
+def _read_if_hash_matches(path: Path, sha256: str) -> bytes | None:
+    """The file's bytes if it exists and has the expected hash; a damaged copy is not trusted."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+
+
+def _download(url: str, sha256: str) -> tuple[bytes | None, str]:
+    """(bytes, "") on success, else (None, why not). Never raises for network trouble."""
+    if os.environ.get("GPTLAB_OFFLINE") == "1":
+        return None, "GPTLAB_OFFLINE=1"
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError and timeouts are OSErrors
+        return None, f"download failed: {e}"
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None, f"the download from {url} does not have SHA-256 {sha256}"
+    return data, ""
+
+
+def _load_path(path: Path) -> TextSource:
+    if not path.exists():
+        raise FileNotFoundError(f"data path '{path}' does not exist; pass --data with a UTF-8 text file, "
+                                f"a directory of .txt files, or one of: {', '.join(DATASET_NAMES)}")
+    if path.is_dir():
+        files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise ValueError(f"data directory '{path}' has no .txt files; put UTF-8 .txt files in it "
+                             "(subdirectories count) or pass --data with a single text file")
+        text = "\n\n".join(_read_utf8(f) for f in files)
+    else:
+        text = _read_utf8(path)
+    if not text.strip():
+        raise ValueError(f"data path '{path}' contains no text; pass --data with a non-empty corpus")
+    return TextSource(str(path.resolve()), text, "")
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        # utf-8-sig drops a leading byte-order mark, which would otherwise become a vocabulary character.
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file '{path}' is not valid UTF-8 (byte {e.start}: {e.reason}); convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8 '{path}' > converted.txt") from None
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 where every id fits (char, GPT-2), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def tokenize_cached(
+    text: str, tokenizer: CharTokenizer | Gpt2Tokenizer, data_dir: str | Path,
+) -> tuple[np.ndarray, bool]:
+    """Token ids of `text`, memory-mapped read-only from <data_dir>/tokens/; (ids, cache_hit).
+
+    The file name is sha256(text hash + tokenizer fingerprint) plus the dtype, so a changed text or
+    vocabulary never reads stale ids and reading back needs no sidecar.
+    """
+    text_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    key = hashlib.sha256(f"{text_hash}:{tokenizer.fingerprint()}".encode()).hexdigest()
+    dtype = token_dtype(tokenizer.vocab_size)
+    path = Path(data_dir) / "tokens" / f"{key}.{dtype.name}.bin"
+    size = path.stat().st_size if path.is_file() else 0
+    cache_hit = size > 0 and size % dtype.itemsize == 0  # anything else is a damaged file: rebuild it
+    if not cache_hit:
+        ids = tokenizer.encode_array(text)
+        if ids.size == 0:
+            raise ValueError("the text encodes to no tokens; pass --data with a non-empty corpus")
+        assert ids.min() >= 0 and ids.max() < tokenizer.vocab_size, "tokenizer returned an id outside its vocabulary"
+        write_atomic(path, memoryview(np.ascontiguousarray(ids, dtype=dtype)).cast("B"))
+    return np.memmap(path, dtype=dtype, mode="r"), cache_hit
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> dict[str, np.ndarray]:
+    """{"train": the head, "val": the last val_fraction of the tokens}, as views (no copy)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}; 0.1 is usual")
+    n_train = int(len(tokens) * (1.0 - val_fraction))
+    splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
+    for name, split in splits.items():
+        if len(split) < block_size + 1:
+            raise ValueError(
+                f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                "use a longer text, a smaller block_size, or a different val_fraction"
+            )
+    return splits
+
+
+def get_batch(
+    tokens: np.ndarray, batch_size: int, block_size: int, *, seed: int, step: int, split: str = "train",
+    rank: int = 0, device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, (B, T) int64 each: a pure function of (seed, step, split, rank).
+
+    The start offsets come from np.random.default_rng([seed, step, rank, SPLIT_ID[split]]), so a run
+    resumed at step k draws exactly the batches an uninterrupted run draws, and every rank its own.
+    """
+    if split not in SPLIT_ID:
+        raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLIT_ID)}")
+    if len(tokens) < block_size + 1:
+        raise ValueError(f"{len(tokens)} tokens are fewer than block_size + 1 = {block_size + 1}; "
+                         "use a longer text or a smaller block_size")
+    # SeedSequence takes non-negative integers only; the modulo keeps any int seed usable.
+    rng = np.random.default_rng([seed % 2**64, step, rank, SPLIT_ID[split]])
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # last start: len - block_size - 1
+    rows = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, T + 1), one gather
+    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))  # (B, T)
+    if torch.device(device).type == "cuda":
+        # Pinned host memory lets the copy overlap with the GPU work already queued.
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)

