@@ -1,0 +1,120 @@
+"""Console helpers: mirror stdout/stderr into the run's train.log, and format durations for ETAs.
+
+    restore = setup_console_log(run_dir / "logs" / "train.log")
+    ...                                   # everything printed also lands in train.log
+    restore()
+
+The tee works at the Python level (sys.stdout/sys.stderr), so output written straight to file
+descriptors by C code or child processes reaches the console but not the log.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+
+class _LogFile:
+    """The log file shared by both streams; takes only whole lines, so the log stays readable.
+
+    A progress line redrawn with "\r" is logged once, in the state it had when its "\n" came.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Line-buffered: a crash loses at most the line being written.
+        self.file: TextIO | None = open(path, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
+        self.lock = threading.Lock()
+
+    def write_lines(self, pending: str, text: str) -> str:
+        """Log the whole lines of pending + text; return the unfinished tail to keep for later."""
+        *lines, tail = (pending + text).split("\n")
+        if lines and self.file is not None:
+            with self.lock:
+                self.file.write("".join(_final_state(line) + "\n" for line in lines))
+        return tail
+
+    def close(self) -> None:
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+
+
+def _final_state(line: str) -> str:
+    """What a terminal shows for `line` once every "\r" redraw is done (also strips CRLF's "\r")."""
+    return line.rstrip("\r").rsplit("\r", 1)[-1]
+
+
+class _Tee:
+    """Writes to the console stream and to the shared log; anything else is the console stream's."""
+
+    def __init__(self, stream: TextIO, log: _LogFile) -> None:
+        self._stream = stream
+        self._log: _LogFile | None = log
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        if self._log is not None:
+            self._pending = self._log.write_lines(self._pending, text)
+        return len(text) if n is None else n
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def detach_log(self) -> None:
+        """Log the unfinished last line (its final state), then write to the console only."""
+        if self._log is not None and _final_state(self._pending):
+            self._log.write_lines("", self._pending + "\n")
+        self._pending = ""
+        self._log = None
+
+    def __getattr__(self, name: str) -> Any:
+        # isatty, fileno, encoding, errors, buffer, ...: answer as the real console does, so
+        # libraries that probe the stream (colours, progress bars) behave as without the tee.
+        return getattr(self._stream, name)
+
+
+def setup_console_log(log_path: Path) -> Callable[[], None]:
+    """Mirror sys.stdout and sys.stderr into `log_path` (appended, parents created).
+
+    Returns a function that undoes it: restores both streams and closes the file. It is safe to call
+    twice; if someone replaced sys.stdout after us, theirs is left in place and our tee just stops
+    writing to the (closed) file.
+    """
+    log = _LogFile(Path(log_path))
+    originals = {"stdout": sys.stdout, "stderr": sys.stderr}
+    tees = {name: _Tee(stream, log) for name, stream in originals.items()}
+    sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
+
+    def restore() -> None:
+        for name, tee in tees.items():
+            tee.flush()
+            tee.detach_log()
+            if getattr(sys, name) is tee:
+                setattr(sys, name, originals[name])
+        log.close()
+
+    return restore
+
+
+def format_duration(seconds: float) -> str:
+    """Compact duration for progress and ETA displays: "1h02m", "3m07s", "42s"; "?" when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

@@ -1,0 +1,53 @@
+"""Atomic file writes and hashing: every write that matters goes through here.
+
+A reader (another process, a crashed-and-restarted run, `inference.py` pointed at a live run) must
+never see half a file, so each write goes to a temp file in the same directory, is fsynced, and is
+swapped in with `os.replace`, which is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
+    path = Path(path)
+    # Same directory as the target: os.replace is only atomic within one filesystem. Not mkstemp:
+    # its 0600 mode would make every export unreadable to other users; 0o666 lets the umask decide.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException too: a Ctrl-C mid-write must not leave .tmp litter behind.
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically write UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON (keys in insertion order) with a trailing newline."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks so large checkpoints do not fill memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
