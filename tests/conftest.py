@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny config, a tiny corpus, the optional tiny shakespeare file, a CLI runner.
+
+Tests never touch the network: GPTLAB_OFFLINE=1 is set for this process and every subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+sys.path.insert(0, str(REPO))
+os.environ["GPTLAB_OFFLINE"] = "1"
+
+from parameters import ModelConfig  # noqa: E402
+
+TINY_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 40  # about 6,800 characters, 30 distinct
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> ModelConfig:
+    """2 layers, n_embd 32, block 16: a model that trains in well under a second per step."""
+    return ModelConfig(
+        n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=20,
+        warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=5, histogram_interval=10,
+        sample_length=20, runs_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "data"),
+        device="cpu", dtype="float32",
+    ).validate()
+
+
+@pytest.fixture
+def tiny_text() -> str:
+    return TINY_TEXT
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"tiny shakespeare not found at {SHAKESPEARE}")
+    return SHAKESPEARE
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a stage script of the repo in a subprocess; returns the completed process (text mode)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args], cwd=cwd or REPO, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "GPTLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One debug-preset run of train.py in a subprocess, shared by the tests that inspect a run."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "tiny.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    res = run_cli("train.py", "--config", "debug", "--data", str(corpus), "--runs-dir", str(root / "runs"),
+                  "--data-dir", str(root / "data"), "--device", "cpu", "--run-tag", "e2e", "--seed", "7")
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = (root / "runs").iterdir()
+    (run_dir / "stdout.txt").write_text(res.stdout, encoding="utf-8")
+    return run_dir
