@@ -1,0 +1,294 @@
+"""LanguageModel: a decoder-only, pre-LayerNorm GPT-2 style transformer, and its sampler.
+
+    model = LanguageModel(cfg, vocab_size=65)
+    logits, loss = model(x, y)                           # x, y: (B, T) int64, T <= cfg.block_size
+    out = model.eval().generate(prompt, max_new_tokens=100, temperature=0.8, top_k=200)
+
+Architecture: token embedding (wte) + learned position embedding (wpe), dropout, n_layer blocks of
+[LayerNorm -> causal self-attention -> residual; LayerNorm -> MLP -> residual], final LayerNorm, and an
+lm_head that shares its weight with wte. Attention goes through F.scaled_dot_product_attention so the
+device's flash / memory-efficient kernels are used. Init follows GPT-2: N(0, 0.02) everywhere and
+N(0, 0.02 / sqrt(2 * n_layer)) on the residual projections, so the residual stream's variance does
+not grow with depth (GPT-2 paper, section 2.3).
+
+Generation uses a KV cache allocated per call (nothing is kept on the module between calls): the
+prompt is prefilled in one forward, then each new token costs one position.
+
+Context window past block_size. The position embeddings are absolute, so a full cache cannot slide
+by one token: every cached key was computed at its old position. The rule, identical with and
+without the cache, is:
+- the window is tokens[window_start:]; the next token is predicted from the window alone;
+- the first window is the whole prompt, or its last block_size tokens if it is longer;
+- when appending a token would make the window longer than block_size, window_start jumps forward
+  so that only the last max(block_size // 2, 1) tokens are kept, and the cache is re-prefilled
+  from them.
+use_cache=False computes the same windows with a full forward over tokens[window_start:] for every
+new token (the reference); under greedy decoding both paths give the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from parameters import ModelConfig
+
+
+class LayerKV:
+    """One layer's keys and values for one generate call, preallocated at the first write."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, T, hd) at positions pos..pos+T-1; return what the queries attend to.
+
+        A prefill (pos == 0) attends among its own tokens, so it gets k, v back unchanged; a later
+        step gets the cached keys and values of positions 0..pos+T-1.
+        """
+        if self.k is None:
+            B, nh, _, hd = k.shape
+            # dtype of k, not of the parameters: under autocast the keys are bf16/fp16.
+            self.k = k.new_empty(B, nh, self.block_size, hd)  # (B, nh, block_size, hd)
+            self.v = v.new_empty(B, nh, self.block_size, hd)  # (B, nh, block_size, hd)
+        T = k.size(2)
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        if pos == 0:
+            return k, v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nh, pos + T, hd)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused q/k/v projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
+        B, T, C = x.shape
+        hd = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        assert pos == 0 or T == 1, "a cached step feeds one token at a time"
+        if kv is not None:
+            k, v = kv.update(k, v, pos)  # (B, nh, pos + T, hd)
+        # Only a block starting at position 0 needs the causal mask; a single later query may see
+        # every cached position. (is_causal aligns the mask top-left, wrong for T < key length.)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=pos == 0
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.c_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C -> GELU (exact erf form, not GPT-2's tanh) -> C."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv, pos)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class LanguageModel(nn.Module):
+    """GPT-2 style language model; reads only the architecture fields of the config."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.block_size = cfg.block_size
+        self.n_layer = cfg.n_layer
+        self.n_embd = cfg.n_embd
+        self.vocab_size = vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017). Tied by attribute, so load_state_dict copies into the one
+        # shared tensor and a state_dict holding only transformer.wte.weight restores both.
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) for every position of idx (B, T); mean cross-entropy if targets given.
+
+        Targets equal to -1 are ignored in the loss.
+        """
+        T = idx.size(1)
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.block_size}; "
+                             f"pass at most block_size tokens (or build the model with a larger block_size)")
+        logits = self.lm_head(self._hidden(idx))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _hidden(self, idx: Tensor, cache: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
+        """Final-LayerNorm hidden states (B, T, C) of idx (B, T) placed at positions pos..pos+T-1."""
+        T = idx.size(1)
+        tok = self.transformer.wte(idx)  # (B, T, C)
+        # A slice of the table is the embedding of positions pos..pos+T-1, without an arange per call.
+        x = self.transformer.drop(tok + self.transformer.wpe.weight[pos:pos + T])  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache[i], pos)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; the tied wte/lm_head weight counts once.
+
+        non_embedding=True leaves out the position embedding (the token embedding stays: it is also
+        the lm_head's weight), as in nanoGPT and the GPT-2/Kaplan scaling-law counts.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token at sequence length block_size.
+
+            6 * N_matmul + 12 * n_layer * n_embd * block_size
+
+        N_matmul counts the weights of every matmul: per layer 12 * n_embd**2 (c_attn 3C*C, attn
+        c_proj C*C, c_fc 4C*C, mlp c_proj 4C*C), plus the lm_head's vocab * n_embd. Each weight costs
+        2 FLOPs forward and 4 backward; the second term is attention's QK^T and AV matmuls.
+        Convention of PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's estimate_mfu; biases,
+        LayerNorms, softmax and embedding lookups are left out.
+        """
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * n_matmul + 12 * self.n_layer * self.n_embd * self.block_size
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> Tensor:
+        """The prompt idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        return torch.cat([idx, *new], dim=1)  # (B, T + max_new_tokens)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0, generator: torch.Generator | None = None,
+                        use_cache: bool = True) -> Iterator[Tensor]:
+        """Yield each new token batch (B, 1) as soon as it is sampled.
+
+        temperature 0 is greedy; top_k=0 and top_p=1.0 disable those filters. The window rule past
+        block_size is in the module docstring. Dropout follows the module's mode: call .eval() first.
+        """
+        _check_generate_args(idx, max_new_tokens, temperature, top_k, top_p)
+        B, T0 = idx.shape
+        total = T0 + max_new_tokens
+        tokens = idx.new_empty(B, total)  # (B, total): written in place, never re-concatenated
+        tokens[:, :T0] = idx
+        length, start = T0, max(0, T0 - self.block_size)
+        cache = [LayerKV(self.block_size) for _ in range(self.n_layer)] if use_cache else None
+        logits = self._last_logits(tokens[:, start:length], cache, 0)  # (B, V)
+        while length < total:
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            tokens[:, length] = next_token[:, 0]
+            length += 1
+            yield next_token
+            if length == total:
+                return
+            if length - start > self.block_size:
+                start = length - max(self.block_size // 2, 1)
+                logits = self._last_logits(tokens[:, start:length], cache, 0)  # re-prefill
+            elif cache is None:
+                logits = self._last_logits(tokens[:, start:length], None, 0)  # full recompute
+            else:
+                logits = self._last_logits(next_token, cache, length - 1 - start)  # one position
+
+    def _last_logits(self, idx: Tensor, cache: list[LayerKV] | None, pos: int) -> Tensor:
+        """Logits (B, V) after the last token of idx (B, T); the lm_head sees only that position."""
+        h = self._hidden(idx, cache, pos)  # (B, T, C)
+        return self.lm_head(h[:, -1, :])  # (B, V)
+
+
+def _check_generate_args(idx: Tensor, max_new_tokens: int, temperature: float, top_k: int,
+                         top_p: float) -> None:
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"prompt must be (batch, time) with at least one token, got shape {tuple(idx.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables), got {top_p}")
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Sample one token per row of logits (B, V): greedy at temperature 0, else top-k, top-p, draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits.float() / temperature  # (B, V)
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+    if top_p < 1.0:
+        logits = _nucleus(logits, top_p)  # (B, V)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def _nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """Mask all but the smallest set of most likely tokens whose total probability reaches top_p
+    (Holtzman et al. 2019); the most likely token always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = F.softmax(sorted_logits, dim=-1)  # (B, V)
+    # A token goes when the tokens ranked above it already reach top_p; the first never does.
+    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # (B, V)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
+    return logits.masked_fill(drop, float("-inf"))  # (B, V)

@@ -1,0 +1,218 @@
+"""Tests of model.py: causality, init, loss, KV cache against full recompute, sampling, FLOPs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from model import LanguageModel, LayerKV, sample_next
+from parameters import ModelConfig
+
+VOCAB = 65
+
+
+def make_model(cfg: ModelConfig, seed: int = 0, vocab: int = VOCAB) -> LanguageModel:
+    torch.manual_seed(seed)
+    return LanguageModel(cfg, vocab).eval()
+
+
+def scrambled_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
+    """A model whose greedy output depends on the whole window and its positions.
+
+    At GPT-2 init the tied head makes greedy decoding repeat one token forever, which no cache bug
+    would change; with N(0, 1) weights everywhere an off-by-one position or a wrong re-prefill
+    changes the tokens.
+    """
+    model = make_model(cfg, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0)
+    return model
+
+
+def test_causal_mask(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    idx = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+    logits, _ = model(idx)
+    for t in (0, 5, tiny_cfg.block_size - 1):
+        changed = idx.clone()
+        changed[:, t] = (changed[:, t] + 1) % VOCAB
+        logits2, _ = model(changed)
+        assert torch.equal(logits[:, :t], logits2[:, :t])
+        assert not torch.equal(logits[:, t], logits2[:, t])
+
+
+def test_initial_loss_near_ln_vocab(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    idx = torch.randint(0, VOCAB, (8, tiny_cfg.block_size))
+    targets = torch.randint(0, VOCAB, (8, tiny_cfg.block_size))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (8, tiny_cfg.block_size, VOCAB)
+    assert abs(loss.item() - math.log(VOCAB)) < 0.2
+
+
+def test_ignore_index_leaves_positions_out(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    targets = torch.randint(0, VOCAB, (2, 8))
+    masked = targets.clone()
+    masked[:, 4:] = -1
+    _, loss_masked = model(idx, masked)
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, :4].reshape(-1, VOCAB), targets[:, :4].reshape(-1))
+    torch.testing.assert_close(loss_masked, expected)
+
+
+def test_gpt2_init_and_tied_head(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    expected = 0.02 / math.sqrt(2 * tiny_cfg.n_layer)
+    stds = [model.transformer.h[0].attn.c_proj.weight.std().item(),
+            model.transformer.h[1].mlp.c_proj.weight.std().item()]
+    for std in stds:
+        assert abs(std - expected) < 0.15 * expected
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_state_dict_keys_and_retie_on_load(tiny_cfg: ModelConfig) -> None:
+    src, dst = make_model(tiny_cfg, seed=0), make_model(tiny_cfg, seed=1)
+    sd = src.state_dict()
+    assert list(sd)[:3] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"]
+    assert "transformer.h.1.attn.c_attn.weight" in sd and "lm_head.weight" in sd
+    sd.pop("lm_head.weight")
+    result = dst.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
+    assert dst.lm_head.weight is dst.transformer.wte.weight
+    assert torch.equal(dst.lm_head.weight, src.lm_head.weight)
+    idx = torch.randint(0, VOCAB, (1, 8))
+    assert torch.equal(dst(idx)[0], src(idx)[0])
+
+
+def test_no_bias(tiny_cfg: ModelConfig) -> None:
+    model = make_model(dataclasses.replace(tiny_cfg, bias=False))
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_too_long_sequence_raises(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, tiny_cfg.block_size + 1, dtype=torch.long))
+
+
+def test_num_params_and_flops(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_params() == sum(unique.values())
+    C, L, T = tiny_cfg.n_embd, tiny_cfg.n_layer, tiny_cfg.block_size
+    assert model.num_params(non_embedding=True) == model.num_params() - T * C
+    n_matmul = L * (3 * C * C + C * C + 4 * C * C + 4 * C * C) + VOCAB * C
+    assert model.flops_per_token() == 6 * n_matmul + 12 * L * C * T
+
+
+@pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt itself is cut
+def test_kv_cache_matches_full_recompute_greedy(tiny_cfg: ModelConfig, prompt_len: int) -> None:
+    model = scrambled_model(tiny_cfg)
+    prompt = torch.randint(0, VOCAB, (2, prompt_len))
+    n_new = 3 * tiny_cfg.block_size  # crosses the window boundary several times
+    cached = model.generate(prompt, n_new, temperature=0, use_cache=True)
+    full = model.generate(prompt, n_new, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt_len + n_new)
+    assert torch.equal(cached[:, :prompt_len], prompt)
+    assert torch.equal(cached, full)
+    assert len(cached[0, prompt_len:].unique()) > 3  # not a degenerate repeat of one token
+
+
+def test_window_rule_past_block_size(tiny_cfg: ModelConfig) -> None:
+    """A long prompt starts from its last block_size tokens; a full window keeps its last half."""
+    model = scrambled_model(tiny_cfg)
+    bs, half = tiny_cfg.block_size, tiny_cfg.block_size // 2
+    prompt = torch.randint(0, VOCAB, (2, bs + 4))
+    out = model.generate(prompt, 2 * bs, temperature=0)
+    assert torch.equal(model.generate(prompt[:, -bs:], 2 * bs, temperature=0)[:, bs:], out[:, bs + 4:])
+    # The window first overflows when token bs + 4 + 1 arrives: what follows is generated from the
+    # last `half` tokens alone, exactly as if they were the prompt.
+    cut = bs + 4 + 1
+    again = model.generate(out[:, cut - half:cut], out.size(1) - cut, temperature=0)
+    assert torch.equal(again[:, half:], out[:, cut:])
+
+
+def test_kv_cache_matches_full_recompute_sampled(tiny_cfg: ModelConfig) -> None:
+    model = scrambled_model(tiny_cfg)
+    prompt = torch.randint(0, VOCAB, (2, 3))
+    outs = [
+        model.generate(prompt, 3 * tiny_cfg.block_size, temperature=1.0, top_k=20, top_p=0.9,
+                       generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+        for use_cache in (True, False)
+    ]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_cached_step_logits_match_forward(tiny_cfg: ModelConfig) -> None:
+    """The logits behind the sampled tokens, not only their argmax, agree with a full forward."""
+    model = make_model(tiny_cfg)
+    seq = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+    full, _ = model(seq)
+    cache = [LayerKV(model.block_size) for _ in range(model.n_layer)]
+    steps = [model._last_logits(seq[:, :3], cache, 0)]
+    steps += [model._last_logits(seq[:, p:p + 1], cache, p) for p in range(3, tiny_cfg.block_size)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=0)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tiny_cfg: ModelConfig) -> None:
+    model = scrambled_model(tiny_cfg)
+    prompt = torch.randint(0, VOCAB, (2, 3))
+    greedy = model.generate(prompt, 20, temperature=0)
+    top_k = model.generate(prompt, 20, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
+    top_p = model.generate(prompt, 20, temperature=1.0, top_p=1e-9, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(top_k, greedy)
+    assert torch.equal(top_p, greedy)
+
+
+def test_top_p_keeps_smallest_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.1]]))
+    draws = torch.cat([sample_next(logits, top_p=0.75, generator=torch.Generator().manual_seed(s))
+                       for s in range(50)])
+    assert set(draws.flatten().tolist()) == {1, 2}  # 0.5 < 0.75 <= 0.5 + 0.3
+
+
+def test_generate_stream_yields_each_token(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    prompt = torch.randint(0, VOCAB, (3, 2))
+    new = list(model.generate_stream(prompt, 7, temperature=0.8, generator=torch.Generator().manual_seed(0)))
+    assert len(new) == 7
+    assert all(t.shape == (3, 1) and t.dtype == torch.long for t in new)
+    assert not any(t.requires_grad for t in new)
+
+
+def test_generate_rejects_bad_arguments(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    for kwargs in ({"temperature": -1.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            model.generate(prompt, 1, **kwargs)
+
+
+def test_dropout_active_only_in_train_mode(tiny_cfg: ModelConfig) -> None:
+    model = make_model(dataclasses.replace(tiny_cfg, dropout=0.2))
+    idx = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_overfits_one_batch(tiny_cfg: ModelConfig) -> None:
+    model = make_model(tiny_cfg).train()
+    x = torch.randint(0, VOCAB, (4, tiny_cfg.block_size))
+    y = torch.randint(0, VOCAB, (4, tiny_cfg.block_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05  # about 0.007 seen
