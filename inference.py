@@ -1,0 +1,77 @@
+"""Generate text from a trained run's export, streaming tokens as they are sampled.
+
+    python inference.py                                   # newest run that has an export
+    python inference.py --run runs/<id> --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
+    python inference.py --prompt-file prompt.txt --num-samples 3 --top-p 0.9
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from config import parse
+from parameters import GenerateConfig
+from utils.checkpoint import load_export
+from utils.cli import run_main
+from utils.device import resolve_device
+from utils.runs import resolve_run
+
+
+def read_prompt(cfg: GenerateConfig) -> str:
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file '{path}' does not exist")
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = cfg.prompt
+    if not text:
+        raise ValueError("the prompt is empty: pass --prompt TEXT or --prompt-file FILE with at least one character")
+    return text
+
+
+def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: torch.device,
+                generator: torch.Generator) -> Iterator[str]:
+    """Yield text as tokens arrive. A GPT-2 token can end inside a multi-byte character, so text is
+    released only once it decodes cleanly (no trailing U+FFFD)."""
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    shown = 0
+    for token in model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                       top_p=cfg.top_p, generator=generator):
+        new.append(int(token[0, 0]))
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+    text = tokenizer.decode(new)
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(GenerateConfig, argv, __doc__, config_dir=None).config
+    run_dir = resolve_run(cfg.run, cfg.runs_dir)
+    device = resolve_device(cfg.device)
+    model, tokenizer, _ = load_export(run_dir, device)
+    prompt = read_prompt(cfg)
+    ids = tokenizer.encode(prompt)  # an unknown character is a ValueError that names it
+    print(f"# {run_dir} | {model.num_params() / 1e6:.2f}M parameters | {device}", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    for i in range(cfg.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        sys.stdout.write(prompt)
+        for piece in stream_text(model, tokenizer, ids, cfg, device, generator):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

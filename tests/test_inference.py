@@ -1,0 +1,59 @@
+"""inference.py end to end: latest-run lookup, streaming, determinism, greedy equality, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import run_cli
+from utils.checkpoint import load_export
+
+
+def generate(run_dir: Path, *args: str):
+    return run_cli("inference.py", "--runs-dir", str(run_dir.parent), "--device", "cpu", *args)
+
+
+def test_latest_run_is_used_by_default(trained_run: Path):
+    res = generate(trained_run, "--max-new-tokens", "30", "--prompt", "All:")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("All:") and str(trained_run) in res.stderr
+
+
+def test_greedy_output_equals_the_model(trained_run: Path):
+    res = generate(trained_run, "--run", str(trained_run), "--prompt", "Speak", "--temperature", "0",
+                   "--max-new-tokens", "40")
+    assert res.returncode == 0, res.stderr
+    model, tok, _ = load_export(trained_run)
+    ids = torch.tensor([tok.encode("Speak")])
+    expected = tok.decode(model.generate(ids, 40, temperature=0.0)[0].tolist())
+    assert res.stdout == expected + "\n"
+
+
+def test_same_seed_same_text_and_num_samples(trained_run: Path):
+    args = ("--prompt", "All:", "--max-new-tokens", "25", "--seed", "3", "--num-samples", "2", "--top-p", "0.9")
+    first, second = generate(trained_run, *args), generate(trained_run, *args)
+    assert first.returncode == 0 and first.stdout == second.stdout
+    assert first.stdout.count("All:") >= 2 and "-" * 40 in first.stdout
+
+
+def test_prompt_file(trained_run: Path, tmp_path: Path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("First Citizen:\n")
+    res = generate(trained_run, "--prompt-file", str(prompt), "--max-new-tokens", "5")
+    assert res.returncode == 0 and res.stdout.startswith("First Citizen:\n")
+
+
+def test_unknown_character_is_one_line_error(trained_run: Path):
+    res = generate(trained_run, "--prompt", "Zebra")
+    assert res.returncode == 2 and "'Z'" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_run_without_export_and_empty_runs_dir(tmp_path: Path, trained_run: Path):
+    res = run_cli("inference.py", "--runs-dir", str(tmp_path / "none"))
+    assert res.returncode == 2 and "no run with an export" in res.stderr and res.stderr.count("\n") == 1
+    half = tmp_path / "runs" / "20250101_000000_half"
+    (half / "meta").mkdir(parents=True)
+    res = run_cli("inference.py", "--run", str(half))
+    assert res.returncode == 2 and "has no export" in res.stderr and res.stderr.count("\n") == 1

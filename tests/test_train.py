@@ -1,0 +1,133 @@
+"""train.py: schedule, optimizer groups, the end-to-end run directory, errors, export round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from model import LanguageModel
+from parameters import ModelConfig
+from tokenizer import CharTokenizer
+from train import build_optimizer, get_lr
+from utils.checkpoint import load_export, save_export
+from utils.tracking import read_aim_run
+
+
+def test_lr_schedule():
+    cfg = ModelConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    lrs = [get_lr(s, cfg) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))        # warmup rises
+    assert lrs[10] == pytest.approx(1e-3)                           # peak after warmup
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4)              # cosine midpoint
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))   # decay never rises
+    assert lrs[110] == lrs[119] == pytest.approx(1e-4)              # floor after decay_iters
+
+
+def test_weight_decay_on_matrices_only(tiny_cfg):
+    model = LanguageModel(tiny_cfg, 30)
+    decay, no_decay = build_optimizer(model, tiny_cfg, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == tiny_cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_export_round_trip_is_bit_identical(tiny_cfg, tmp_path: Path):
+    tok = CharTokenizer.from_text("abcdefghij \n")
+    torch.manual_seed(0)
+    model = LanguageModel(tiny_cfg, tok.vocab_size).eval()
+    save_export(tmp_path / "export", model, tiny_cfg.to_dict(), tok.to_dict())
+    loaded, tok2, cfg2 = load_export(tmp_path / "export")
+    idx = torch.randint(0, tok.vocab_size, (2, tiny_cfg.block_size))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    assert cfg2 == tiny_cfg and tok2.to_dict() == tok.to_dict()
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # tie survives
+
+
+def test_run_directory_layout(trained_run: Path):
+    for rel in ("artifacts/checkpoints", "artifacts/export/model.safetensors", "artifacts/export/config.json",
+                "artifacts/export/tokenizer.json", "logs/train.log", "meta/git.txt", "meta/env.txt",
+                "meta/full_config.json", "meta/status.json"):
+        assert (trained_run / rel).exists(), rel
+    assert list((trained_run / "logs" / "tensorboard").iterdir())
+    copies = sorted(p.name for p in (trained_run / "meta" / "configs").iterdir())
+    assert [c.split("_", 1)[1] for c in copies] == ["model.yaml", "train.yaml", "debug.yaml"]
+    full = json.loads((trained_run / "meta" / "full_config.json").read_text())
+    assert full["n_layer"] == 2 and full["run_tag"] == "e2e" and full["seed"] == 7
+    assert trained_run.name.endswith("_e2e")
+
+
+def test_status_and_log(trained_run: Path):
+    status = json.loads((trained_run / "meta" / "status.json").read_text())
+    assert status["state"] == "completed" and status["iteration"] == 20
+    assert math.isfinite(status["val_loss"]) and status["val_loss"] < math.log(30)
+    log = (trained_run / "logs" / "train.log").read_text()
+    stdout = (trained_run / "stdout.txt").read_text()
+    for line in ("step 20/20", "eval step 20", "exported to", "sample:"):
+        assert line in log and line in stdout
+
+
+def test_tensorboard_events(trained_run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(trained_run / "logs" / "tensorboard"),
+                           size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"loss/train", "eval_loss/train", "eval_loss/val", "lr", "grad_norm", "tokens_per_sec"} <= scalars
+    assert [e.step for e in acc.Scalars("loss/train")] == [5, 10, 15, 20]
+    assert [e.step for e in acc.Scalars("eval_loss/val")] == [10, 20]
+    status = json.loads((trained_run / "meta" / "status.json").read_text())
+    assert acc.Scalars("eval_loss/val")[-1].value == pytest.approx(status["val_loss"], rel=1e-6)
+    histograms = set(acc.Tags()["histograms"])
+    assert "params/transformer.wte.weight" in histograms and "grads/transformer.wte.weight" in histograms
+    n_params = len(list(LanguageModel(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), 30)
+                        .named_parameters()))
+    assert len([h for h in histograms if h.startswith("params/")]) == n_params
+    assert any("sample" in t for t in acc.Tags()["tensors"])
+
+
+def test_aim_run_holds_the_metrics(tmp_path: Path, tiny_corpus: Path):
+    res = run_cli("train.py", "--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                  "--data-dir", str(tmp_path / "data"), "--aim-logging", "--aim-repo", str(tmp_path),
+                  "--max-iters", "10", "--eval-interval", "5", "--histogram-interval", "5")
+    assert res.returncode == 0, res.stderr
+    status = json.loads(next((tmp_path / "runs").iterdir()).joinpath("meta", "status.json").read_text())
+    from aim.storage.context import Context
+    run = read_aim_run(tmp_path, status["aim_run_hash"])
+    assert run["hparams"]["n_layer"] == 2 and run["hparams"]["max_iters"] == 10
+    assert run["hparams"]["python"] and run["hparams"]["git"]
+    steps, (values,) = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
+    assert list(steps) == [5, 10] and values[-1] == pytest.approx(status["val_loss"], rel=1e-6)
+    steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
+    assert list(steps) == [5, 10]
+    assert run.get_metric("lr", Context({})) is not None
+    grads = run.get_distribution_sequence("transformer.wte.weight", Context({"type": "grads"}))
+    steps, _ = grads.data.view("val").items_list()
+    assert list(steps) == [5, 10]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/corpus.txt"], "data path '/nonexistent/corpus.txt' does not exist"),
+    (["--block-size", "4000"], "split has"),
+    (["--nlayer", "2"], "unknown option '--nlayer' (did you mean '--n-layer'?)"),
+    (["--dropout", "1.5"], "dropout: must be in [0, 1)"),
+])
+def test_errors_are_one_line_exit_2_and_create_no_run(args, message, tmp_path: Path, tiny_corpus: Path):
+    base = ["--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+            "--data-dir", str(tmp_path / "data")]
+    res = run_cli("train.py", *base, *args)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_corpus_is_an_error(tmp_path: Path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = run_cli("train.py", "--config", "debug", "--data", str(empty), "--runs-dir", str(tmp_path / "runs"))
+    assert res.returncode == 2 and "empty" in res.stderr and res.stderr.count("\n") == 1
