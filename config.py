@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from parameters import ModelConfig
+from parameters import RESUMABLE_KEYS, ModelConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
@@ -32,6 +32,7 @@ TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0"
 class Parsed:
     config: Any                 # the validated dataclass instance
     files: list[Path]           # config files merged, lowest precedence first
+    cli: dict[str, Any]         # the fields set on the command line, typed
     args: argparse.Namespace    # the stage's own flags (e.g. print_config)
 
 
@@ -157,8 +158,10 @@ def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse
 
 
 def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Path | None = CONFIG_DIR,
-          add_stage_args: Callable[[argparse.ArgumentParser], None] = lambda p: None) -> Parsed:
-    """Parse argv into a validated `cls` instance; config_dir=None means no config files at all."""
+          add_stage_args: Callable[[argparse.ArgumentParser], None] = lambda p: None,
+          validate: bool = True) -> Parsed:
+    """Parse argv into a `cls` instance (validated unless asked not to); config_dir=None means no
+    config files at all."""
     parser = build_parser(cls, description, add_stage_args)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -175,9 +178,11 @@ def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Pa
             values.update(check_values(cls, read_config_file(path), str(path)))
     # Field flags default to SUPPRESS, so the namespace holds only flags given plus the stage's own.
     types = _types(cls)
-    values.update(check_values(cls, {k: v for k, v in vars(ns).items() if k in types}, "command line"))
+    cli = check_values(cls, {k: v for k, v in vars(ns).items() if k in types}, "command line")
+    values.update(cli)
     stage_args = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in types})
-    return Parsed(cls(**values).validate(), files, stage_args)
+    config = cls(**values)
+    return Parsed(config.validate() if validate else config, files, cli, stage_args)
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -192,12 +197,36 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     add_config_arg(parser)
     parser.add_argument("--print-config", "--print_config", action="store_true",
                         help="print the merged, validated config as YAML and exit")
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue runs/<id> (or 'latest') from its newest good checkpoint, in the same "
+                             "directory; only flags that keep the past valid may change")
 
 
 def load_config(argv: list[str] | None = None, description: str = "", config_dir: Path = CONFIG_DIR,
                 add_stage_args: Callable[[argparse.ArgumentParser], None] = add_train_args) -> Parsed:
-    """The merged, validated ModelConfig for train.py and profile_model.py."""
-    return parse(ModelConfig, argv, description, config_dir=config_dir, add_stage_args=add_stage_args)
+    """The merged, validated ModelConfig for train.py and profile_model.py. With --resume the run's
+    recorded config replaces the files, so validation waits for resume_config()."""
+    parsed = parse(ModelConfig, argv, description, config_dir=config_dir, add_stage_args=add_stage_args,
+                   validate=False)
+    if not getattr(parsed.args, "resume", None):
+        parsed.config.validate()
+    return parsed
+
+
+def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) -> ModelConfig:
+    """The config of a resumed run: the recorded one, with CLI changes only where they keep the
+    past valid. An extended max_iters keeps the LR schedule the run was recorded with."""
+    recorded = check_values(ModelConfig, recorded, source)
+    changed = sorted(k for k, v in cli.items() if recorded.get(k) != v and k not in RESUMABLE_KEYS)
+    if changed:
+        key = changed[0]
+        raise ValueError(f"--{key.replace('_', '-')} cannot change when resuming (the run was trained with "
+                         f"{key}={recorded.get(key)!r}); start a new run, or fine-tune with --init-from. "
+                         f"Resumable: {', '.join(RESUMABLE_KEYS)}")
+    values = {**recorded, **cli}
+    if values["max_iters"] != recorded["max_iters"] and not recorded["lr_decay_iters"]:
+        values["lr_decay_iters"] = recorded["max_iters"]
+    return ModelConfig(**values).validate()
 
 
 def config_yaml(config: Any, files: list[Path]) -> str:

@@ -185,21 +185,27 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> di
 
 def get_batch(
     tokens: np.ndarray, batch_size: int, block_size: int, *, seed: int, step: int, split: str = "train",
-    rank: int = 0, device: str | torch.device = "cpu",
+    micro: int = 0, n_micro: int = 1, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, (B, T) int64 each: a pure function of (seed, step, split, rank).
+    """Inputs and next-token targets, (B, T) int64 each, for one micro-step of one rank.
 
-    The start offsets come from np.random.default_rng([seed, step, rank, SPLIT_ID[split]]), so a run
-    resumed at step k draws exactly the batches an uninterrupted run draws, and every rank its own.
+    The global batch of a step, batch_size * n_micro * world_size sequences, is one draw from
+    np.random.default_rng([seed, step, SPLIT_ID[split]]): a pure function of (seed, step, split).
+    Each (rank, micro) takes its own slice of it, so 2 ranks x batch B, 1 process x 2 micro-steps
+    of B and 1 process x batch 2B all see the same sequences, and a resumed run draws exactly the
+    batches an uninterrupted one draws.
     """
     if split not in SPLIT_ID:
         raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLIT_ID)}")
     if len(tokens) < block_size + 1:
         raise ValueError(f"{len(tokens)} tokens are fewer than block_size + 1 = {block_size + 1}; "
                          "use a longer text or a smaller block_size")
+    assert 0 <= micro < n_micro and 0 <= rank < world_size, (micro, n_micro, rank, world_size)
     # SeedSequence takes non-negative integers only; the modulo keeps any int seed usable.
-    rng = np.random.default_rng([seed % 2**64, step, rank, SPLIT_ID[split]])
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # last start: len - block_size - 1
+    rng = np.random.default_rng([seed % 2**64, step, SPLIT_ID[split]])
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size * n_micro * world_size)
+    chunk = rank * n_micro + micro
+    starts = starts[chunk * batch_size:(chunk + 1) * batch_size]  # last start: len - block_size - 1
     rows = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, T + 1), one gather
     x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64))  # (B, T)
     y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))  # (B, T)

@@ -68,6 +68,11 @@ class ModelConfig:
     histogram_interval: int = knob(500, "log parameter and gradient histograms every this many steps; 0 disables")
     sample_length: int = knob(200, "characters/tokens sampled at each eval and at the end; 0 disables")
     sample_prompt: str = knob("\n", "prompt for the samples printed during training")
+    checkpoint_interval: int = knob(500, "save a checkpoint every this many steps (also at the end and at "
+                                         "each new best val loss); 0: only those")
+    keep_checkpoints: int = knob(3, "checkpoints kept (the newest ones), plus the best")
+    early_stopping_patience: int = knob(0, "stop after this many evals without a better val loss; 0 disables")
+    init_from: str = knob("", "start from the weights (and tokenizer) of this run or export directory: fine-tuning")
     aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
     aim_repo: str = knob(".", "directory of the Aim repository (.aim is created inside it)")
 
@@ -89,9 +94,11 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 p.append((name, f"must be > 0, got {getattr(self, name)}"))
         for name in ("warmup_iters", "lr_decay_iters", "histogram_interval", "sample_length",
-                     "weight_decay", "grad_clip", "min_lr"):
+                     "weight_decay", "grad_clip", "min_lr", "checkpoint_interval", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 p.append((name, f"must be >= 0, got {getattr(self, name)}"))
+        if self.keep_checkpoints < 1:
+            p.append(("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"))
         if self.n_head > 0 and self.n_embd % self.n_head:
             p.append(("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}"))
         if not 0.0 <= self.dropout < 1.0:
@@ -128,7 +135,11 @@ class ModelConfig:
 
 
 # Fields that define the network's shape: what an export needs to rebuild the model.
-ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
+ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+# Fields a resumed run may change: they leave everything trained so far valid. (max_iters extends a
+# run; the LR schedule keeps the length it was recorded with.)
+RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_interval", "histogram_interval",
+                  "keep_checkpoints", "sample_length", "aim_logging", "device", "torch_compile", "runs_dir")
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """Train a GPT-style language model; each run gets its own directory under runs/.
 
     python train.py --run-tag baseline [--config debug] [--n-layer 6 ...]
+    python train.py --resume latest [--max-iters 4000]     # continue a run from its last checkpoint
+    python train.py --init-from runs/<id> --data new.txt   # fine-tune a trained model on new text
     python train.py --help            # every config key, with its default
     python train.py --print-config    # the merged config, then exit
 
 The run directory holds the metadata to reproduce the run (meta/), the console log and TensorBoard
-events (logs/), and the safetensors export that inference.py loads (artifacts/export/).
+events (logs/), checkpoints and the safetensors export that inference.py loads (artifacts/).
+Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and the export, and exits.
 """
 
 from __future__ import annotations
@@ -13,20 +16,25 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from config import PROJECT_DIR, config_yaml, load_config
+from config import PROJECT_DIR, config_yaml, load_config, resume_config
 from data import get_batch, load_text, split_tokens, tokenize_cached
 from model import LanguageModel
-from parameters import ModelConfig
-from tokenizer import build_tokenizer
-from utils.checkpoint import save_export
+from parameters import ARCHITECTURE_KEYS, ModelConfig
+from tokenizer import build_tokenizer, tokenizer_from_dict
+from utils.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
+                              rotate, save_checkpoint)
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import autocast, resolve_device, resolve_dtype, setup_backends
-from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
+from utils.export import export_dir_of, load_export, save_export
+from utils.files import atomic_write_json, sha256_file
+from utils.runs import RunStatus, create_run_dir, find_runs, git_summary, resolve_run, write_meta
+from utils.signals import GracefulStop
 from utils.tracking import Tracker, build_tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
@@ -53,11 +61,16 @@ def build_optimizer(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def prepare_data(cfg: ModelConfig):
-    """Text -> tokenizer -> cached token ids -> train/val splits. Runs before any run dir exists,
-    so a bad --data or a too-short corpus costs nothing."""
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile; inductor has no MPS backend, so MPS gets aot_eager. Exports use the raw model."""
+    return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
+
+
+def prepare_data(cfg: ModelConfig, tokenizer=None):
+    """Text -> tokenizer (built from the text unless given) -> cached ids -> train/val splits.
+    Runs before any run dir exists, so a bad --data or a too-short corpus costs nothing."""
     source = load_text(cfg.data, cfg.data_dir)
-    tokenizer = build_tokenizer(cfg.tokenizer, source.text)
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text)
     tokens, cache_hit = tokenize_cached(source.text, tokenizer, cfg.data_dir)
     splits = split_tokens(tokens, cfg.val_fraction, cfg.block_size)
     return source, tokenizer, splits, cache_hit
@@ -69,8 +82,8 @@ def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, de
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum_steps):
         with torch.profiler.record_function("data"):
-            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed,
-                             step=step * cfg.grad_accum_steps + micro, device=device)
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro,
+                             n_micro=cfg.grad_accum_steps, device=device)
         with torch.profiler.record_function("forward"), ctx:
             _, loss = model(x, y)
         with torch.profiler.record_function("backward"):
@@ -114,99 +127,228 @@ def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch
     return tokenizer.decode(out[0, prompt.shape[1]:].tolist())
 
 
-def train(model, raw_model, optimizer, splits, tokenizer, cfg: ModelConfig, device, dtype, tracker: Tracker,
-          status: RunStatus) -> dict:
-    """The training loop. Reads .item() only on logging steps, so the device is never made to wait."""
-    ctx = autocast(device, dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    best_val, evals, loss_sum = float("inf"), {}, torch.zeros((), device=device)
-    window_start, window_steps, train_time = time.perf_counter(), 0, 0.0
-    for step in range(cfg.max_iters):
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, grad_norm = train_step(model, optimizer, scaler, splits["train"], cfg, step, device, ctx)
-        loss_sum += loss
-        done, window_steps = step + 1, window_steps + 1
-        if cfg.histogram_interval and done % cfg.histogram_interval == 0:
-            tracker.log_histograms(done, raw_model)  # before zero_grad, while the gradients exist
-        optimizer.zero_grad(set_to_none=True)
+@dataclass
+class Trainer:
+    """The loop and the state it carries between steps; that state is what a checkpoint saves."""
+    cfg: ModelConfig
+    raw_model: LanguageModel
+    model: torch.nn.Module          # raw_model, or its compiled wrapper
+    optimizer: torch.optim.AdamW
+    splits: dict
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    tracker: Tracker
+    status: RunStatus
+    iteration: int = 0
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    aim_run_hash: str | None = None
+    window: list = field(default_factory=list)  # per-step losses since the last log line (tensors)
+    saved_at: int = -1
 
-        last = done == cfg.max_iters
-        if done % cfg.log_interval == 0 or last:
-            train_loss = (loss_sum / window_steps).item()  # the one sync of a logging step
-            elapsed = time.perf_counter() - window_start
-            train_time += elapsed
-            tok_s = window_steps * cfg.tokens_per_step / elapsed
-            eta = (cfg.max_iters - done) * train_time / done
-            print(f"step {done:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
-                  f"| {tok_s / 1e3:,.1f}k tok/s | ETA {format_duration(eta)}", flush=True)
-            tracker.log_scalars(done, {"loss": train_loss}, subset="train")
-            tracker.log_scalars(done, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
-            loss_sum.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        if done % cfg.eval_interval == 0 or last:
-            evals = evaluate(model, raw_model, splits, tokenizer, cfg, device, ctx, tracker, done)
-            best_val = min(best_val, evals["val"])
-            status.update(iteration=done, train_loss=evals["train"], val_loss=evals["val"], best_val_loss=best_val)
-            window_start = time.perf_counter()  # eval time is not training time
-    return {"iteration": cfg.max_iters, "train_loss": evals["train"], "val_loss": evals["val"],
-            "best_val_loss": best_val, "train_seconds": round(train_time, 2)}
+    def __post_init__(self) -> None:
+        self.ctx = autocast(self.device, self.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ckpt_dir = self.run_dir / "artifacts" / "checkpoints"
+
+    def run(self, stop: GracefulStop) -> str:
+        """Train to max_iters; returns why it stopped: completed, early_stopping or interrupted."""
+        cfg, reason = self.cfg, "completed"
+        clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
+        while self.iteration < cfg.max_iters:
+            lr = get_lr(self.iteration, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.splits["train"], cfg,
+                                         self.iteration, self.device, self.ctx)
+            self.iteration += 1
+            steps_timed += 1
+            it = self.iteration
+            self.window.append(loss)
+            if cfg.histogram_interval and it % cfg.histogram_interval == 0:
+                self.tracker.log_histograms(it, self.raw_model)  # before zero_grad, while gradients exist
+            self.optimizer.zero_grad(set_to_none=True)
+            last = it == cfg.max_iters
+            if it % cfg.log_interval == 0 or last:
+                elapsed = time.perf_counter() - clock
+                train_time += elapsed
+                self.log(lr, grad_norm, steps_timed * cfg.tokens_per_step / elapsed, train_time / steps_timed)
+                clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
+            if it % cfg.eval_interval == 0 or last:
+                if self.evaluate() and cfg.early_stopping_patience and \
+                        self.evals_since_best >= cfg.early_stopping_patience:
+                    reason = "early_stopping"
+                clock = time.perf_counter()  # eval time is not training time
+            if stop.requested:
+                reason = "interrupted"
+            if reason != "completed" or last or (cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0):
+                self.save()
+                clock = time.perf_counter()
+            if reason != "completed":
+                break
+        return reason
+
+    def window_losses(self) -> list[float]:
+        """The losses since the last log line, as floats (one device sync); a NaN or inf stops the run
+        here, before any checkpoint could save the damaged weights."""
+        values = torch.stack(self.window).float().tolist() if self.window else []
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                at = self.iteration - len(values) + i + 1
+                good = latest_good(self.ckpt_dir)[0]
+                raise ValueError(
+                    f"loss is {v} at iteration {at}: training diverged. Likely causes: learning_rate "
+                    f"{self.cfg.learning_rate:g} too high (try a third of it, or a longer warmup), or float16 "
+                    f"overflow (use --dtype bfloat16 or float32). Last good checkpoint: "
+                    f"{good.path if good else 'none'}")
+        return values
+
+    def log(self, lr: float, grad_norm: torch.Tensor, tok_s: float, sec_per_step: float) -> None:
+        losses = self.window_losses()
+        self.window = []
+        train_loss = sum(losses) / len(losses)
+        cfg, it = self.cfg, self.iteration
+        eta = format_duration((cfg.max_iters - it) * sec_per_step)
+        print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
+              f"| {tok_s / 1e3:,.1f}k tok/s | ETA {eta}", flush=True)
+        self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
+        self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
+
+    def evaluate(self) -> bool:
+        """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best.
+        Returns whether this eval did not improve (for early stopping)."""
+        it = self.iteration
+        losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx)
+        print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+        for split, value in losses.items():
+            self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
+        if self.cfg.sample_length:
+            self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.evals_since_best = losses["val"], 0
+            mark_best(self.ckpt_dir, self.save(), losses["val"])
+        else:
+            self.evals_since_best += 1
+        self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
+                           best_val_loss=self.best_val_loss)
+        return not improved
+
+    def save(self) -> Path:
+        """Checkpoint this iteration (once), then rotate the old ones."""
+        path = self.ckpt_dir / f"step_{self.iteration:06d}"
+        if self.saved_at != self.iteration:
+            window = self.window_losses()
+            meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss,
+                    "evals_since_best": self.evals_since_best, "loss_window": window,
+                    "aim_run_hash": self.aim_run_hash, "config": self.cfg.to_dict(),
+                    "tokenizer": self.tokenizer.to_dict()}
+            t0 = time.perf_counter()
+            path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta)
+            rotate(self.ckpt_dir, self.cfg.keep_checkpoints)
+            self.saved_at = self.iteration
+            size = sum(f.stat().st_size for f in path.iterdir())
+            print(f"saved checkpoint {path.name} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)", flush=True)
+        return path
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scaler, self.device)
+        meta = ckpt.meta
+        self.iteration, self.best_val_loss = meta["iteration"], meta["best_val_loss"]
+        self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
+        self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
 
 
-def evaluate(model, raw_model, splits, tokenizer, cfg, device, ctx, tracker: Tracker, step: int) -> dict:
-    """Loss on both splits, printed and tracked, plus a text sample for TensorBoard/Aim."""
-    losses = estimate_loss(model, splits, cfg, device, ctx)
-    print(f"eval step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-    for split, value in losses.items():
-        tracker.log_scalars(step, {"eval_loss": value}, subset=split)
-    if cfg.sample_length:
-        tracker.log_text(step, "sample", sample_text(raw_model, tokenizer, cfg, device))
-    return losses
+def find_resume(spec: str, runs_dir: str) -> tuple[Path, Checkpoint, list[str]]:
+    """(run dir, newest good checkpoint, notes on damaged ones skipped) for --resume RUN|latest."""
+    runs = list(reversed(find_runs(runs_dir))) if spec == "latest" else [resolve_run(spec, runs_dir, False)]
+    for run_dir in runs:
+        ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
+        if ckpt:
+            return run_dir, ckpt, skipped
+        if spec != "latest":
+            raise FileNotFoundError(f"run '{run_dir}' has no usable checkpoint to resume from"
+                                    + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
+    raise FileNotFoundError(f"no run with a checkpoint in '{runs_dir}/': nothing to resume")
+
+
+def adopt_source(cfg: ModelConfig, source_cfg: ModelConfig, cli: dict) -> ModelConfig:
+    """Fine-tuning keeps the source's architecture and tokenizer; asking for another one is an error."""
+    keys = (*ARCHITECTURE_KEYS, "tokenizer")
+    for key in keys:
+        if key in cli and cli[key] != getattr(source_cfg, key):
+            raise ValueError(f"--{key.replace('_', '-')} {cli[key]} conflicts with --init-from, whose model has "
+                             f"{key}={getattr(source_cfg, key)!r}; drop the flag")
+    return ModelConfig(**{**cfg.to_dict(), **{k: getattr(source_cfg, k) for k in keys}}).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
     parsed = load_config(argv, description=__doc__)
-    cfg = parsed.config
-    if parsed.args.print_config:
+    cfg, args = parsed.config, parsed.args
+    if args.print_config:
         print(config_yaml(cfg, parsed.files), end="")
         return 0
+    notes, resume, init = [], None, None
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume takes the config from the run; pass flags (e.g. --max-iters), not --config")
+        run_dir, resume, notes = find_resume(args.resume, cfg.runs_dir)
+        cfg = resume_config(resume.meta["config"], parsed.cli, str(resume.path))
+    elif cfg.init_from:
+        init = load_export(cfg.init_from, "cpu")
+        cfg = adopt_source(cfg, init[2], parsed.cli)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     setup_backends(device)
-    source, tokenizer, splits, cache_hit = prepare_data(cfg)
+    given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
+    source, tokenizer, splits, cache_hit = prepare_data(cfg, given)
 
-    run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
-    write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
+    if not resume:
+        run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
+        write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
+    else:
+        atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())
     close_log = setup_console_log(run_dir / "logs" / "train.log")
     status = RunStatus(run_dir)
-    status.start(iteration=0)
+    status.start(iteration=resume.iteration if resume else 0)
     tracker = Tracker()
     try:
         print(f"run {run_dir}")
-        if source.note:
-            print(source.note)
+        for note in [*notes, source.note]:
+            if note:
+                print(note)
         n_tokens = sum(len(s) for s in splits.values())
         print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
               f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
         torch.manual_seed(cfg.seed)
         raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
-        model = compile_model(raw_model, device) if cfg.torch_compile else raw_model
+        if init:
+            raw_model.load_state_dict(init[0].state_dict())
+            record_init_source(run_dir, cfg.init_from, status)
         optimizer = build_optimizer(raw_model, cfg, device)
+        trainer = Trainer(cfg, raw_model, raw_model, optimizer, splits, tokenizer, device, dtype, run_dir,
+                          tracker, status)
+        if resume:
+            trainer.restore(resume)
+            trainer.aim_run_hash = resume.meta.get("aim_run_hash")
+            status.update(resumed_from=resume.path.name)
+            print(f"resumed from {resume.path.name} at iteration {trainer.iteration}")
+        trainer.model = compile_model(raw_model, device) if cfg.torch_compile else raw_model
         print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
               f"| compile {cfg.torch_compile} | {cfg.tokens_per_step:,} tokens/step")
         extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
-        tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo, cfg.run_tag)
-        if tracker.run_hash:
-            status.update(aim_run_hash=tracker.run_hash)  # so a resumed run continues the same Aim run
-        metrics = train(model, raw_model, optimizer, splits, tokenizer, cfg, device, dtype, tracker, status)
-        save_export(run_dir / "artifacts" / "export", raw_model, cfg.to_dict(), tokenizer.to_dict())
-        print(f"exported to {run_dir / 'artifacts' / 'export'}")
-        if cfg.sample_length:
-            print("sample:\n" + sample_text(raw_model, tokenizer, cfg, device))
-        status.finish("completed", **metrics)
+        tracker = trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
+                                                  cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1)
+        trainer.aim_run_hash = tracker.run_hash or trainer.aim_run_hash
+        if trainer.aim_run_hash:
+            status.update(aim_run_hash=trainer.aim_run_hash)  # a resumed run continues the same Aim run
+        with GracefulStop() as stop:
+            reason = trainer.run(stop)
+        return finish(trainer, reason, stop)
     except KeyboardInterrupt:
-        status.finish("interrupted")
+        status.finish("interrupted", stop_reason="second interrupt: stopped at once")
         raise
     except BaseException as e:
         status.finish("failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
@@ -214,12 +356,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tracker.close()
         close_log()
+
+
+def record_init_source(run_dir: Path, source: str, status: RunStatus) -> None:
+    """meta/init_from.json: where a fine-tuned run's starting weights came from, with their hash."""
+    weights = export_dir_of(source) / "model.safetensors"
+    record = {"init_from": str(Path(source).resolve()), "model_sha256": sha256_file(weights)}
+    atomic_write_json(run_dir / "meta" / "init_from.json", record)
+    status.update(init_from=record["init_from"])
+    print(f"initialized from {record['init_from']}")
+
+
+def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
+    """Export (the best weights if early stopping ended the run), sample, and close the status."""
+    run_dir, cfg = trainer.run_dir, trainer.cfg
+    if reason == "early_stopping":
+        best = best_checkpoint(trainer.ckpt_dir)
+        load_weights(best, trainer.raw_model, trainer.device)
+        print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; "
+              f"exporting the best weights ({best.name}, val loss {trainer.best_val_loss:.4f})")
+    save_export(run_dir / "artifacts" / "export", trainer.raw_model, cfg.to_dict(), trainer.tokenizer.to_dict())
+    print(f"exported to {run_dir / 'artifacts' / 'export'}")
+    if cfg.sample_length and reason != "interrupted":
+        print("sample:\n" + sample_text(trainer.raw_model, trainer.tokenizer, cfg, trainer.device))
+    metrics = {"iteration": trainer.iteration, "best_val_loss": trainer.best_val_loss, "stop_reason": reason}
+    if reason == "interrupted":
+        trainer.status.finish("interrupted", **metrics)
+        print(f"interrupted at iteration {trainer.iteration}; continue with: python train.py --resume {run_dir}")
+        return stop.exit_code
+    trainer.status.finish("completed", **metrics)
     return 0
-
-
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile; inductor has no MPS backend, so MPS gets aot_eager. Exports use the raw model."""
-    return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
 
 
 if __name__ == "__main__":

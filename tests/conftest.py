@@ -77,3 +77,23 @@ def trained_run(tmp_path_factory) -> Path:
     (run_dir,) = (root / "runs").iterdir()
     (run_dir / "stdout.txt").write_text(res.stdout, encoding="utf-8")
     return run_dir
+
+
+def start_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """Start a stage script with line-buffered stdout (stderr merged) for tests that signal it."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / script), *args], cwd=cwd or REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "GPTLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    """Read the process' output until a line contains `needle`; returns the lines read."""
+    import time
+    lines, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return lines
+        assert time.monotonic() < deadline, f"timed out waiting for {needle!r}"
+    raise AssertionError(f"process ended before printing {needle!r}:\n{''.join(lines)}")

@@ -157,7 +157,7 @@ def test_split_tokens() -> None:
 
 def test_get_batch_shape_shift_and_purity() -> None:
     tokens = np.arange(10_000, dtype=np.uint16)  # token value = its offset, so each row shows where it starts
-    kw = dict(seed=7, step=3, split="train", rank=0)
+    kw = dict(seed=7, step=3, split="train", rank=0, world_size=2)
     x, y = get_batch(tokens, 12, 64, **kw)
     assert x.shape == y.shape == (12, 64) and x.dtype == y.dtype == torch.int64
     for row_x, row_y in zip(x.numpy(), y.numpy()):
@@ -198,3 +198,14 @@ def test_get_batch_cuda_matches_cpu() -> None:
     tokens = np.arange(1000, dtype=np.uint16)
     x, y = get_batch(tokens, 4, 16, seed=0, step=0, device="cuda")
     assert x.is_cuda and torch.equal(x.cpu(), get_batch(tokens, 4, 16, seed=0, step=0)[0])
+
+
+def test_global_batch_is_sliced_by_micro_step_and_rank() -> None:
+    """batch 2B in one piece == two micro-steps of B == two ranks of B: the same sequences."""
+    tokens = np.arange(5000) % 251
+    whole, _ = get_batch(tokens, 8, 16, seed=3, step=5)
+    micro = torch.cat([get_batch(tokens, 4, 16, seed=3, step=5, micro=m, n_micro=2)[0] for m in range(2)])
+    ranks = torch.cat([get_batch(tokens, 4, 16, seed=3, step=5, rank=r, world_size=2)[0] for r in range(2)])
+    mixed = torch.cat([get_batch(tokens, 2, 16, seed=3, step=5, micro=m, n_micro=2, rank=r, world_size=2)[0]
+                       for r in range(2) for m in range(2)])
+    assert torch.equal(whole, micro) and torch.equal(whole, ranks) and torch.equal(whole, mixed)

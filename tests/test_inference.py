@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from conftest import run_cli
-from utils.checkpoint import load_export
+from utils.export import load_export
 
 
 def generate(run_dir: Path, *args: str):

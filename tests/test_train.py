@@ -14,7 +14,7 @@ from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
 from train import build_optimizer, get_lr
-from utils.checkpoint import load_export, save_export
+from utils.export import load_export, save_export
 from utils.tracking import read_aim_run
 
 

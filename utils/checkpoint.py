@@ -1,66 +1,169 @@
-"""Exports: the trained model as safetensors + JSON, and loading one back into a LanguageModel.
+"""Training checkpoints that survive anything: atomic, hash-verified, rotated, exactly resumable.
 
-artifacts/export/ holds model.safetensors (weights of the uncompiled model; the config and the
-tokenizer also ride in its metadata, so the file stands alone), config.json and tokenizer.json.
-No pickles: an export someone hands you cannot run code when loaded.
+artifacts/checkpoints/step_000500/ holds
+  model.safetensors   weights of the uncompiled model
+  trainer.pt          optimizer and GradScaler state, torch CPU/CUDA RNG states (weights_only load)
+  meta.json           iteration, best val loss, config, tokenizer, Aim hash, python/numpy RNG states,
+                      the loss window, and the SHA-256 of the two files above
+It is written into a hidden temp directory and renamed into place, so a SIGKILL at any moment
+leaves either the whole checkpoint or none (the temp leftovers are swept on the next save).
+best.json names the checkpoint with the best val loss; rotation keeps the last `keep` and that one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 
-from config import check_values
-from model import LanguageModel
-from parameters import ModelConfig
-from tokenizer import tokenizer_from_dict
-from utils.files import atomic_write_json
+from utils.files import atomic_write_json, sha256_file
 
-WEIGHTS = "model.safetensors"
+PREFIX = "step_"
+FILES = ("model.safetensors", "trainer.pt")
 
 
-def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenizer: dict) -> None:
-    """Write the export atomically; the weights go last, so their presence means a complete export."""
-    export_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(export_dir / "config.json", config)
-    atomic_write_json(export_dir / "tokenizer.json", tokenizer)
-    tmp = export_dir / f".{WEIGHTS}.{os.getpid()}.tmp"
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def iteration(self) -> int:
+        return self.meta["iteration"]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG a run draws from; python's and numpy's as JSON, torch's as tensors for trainer.pt."""
+    np_state = np.random.get_state()
+    return {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(meta: dict[str, Any], trainer: dict[str, Any]) -> None:
+    py = meta["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = meta["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(trainer["torch_rng"])
+    if trainer["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+
+
+def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, meta: dict[str, Any]) -> Path:
+    """Write step_<iteration>/ atomically; meta must hold "iteration". Returns the checkpoint path."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"{PREFIX}{meta['iteration']:06d}"
+    tmp = ckpt_dir / f".tmp_{final.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    rng = capture_rng()
+    safetensors.torch.save_model(model, str(tmp / FILES[0]))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda")}, tmp / FILES[1])
+    for name in FILES:
+        _fsync(tmp / name)
+    hashes = {name: sha256_file(tmp / name) for name in FILES}
+    atomic_write_json(tmp / "meta.json", {**meta, "rng": rng, "sha256": hashes})
+    _fsync(tmp)
+    if final.exists():  # the same step saved twice (e.g. best and final): replace the older copy
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(ckpt_dir)
+    return final
+
+
+def find_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """step_* directories, oldest first; hidden temp directories are never listed."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint whose files match their recorded SHA-256; ValueError otherwise."""
     try:
-        # save_model drops the tied lm_head.weight (it aliases wte.weight); load_model restores the tie.
-        metadata = {"format": "pt", "config": json.dumps(config), "tokenizer": json.dumps(tokenizer)}
-        safetensors.torch.save_model(model, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, export_dir / WEIGHTS)
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint '{path}' has no readable meta.json ({type(e).__name__})") from None
+    for name, expected in meta.get("sha256", {}).items():
+        if not (path / name).is_file() or sha256_file(path / name) != expected:
+            raise ValueError(f"checkpoint '{path}': {name} does not match its recorded SHA-256 (damaged)")
+    return meta
+
+
+def latest_good(ckpt_dir: Path) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint that verifies, and one line per newer one that was skipped."""
+    skipped = []
+    for path in reversed(find_checkpoints(ckpt_dir)):
+        try:
+            return Checkpoint(path, verify(path)), skipped
+        except ValueError as e:
+            skipped.append(f"{e}; falling back to an earlier checkpoint")
+    return None, skipped
+
+
+def load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> None:
+    """Only the weights of a checkpoint (e.g. the best one, for the export of an early-stopped run)."""
+    safetensors.torch.load_model(model, str(path / FILES[0]), strict=True, device=str(device))
+
+
+def load_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scaler: torch.amp.GradScaler | None, device: torch.device) -> None:
+    """Weights, optimizer, scaler and every RNG state back into place (no pickle: weights_only)."""
+    load_weights(ckpt.path, model, device)
+    trainer = torch.load(ckpt.path / FILES[1], map_location=device, weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(trainer["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(trainer["scaler"])
+    trainer["torch_rng"] = trainer["torch_rng"].cpu()
+    trainer["cuda_rng"] = [s.cpu() for s in trainer["cuda_rng"]]
+    restore_rng(ckpt.meta, trainer)
+
+
+def mark_best(ckpt_dir: Path, path: Path, val_loss: float) -> None:
+    atomic_write_json(ckpt_dir / "best.json", {"checkpoint": path.name, "val_loss": val_loss})
+
+
+def best_checkpoint(ckpt_dir: Path) -> Path | None:
+    try:
+        name = json.loads((ckpt_dir / "best.json").read_text(encoding="utf-8"))["checkpoint"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return ckpt_dir / name if (ckpt_dir / name).is_dir() else None
+
+
+def rotate(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints and the best one; sweep temp leftovers."""
+    best = best_checkpoint(ckpt_dir)
+    for old in find_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in ckpt_dir.glob(".tmp_*"):
+        if not tmp.name.endswith(f"_{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
-def export_dir_of(path: str | Path) -> Path:
-    """Accept a run directory or its export directory."""
-    path = Path(path)
-    return path / "artifacts" / "export" if (path / "artifacts").is_dir() else path
-
-
-def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
-    """(model in eval mode on device, tokenizer, config) from a run directory or an export directory."""
-    export_dir = export_dir_of(path)
-    weights = export_dir / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"'{export_dir}' has no {WEIGHTS}: point at a run directory with an export")
-    config = ModelConfig(**check_values(ModelConfig, _read_json(export_dir / "config.json"), str(export_dir)))
-    tokenizer = tokenizer_from_dict(_read_json(export_dir / "tokenizer.json"))
-    model = LanguageModel(config, tokenizer.vocab_size)
-    safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
-    return model.to(device).eval(), tokenizer, config
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"export file '{path}' is missing; the export is incomplete") from None
+def _jsonable(obj: Any) -> Any:
+    return [_jsonable(x) for x in obj] if isinstance(obj, (tuple, list)) else obj

@@ -104,10 +104,12 @@ class TensorBoardTracker(Tracker):
     add_text names it); the config as text under "config/text_summary" plus an hparams session.
     """
 
-    def __init__(self, log_dir: Path, flush_secs: int = 30) -> None:
+    def __init__(self, log_dir: Path, flush_secs: int = 30, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs)
+        # purge_step: on resume, TensorBoard drops the earlier events at or after this step, so a
+        # curve never shows the steps between the checkpoint and the crash twice.
+        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=flush_secs, purge_step=purge_step)
 
     def log_config(self, config: dict, extra: dict | None = None) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -242,14 +244,14 @@ class MultiTracker(Tracker):
 
 
 def build_tracker(run_dir: Path, config: dict, extra: dict, aim_logging: bool, aim_repo: str | Path,
-                  experiment: str, aim_run_hash: str | None = None) -> Tracker:
+                  experiment: str, aim_run_hash: str | None = None, purge_step: int | None = None) -> Tracker:
     """TensorBoard always (run_dir/logs/tensorboard), Aim too when asked; the config is logged to each.
 
     The returned tracker's `run_hash` is the Aim run hash (None without Aim): keep it in the run's
     meta and pass it back as `aim_run_hash` on resume.
     """
     run_dir = Path(run_dir)
-    trackers: list[Tracker] = [TensorBoardTracker(run_dir / "logs" / "tensorboard")]
+    trackers: list[Tracker] = [TensorBoardTracker(run_dir / "logs" / "tensorboard", purge_step=purge_step)]
     if aim_logging:
         trackers.append(AimTracker(aim_repo, experiment, run_hash=aim_run_hash, run_name=run_dir.name))
     tracker = trackers[0] if len(trackers) == 1 else MultiTracker(trackers)

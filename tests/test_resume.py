@@ -1,0 +1,203 @@
+"""Training state that survives anything: exact resume after SIGINT/SIGTERM/SIGKILL, double Ctrl-C,
+non-finite loss, early stopping, resume rules, fine-tuning, gradient accumulation, mixed precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import run_cli, start_cli, wait_for_line
+from model import LanguageModel
+from parameters import ModelConfig
+from train import train_step
+from utils.checkpoint import find_checkpoints, latest_good, verify
+from utils.device import autocast
+
+ITERS = 20
+
+
+def base_args(corpus: Path, root: Path) -> list[str]:
+    return ["--config", "debug", "--data", str(corpus), "--data-dir", str(root / "data"), "--runs-dir",
+            str(root / "runs"), "--dropout", "0.1", "--log-interval", "1", "--max-iters", str(ITERS),
+            "--eval-interval", "10", "--checkpoint-interval", "10", "--histogram-interval", "0",
+            "--sample-length", "0", "--seed", "5"]
+
+
+def only_run(root: Path) -> Path:
+    (run_dir,) = (root / "runs").iterdir()
+    return run_dir
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(run_dir / "artifacts" / "export" / "model.safetensors")
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "logs" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("loss/train", "eval_loss/val")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must match."""
+    root = tmp_path_factory.mktemp("reference")
+    corpus = root / "tiny.txt"
+    from conftest import TINY_TEXT
+    corpus.write_text(TINY_TEXT)
+    res = run_cli("train.py", *base_args(corpus, root))
+    assert res.returncode == 0, res.stderr
+    return only_run(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,wait_for,code", [
+    (signal.SIGINT, "step 12/", 130), (signal.SIGTERM, "step 15/", 143),
+    (signal.SIGKILL, "saved checkpoint step_000010", -signal.SIGKILL),
+])
+def test_interrupted_then_resumed_equals_uninterrupted(sig, wait_for, code, reference, tiny_corpus, tmp_path):
+    proc = start_cli("train.py", *base_args(tiny_corpus, tmp_path))
+    wait_for_line(proc, wait_for)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == code, out
+    run_dir = only_run(tmp_path)
+    if sig != signal.SIGKILL:
+        status = json.loads((run_dir / "meta" / "status.json").read_text())
+        assert status["state"] == "interrupted" and f"--resume {run_dir}" in out
+        assert (run_dir / "artifacts" / "export" / "model.safetensors").is_file()
+    res = run_cli("train.py", "--resume", str(run_dir))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resumed from step_" in res.stdout
+    ref_w, got_w = weights(reference), weights(run_dir)
+    assert ref_w.keys() == got_w.keys() and all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+    assert curves(run_dir) == curves(reference)  # no duplicated or backwards steps, same values
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    assert status["state"] == "completed" and status["resumed_from"].startswith("step_")
+    assert "resumed from" in (run_dir / "logs" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once_and_keeps_the_last_good_checkpoint(tiny_corpus, tmp_path):
+    args = base_args(tiny_corpus, tmp_path)
+    args[args.index("--max-iters") + 1] = "100000"
+    args[args.index("--checkpoint-interval") + 1] = "3"
+    proc = start_cli("train.py", *args)
+    wait_for_line(proc, "saved checkpoint step_000006")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    run_dir = only_run(tmp_path)
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["state"] == "interrupted"
+    ckpt_dir = run_dir / "artifacts" / "checkpoints"
+    for path in find_checkpoints(ckpt_dir):
+        verify(path)
+    assert latest_good(ckpt_dir)[0].iteration >= 6
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_corpus, tmp_path):
+    res = run_cli("train.py", *base_args(tiny_corpus, tmp_path), "--learning-rate", "1e4", "--grad-clip", "0",
+                  "--warmup-iters", "0", "--checkpoint-interval", "1")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "loss is nan at iteration" in res.stderr and "learning_rate" in res.stderr and "float16" in res.stderr
+    bad_at = int(res.stderr.split("at iteration ")[1].split(":")[0])
+    run_dir = only_run(tmp_path)
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    assert status["state"] == "failed" and "loss is nan" in status["error"]
+    good = latest_good(run_dir / "artifacts" / "checkpoints")[0]
+    assert good.iteration == bad_at - 1
+    assert all(torch.isfinite(t).all() for t in safetensors.torch.load_file(good.path / "model.safetensors").values())
+
+
+def test_early_stopping_exports_the_best_weights(tiny_corpus, tmp_path):
+    args = base_args(tiny_corpus, tmp_path)
+    args[args.index("--max-iters") + 1] = "60"
+    res = run_cli("train.py", *args, "--learning-rate", "0.3", "--warmup-iters", "0", "--eval-interval", "2",
+                  "--early-stopping-patience", "2")
+    assert res.returncode == 0, res.stderr
+    run_dir = only_run(tmp_path)
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    assert status["stop_reason"] == "early_stopping" and status["iteration"] < 60
+    best = json.loads((run_dir / "artifacts" / "checkpoints" / "best.json").read_text())
+    assert best["val_loss"] == pytest.approx(status["best_val_loss"])
+    best_w = safetensors.torch.load_file(run_dir / "artifacts" / "checkpoints" / best["checkpoint"] / "model.safetensors")
+    assert all(torch.equal(best_w[k], v) for k, v in weights(run_dir).items())
+    assert "early stopping" in res.stdout
+
+
+def test_resume_rules(reference, tmp_path):
+    res = run_cli("train.py", "--resume", str(reference), "--n-layer", "3")
+    assert res.returncode == 2 and "--n-layer cannot change when resuming" in res.stderr
+    res = run_cli("train.py", "--resume", str(tmp_path / "nope"))
+    assert res.returncode == 2 and "not found" in res.stderr
+    res = run_cli("train.py", "--resume", "latest", "--runs-dir", str(tmp_path))
+    assert res.returncode == 2 and "nothing to resume" in res.stderr
+
+
+def test_resume_extends_max_iters_keeping_the_schedule(reference, tmp_path):
+    import shutil
+    run_dir = tmp_path / reference.name
+    shutil.copytree(reference, run_dir)
+    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "24")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((run_dir / "meta" / "full_config.json").read_text())
+    assert cfg["max_iters"] == 24 and cfg["lr_decay_iters"] == ITERS
+    assert "step 24/24" in res.stdout and "lr 1.00e-04" in res.stdout  # past the schedule: min_lr
+
+
+def test_fine_tuning_from_a_run(trained_run, tmp_path):
+    corpus = tmp_path / "new.txt"
+    corpus.write_text("All: Speak, speak. Resolved.\n" * 100)
+    args = ["--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+            "--max-iters", "4", "--warmup-iters", "1", "--eval-interval", "2", "--init-from", str(trained_run), "--device", "cpu"]
+    res = run_cli("train.py", *args)
+    assert res.returncode == 0, res.stderr
+    run_dir = only_run(tmp_path)
+    record = json.loads((run_dir / "meta" / "init_from.json").read_text())
+    from utils.files import sha256_file
+    assert record["model_sha256"] == sha256_file(trained_run / "artifacts" / "export" / "model.safetensors")
+    cfg = json.loads((run_dir / "meta" / "full_config.json").read_text())
+    source_cfg = json.loads((trained_run / "meta" / "full_config.json").read_text())
+    assert all(cfg[k] == source_cfg[k] for k in ("n_layer", "n_embd", "block_size", "tokenizer"))
+    assert json.loads((run_dir / "artifacts" / "export" / "tokenizer.json").read_text()) == \
+        json.loads((trained_run / "artifacts" / "export" / "tokenizer.json").read_text())
+    res = run_cli("train.py", *args, "--n-layer", "5")
+    assert res.returncode == 2 and "conflicts with --init-from" in res.stderr
+    corpus.write_text("Zebra crossing\n" * 100)
+    res = run_cli("train.py", *args)
+    assert res.returncode == 2 and "'Z'" in res.stderr and res.stderr.count("\n") == 1
+
+
+def one_update(cfg: ModelConfig, dtype=torch.float32) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = LanguageModel(cfg, 30)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = (torch.arange(3000) * 7 % 30).numpy()
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    loss, _ = train_step(model, opt, scaler, tokens, cfg, 0, torch.device("cpu"), autocast(torch.device("cpu"), dtype))
+    assert torch.isfinite(loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tiny_cfg):
+    whole = one_update(ModelConfig(**{**tiny_cfg.to_dict(), "batch_size": 8, "grad_accum_steps": 1}))
+    accum = one_update(ModelConfig(**{**tiny_cfg.to_dict(), "batch_size": 4, "grad_accum_steps": 2}))
+    for a, b in zip(whole, accum):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_step_on_cpu(tiny_cfg, dtype):
+    ref = one_update(tiny_cfg)
+    got = one_update(tiny_cfg, dtype)
+    assert all(g.dtype == torch.float32 for g in got)  # weights stay float32 under autocast
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02)
