@@ -15,7 +15,7 @@ import torch
 
 from config import parse
 from parameters import GenerateConfig
-from utils.checkpoint import load_export
+from utils.export import load_export
 from utils.cli import run_main
 from utils.device import resolve_device
 from utils.runs import resolve_run
