@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from parameters import RESUMABLE_KEYS, ModelConfig
+from parameters import ARCHITECTURE_KEYS, RESUMABLE_KEYS, ModelConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
@@ -227,6 +227,17 @@ def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) ->
     if values["max_iters"] != recorded["max_iters"] and not recorded["lr_decay_iters"]:
         values["lr_decay_iters"] = recorded["max_iters"]
     return ModelConfig(**values).validate()
+
+
+def init_config(cfg: ModelConfig, source: ModelConfig, cli: dict[str, Any]) -> ModelConfig:
+    """Fine-tuning (--init-from) keeps the source model's architecture and tokenizer; asking on the
+    command line for another one is an error (config files' values are simply overridden)."""
+    keys = (*ARCHITECTURE_KEYS, "tokenizer")
+    for key in keys:
+        if key in cli and cli[key] != getattr(source, key):
+            raise ValueError(f"--{key.replace('_', '-')} {cli[key]} conflicts with --init-from, whose model has "
+                             f"{key}={getattr(source, key)!r}; drop the flag")
+    return ModelConfig(**{**cfg.to_dict(), **{k: getattr(source, k) for k in keys}}).validate()
 
 
 def config_yaml(config: Any, files: list[Path]) -> str:

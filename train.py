@@ -13,6 +13,7 @@ Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and the export
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -20,20 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import PROJECT_DIR, config_yaml, load_config, resume_config
+from config import PROJECT_DIR, config_yaml, init_config, load_config, resume_config
 from data import get_batch, load_text, split_tokens, tokenize_cached
 from model import LanguageModel
-from parameters import ARCHITECTURE_KEYS, ModelConfig
+from parameters import ModelConfig
 from tokenizer import build_tokenizer, tokenizer_from_dict
-from utils.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
-                              rotate, save_checkpoint)
+from utils.checkpoint import (Checkpoint, best_checkpoint, find_resume, latest_good, load_checkpoint, load_weights,
+                              mark_best, rotate, save_checkpoint)
+from utils.distributed import Dist
+from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import autocast, resolve_device, resolve_dtype, setup_backends
 from utils.export import export_dir_of, load_export, save_export
 from utils.files import atomic_write_json, sha256_file
-from utils.runs import RunStatus, create_run_dir, find_runs, git_summary, resolve_run, write_meta
+from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop
 from utils.tracking import Tracker, build_tracker
 
@@ -76,18 +80,23 @@ def prepare_data(cfg: ModelConfig, tokenizer=None):
     return source, tokenizer, splits, cache_hit
 
 
-def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, device, ctx):
+def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, device, ctx, d: Dist = Dist()):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
-    tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging)."""
+    tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging).
+    Under DDP each rank takes its slice of the step's global batch, and gradients are all-reduced
+    only on the last micro-step (no_sync before it)."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum_steps):
         with torch.profiler.record_function("data"):
             x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro,
-                             n_micro=cfg.grad_accum_steps, device=device)
-        with torch.profiler.record_function("forward"), ctx:
-            _, loss = model(x, y)
-        with torch.profiler.record_function("backward"):
-            scaler.scale(loss / cfg.grad_accum_steps).backward()
+                             n_micro=cfg.grad_accum_steps, rank=d.rank, world_size=d.world_size, device=device)
+        last = micro == cfg.grad_accum_steps - 1
+        with ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext():
+            with torch.profiler.record_function("forward"), ctx:
+                _, loss = model(x, y)
+            with torch.profiler.record_function("backward"):
+                scaler.scale(loss / cfg.grad_accum_steps).backward()
         loss_sum += loss.detach()
     with torch.profiler.record_function("optimizer"):
         scaler.unscale_(optimizer)
@@ -99,21 +108,22 @@ def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, de
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device: torch.device, ctx) -> dict[str, float]:
-    """Mean loss over eval_iters fixed batches per split, in eval mode (no dropout)."""
+def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device: torch.device, ctx,
+                  d: Dist = Dist()) -> dict[str, float]:
+    """Mean loss over eval_iters fixed batches per split, in eval mode (no dropout); under DDP each
+    rank scores its slice and the means are averaged, so every rank gets the same numbers."""
     model.eval()
-    out = {}
-    for split in ("train", "val"):
-        losses = torch.zeros(cfg.eval_iters)
+    losses = torch.zeros(2, cfg.eval_iters, device=device)
+    for i, split in enumerate(("train", "val")):
         for k in range(cfg.eval_iters):
             x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, seed=cfg.seed + EVAL_SEED_OFFSET,
-                             step=k, split=split, device=device)
+                             step=k, split=split, rank=d.rank, world_size=d.world_size, device=device)
             with ctx:
                 _, loss = model(x, y)
-            losses[k] = loss.float().item()
-        out[split] = losses.mean().item()
+            losses[i, k] = loss.float()
     model.train()
-    return out
+    train, val = distributed.mean_across(d, losses.mean(dim=1)).tolist()
+    return {"train": train, "val": val}
 
 
 def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch.device) -> str:
@@ -141,6 +151,7 @@ class Trainer:
     run_dir: Path
     tracker: Tracker
     status: RunStatus
+    d: Dist = field(default_factory=Dist)
     iteration: int = 0
     best_val_loss: float = math.inf
     evals_since_best: int = 0
@@ -162,7 +173,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.splits["train"], cfg,
-                                         self.iteration, self.device, self.ctx)
+                                         self.iteration, self.device, self.ctx, self.d)
             self.iteration += 1
             steps_timed += 1
             it = self.iteration
@@ -174,14 +185,15 @@ class Trainer:
             if it % cfg.log_interval == 0 or last:
                 elapsed = time.perf_counter() - clock
                 train_time += elapsed
-                self.log(lr, grad_norm, steps_timed * cfg.tokens_per_step / elapsed, train_time / steps_timed)
+                tokens = steps_timed * cfg.tokens_per_step * self.d.world_size  # every rank's tokens
+                self.log(lr, grad_norm, tokens / elapsed, train_time / steps_timed)
                 clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
             if it % cfg.eval_interval == 0 or last:
                 if self.evaluate() and cfg.early_stopping_patience and \
                         self.evals_since_best >= cfg.early_stopping_patience:
                     reason = "early_stopping"
                 clock = time.perf_counter()  # eval time is not training time
-            if stop.requested:
+            if distributed.any_rank(self.d, stop.requested):  # all ranks stop at the same step
                 reason = "interrupted"
             if reason != "completed" or last or (cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0):
                 self.save()
@@ -193,7 +205,8 @@ class Trainer:
     def window_losses(self) -> list[float]:
         """The losses since the last log line, as floats (one device sync); a NaN or inf stops the run
         here, before any checkpoint could save the damaged weights."""
-        values = torch.stack(self.window).float().tolist() if self.window else []
+        window = torch.stack(self.window).float() if self.window else torch.zeros(0, device=self.device)
+        values = distributed.mean_across(self.d, window).tolist()  # a NaN on any rank stops every rank
         for i, v in enumerate(values):
             if not math.isfinite(v):
                 at = self.iteration - len(values) + i + 1
@@ -220,16 +233,18 @@ class Trainer:
         """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best.
         Returns whether this eval did not improve (for early stopping)."""
         it = self.iteration
-        losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx)
+        losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
         print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
         for split, value in losses.items():
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
-        if self.cfg.sample_length:
+        if self.cfg.sample_length and self.d.is_main:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss, self.evals_since_best = losses["val"], 0
-            mark_best(self.ckpt_dir, self.save(), losses["val"])
+            path = self.save()
+            if self.d.is_main:
+                mark_best(self.ckpt_dir, path, losses["val"])
         else:
             self.evals_since_best += 1
         self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
@@ -237,111 +252,122 @@ class Trainer:
         return not improved
 
     def save(self) -> Path:
-        """Checkpoint this iteration (once), then rotate the old ones."""
+        """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state),
+        then rotate the old ones."""
         path = self.ckpt_dir / f"step_{self.iteration:06d}"
         if self.saved_at != self.iteration:
             window = self.window_losses()
+            rank_rng = distributed.gather(self.d, torch.get_rng_state())  # dropout masks differ per rank
+            self.saved_at = self.iteration
+            if not self.d.is_main:
+                return path
             meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss,
                     "evals_since_best": self.evals_since_best, "loss_window": window,
-                    "aim_run_hash": self.aim_run_hash, "config": self.cfg.to_dict(),
-                    "tokenizer": self.tokenizer.to_dict()}
+                    "aim_run_hash": self.aim_run_hash, "world_size": self.d.world_size,
+                    "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict()}
             t0 = time.perf_counter()
-            path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta)
+            path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta,
+                                   {"rank_torch_rng": rank_rng})
             rotate(self.ckpt_dir, self.cfg.keep_checkpoints)
-            self.saved_at = self.iteration
             size = sum(f.stat().st_size for f in path.iterdir())
             print(f"saved checkpoint {path.name} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)", flush=True)
         return path
 
     def restore(self, ckpt: Checkpoint) -> None:
-        load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scaler, self.device)
+        trainer = load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scaler, self.device)
+        rank_rng = trainer.get("rank_torch_rng", [])
+        if len(rank_rng) == self.d.world_size:
+            torch.set_rng_state(rank_rng[self.d.rank].cpu())
+        else:  # another world size: fresh per-rank streams; resumes, but not bit-identically
+            torch.manual_seed(self.cfg.seed + self.d.rank + ckpt.iteration)
+            print(f"resuming on {self.d.world_size} rank(s) a run saved on {len(rank_rng)}: "
+                  "dropout streams restart from the seed")
         meta = ckpt.meta
         self.iteration, self.best_val_loss = meta["iteration"], meta["best_val_loss"]
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
         self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
 
 
-def find_resume(spec: str, runs_dir: str) -> tuple[Path, Checkpoint, list[str]]:
-    """(run dir, newest good checkpoint, notes on damaged ones skipped) for --resume RUN|latest."""
-    runs = list(reversed(find_runs(runs_dir))) if spec == "latest" else [resolve_run(spec, runs_dir, False)]
-    for run_dir in runs:
-        ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
-        if ckpt:
-            return run_dir, ckpt, skipped
-        if spec != "latest":
-            raise FileNotFoundError(f"run '{run_dir}' has no usable checkpoint to resume from"
-                                    + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
-    raise FileNotFoundError(f"no run with a checkpoint in '{runs_dir}/': nothing to resume")
-
-
-def adopt_source(cfg: ModelConfig, source_cfg: ModelConfig, cli: dict) -> ModelConfig:
-    """Fine-tuning keeps the source's architecture and tokenizer; asking for another one is an error."""
-    keys = (*ARCHITECTURE_KEYS, "tokenizer")
-    for key in keys:
-        if key in cli and cli[key] != getattr(source_cfg, key):
-            raise ValueError(f"--{key.replace('_', '-')} {cli[key]} conflicts with --init-from, whose model has "
-                             f"{key}={getattr(source_cfg, key)!r}; drop the flag")
-    return ModelConfig(**{**cfg.to_dict(), **{k: getattr(source_cfg, k) for k in keys}}).validate()
-
-
 def main(argv: list[str] | None = None) -> int:
     parsed = load_config(argv, description=__doc__)
-    cfg, args = parsed.config, parsed.args
-    if args.print_config:
-        print(config_yaml(cfg, parsed.files), end="")
+    if parsed.args.print_config:
+        print(config_yaml(parsed.config, parsed.files), end="")
         return 0
-    notes, resume, init = [], None, None
+    d, device_name = distributed.setup(parsed.config.device)
+    try:
+        return run(parsed, d, device_name)
+    finally:
+        distributed.teardown(d)
+
+
+def run(parsed, d: Dist, device_name: str) -> int:
+    """Config -> data -> run dir (rank 0) -> model -> loop -> export; main() wraps it in the process group."""
+    cfg, args, notes, resume, init = parsed.config, parsed.args, [], None, None
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the config from the run; pass flags (e.g. --max-iters), not --config")
         run_dir, resume, notes = find_resume(args.resume, cfg.runs_dir)
         cfg = resume_config(resume.meta["config"], parsed.cli, str(resume.path))
+        cfg, note = rescale_batch(cfg, resume.meta.get("world_size", 1), d.world_size)
+        notes.append(note)
     elif cfg.init_from:
         init = load_export(cfg.init_from, "cpu")
-        cfg = adopt_source(cfg, init[2], parsed.cli)
-    device = resolve_device(cfg.device)
+        cfg = init_config(cfg, init[2], parsed.cli)
+    device = resolve_device(device_name if d.enabled else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     setup_backends(device)
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
+    if not d.is_main:
+        distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
     source, tokenizer, splits, cache_hit = prepare_data(cfg, given)
-
-    if not resume:
-        run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
-        write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
-    else:
-        atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())
-    close_log = setup_console_log(run_dir / "logs" / "train.log")
-    status = RunStatus(run_dir)
-    status.start(iteration=resume.iteration if resume else 0)
+    if d.is_main:
+        distributed.barrier(d)
+        if not resume:
+            run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
+            write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
+        else:
+            atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())  # e.g. a longer max_iters
+    run_dir = distributed.broadcast(d, run_dir if d.is_main else None)
+    log_name = "train.log" if d.is_main else f"train.rank{d.rank}.log"
+    close_log = setup_console_log(run_dir / "logs" / log_name, console=d.is_main)
+    status = RunStatus(run_dir, enabled=d.is_main)
+    status.start(iteration=resume.iteration if resume else 0, world_size=d.world_size)
     tracker = Tracker()
     try:
-        print(f"run {run_dir}")
+        print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
         for note in [*notes, source.note]:
             if note:
                 print(note)
         n_tokens = sum(len(s) for s in splits.values())
         print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
               f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
         if init:
             raw_model.load_state_dict(init[0].state_dict())
-            record_init_source(run_dir, cfg.init_from, status)
+            if d.is_main:
+                record_init_source(run_dir, cfg.init_from, status)
+        torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
         optimizer = build_optimizer(raw_model, cfg, device)
         trainer = Trainer(cfg, raw_model, raw_model, optimizer, splits, tokenizer, device, dtype, run_dir,
-                          tracker, status)
+                          tracker, status, d)
         if resume:
             trainer.restore(resume)
             trainer.aim_run_hash = resume.meta.get("aim_run_hash")
             status.update(resumed_from=resume.path.name)
             print(f"resumed from {resume.path.name} at iteration {trainer.iteration}")
-        trainer.model = compile_model(raw_model, device) if cfg.torch_compile else raw_model
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else raw_model
+        # Compile after wrapping: DDPOptimizer then splits the graph at bucket boundaries, so gradient
+        # all-reduce overlaps backward (PyTorch's recommended order).
+        trainer.model = compile_model(model, device) if cfg.torch_compile else model
         print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
-              f"| compile {cfg.torch_compile} | {cfg.tokens_per_step:,} tokens/step")
-        extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
-        tracker = trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
-                                                  cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1)
-        trainer.aim_run_hash = tracker.run_hash or trainer.aim_run_hash
+              f"| compile {cfg.torch_compile} | {cfg.tokens_per_step * d.world_size:,} tokens/step"
+              + (f" ({d.world_size} ranks)" if d.enabled else ""))
+        if d.is_main:
+            extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
+            tracker = trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
+                                                      cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1)
+            trainer.aim_run_hash = tracker.run_hash or trainer.aim_run_hash
         if trainer.aim_run_hash:
             status.update(aim_run_hash=trainer.aim_run_hash)  # a resumed run continues the same Aim run
         with GracefulStop() as stop:
@@ -356,6 +382,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tracker.close()
         close_log()
+
+
+def rescale_batch(cfg: ModelConfig, saved_world: int, world: int) -> tuple[ModelConfig, str]:
+    """Resuming on another number of ranks keeps the global batch: batch_size is per rank."""
+    if saved_world == world:
+        return cfg, ""
+    global_batch = cfg.batch_size * saved_world
+    if global_batch % world:
+        raise ValueError(f"the run was saved on {saved_world} rank(s) with a global batch of {global_batch} "
+                         f"sequences, which {world} ranks cannot split evenly; resume on a divisor of it")
+    note = (f"resuming on {world} rank(s) a run saved on {saved_world}: batch_size {cfg.batch_size} -> "
+            f"{global_batch // world} per rank, keeping the global batch of {global_batch}")
+    return ModelConfig(**{**cfg.to_dict(), "batch_size": global_batch // world}).validate(), note
 
 
 def record_init_source(run_dir: Path, source: str, status: RunStatus) -> None:

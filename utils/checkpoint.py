@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 
 from utils.files import atomic_write_json, sha256_file
+from utils.runs import find_runs, resolve_run
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "trainer.pt")
@@ -62,8 +63,9 @@ def restore_rng(meta: dict[str, Any], trainer: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, meta: dict[str, Any]) -> Path:
-    """Write step_<iteration>/ atomically; meta must hold "iteration". Returns the checkpoint path."""
+                    scaler: torch.amp.GradScaler, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write step_<iteration>/ atomically; meta (JSON) must hold "iteration"; extra (tensors, e.g. every
+    rank's RNG state) goes into trainer.pt. Returns the checkpoint path."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{meta['iteration']:06d}"
     tmp = ckpt_dir / f".tmp_{final.name}_{os.getpid()}"
@@ -72,7 +74,7 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     rng = capture_rng()
     safetensors.torch.save_model(model, str(tmp / FILES[0]))
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda")}, tmp / FILES[1])
+                "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda"), **(extra or {})}, tmp / FILES[1])
     for name in FILES:
         _fsync(tmp / name)
     hashes = {name: sha256_file(tmp / name) for name in FILES}
@@ -121,8 +123,9 @@ def load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> No
 
 
 def load_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scaler: torch.amp.GradScaler | None, device: torch.device) -> None:
-    """Weights, optimizer, scaler and every RNG state back into place (no pickle: weights_only)."""
+                    scaler: torch.amp.GradScaler | None, device: torch.device) -> dict[str, Any]:
+    """Weights, optimizer, scaler and every RNG state back into place (no pickle: weights_only);
+    returns trainer.pt's contents for callers that stored extras."""
     load_weights(ckpt.path, model, device)
     trainer = torch.load(ckpt.path / FILES[1], map_location=device, weights_only=True)
     if optimizer is not None:
@@ -132,6 +135,7 @@ def load_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.o
     trainer["torch_rng"] = trainer["torch_rng"].cpu()
     trainer["cuda_rng"] = [s.cpu() for s in trainer["cuda_rng"]]
     restore_rng(ckpt.meta, trainer)
+    return trainer
 
 
 def mark_best(ckpt_dir: Path, path: Path, val_loss: float) -> None:
@@ -167,3 +171,16 @@ def _fsync(path: Path) -> None:
 
 def _jsonable(obj: Any) -> Any:
     return [_jsonable(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+def find_resume(spec: str, runs_dir: str | Path) -> tuple[Path, Checkpoint, list[str]]:
+    """(run dir, newest good checkpoint, notes on damaged ones skipped) for --resume RUN|latest."""
+    runs = list(reversed(find_runs(runs_dir))) if spec == "latest" else [resolve_run(spec, runs_dir, False)]
+    for run_dir in runs:
+        ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
+        if ckpt:
+            return run_dir, ckpt, skipped
+        if spec != "latest":
+            raise FileNotFoundError(f"run '{run_dir}' has no usable checkpoint to resume from"
+                                    + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
+    raise FileNotFoundError(f"no run with a checkpoint in '{runs_dir}/': nothing to resume")

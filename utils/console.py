@@ -52,13 +52,14 @@ def _final_state(line: str) -> str:
 class _Tee:
     """Writes to the console stream and to the shared log; anything else is the console stream's."""
 
-    def __init__(self, stream: TextIO, log: _LogFile) -> None:
+    def __init__(self, stream: TextIO, log: _LogFile, echo: bool = True) -> None:
         self._stream = stream
         self._log: _LogFile | None = log
         self._pending = ""
+        self._echo = echo
 
     def write(self, text: str) -> int:
-        n = self._stream.write(text)
+        n = self._stream.write(text) if self._echo else None
         if self._log is not None:
             self._pending = self._log.write_lines(self._pending, text)
         return len(text) if n is None else n
@@ -83,8 +84,11 @@ class _Tee:
         return getattr(self._stream, name)
 
 
-def setup_console_log(log_path: Path) -> Callable[[], None]:
+def setup_console_log(log_path: Path, console: bool = True) -> Callable[[], None]:
     """Mirror sys.stdout and sys.stderr into `log_path` (appended, parents created).
+
+    console=False (ranks other than 0 under torchrun) keeps stdout out of the console, so the
+    progress lines appear once; stderr still reaches it, so a failing rank is seen.
 
     Returns a function that undoes it: restores both streams and closes the file. It is safe to call
     twice; if someone replaced sys.stdout after us, theirs is left in place and our tee just stops
@@ -92,7 +96,7 @@ def setup_console_log(log_path: Path) -> Callable[[], None]:
     """
     log = _LogFile(Path(log_path))
     originals = {"stdout": sys.stdout, "stderr": sys.stderr}
-    tees = {name: _Tee(stream, log) for name, stream in originals.items()}
+    tees = {name: _Tee(stream, log, echo=console or name == "stderr") for name, stream in originals.items()}
     sys.stdout, sys.stderr = tees["stdout"], tees["stderr"]
 
     def restore() -> None:

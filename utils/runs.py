@@ -185,14 +185,15 @@ class RunStatus:
     FINAL_STATES = ("completed", "failed", "interrupted")
     _RESERVED = ("state", "run_dir", "started_at", "updated_at", "finished_at", "resumed_at")
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "meta" / "status.json"
         self.data: dict[str, Any] = {}
+        self.enabled = enabled  # False on torchrun ranks other than 0: one writer per file
 
     def start(self, **fields: Any) -> None:
         """Mark the run running. On a resumed run the first started_at is kept and resumed_at added."""
-        previous = self.read() if self.path.exists() else {}
+        previous = self.read() if self.enabled and self.path.exists() else {}
         now = _utc_now()
         self.data = {
             "state": "running", "run_dir": self.run_dir.name, "started_at": previous.get("started_at", now),
@@ -231,7 +232,8 @@ class RunStatus:
             self.data[key] = " ".join(str(value).split())[:1000] if key == "error" else _plain(value)
 
     def _write(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if self.enabled:
+            atomic_write_json(self.path, self.data)
 
 
 def _run_sort_key(run_dir: Path) -> tuple[str, str, int]:

@@ -1,0 +1,81 @@
+"""DistributedDataParallel on CPU (gloo): two ranks launched by torchrun, as users launch them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import REPO, run_cli, wait_for_line
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            str(REPO / "train.py"), *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "GPTLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=240, env=env())
+
+
+def args(corpus: Path, root: Path, name: str, *extra: str) -> list[str]:
+    return ["--config", "debug", "--data", str(corpus), "--data-dir", str(root / "data"), "--runs-dir",
+            str(root / name), "--max-iters", "20", "--eval-interval", "5", "--checkpoint-interval", "5",
+            "--log-interval", "1", "--histogram-interval", "0", "--sample-length", "0", "--device", "cpu", *extra]
+
+
+def export_of(root: Path) -> dict[str, torch.Tensor]:
+    (run_dir,) = root.iterdir()
+    return safetensors.torch.load_file(run_dir / "artifacts" / "export" / "model.safetensors")
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_corpus: Path, tmp_path: Path):
+    res = torchrun(*args(tiny_corpus, tmp_path, "ddp", "--batch-size", "4"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = (tmp_path / "ddp").iterdir()  # one run directory, made by rank 0
+    assert (run_dir / "logs" / "train.log").is_file() and (run_dir / "logs" / "train.rank1.log").is_file()
+    assert res.stdout.count("step 20/20") == 1  # the console hears rank 0 only
+    assert "step 20/20" in (run_dir / "logs" / "train.rank1.log").read_text()
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["world_size"] == 2
+    single = run_cli("train.py", *args(tiny_corpus, tmp_path, "single", "--batch-size", "8"))
+    assert single.returncode == 0, single.stderr
+    ddp_w, single_w = export_of(tmp_path / "ddp"), export_of(tmp_path / "single")
+    for k in ddp_w:  # the same update up to float summation order: 2 x 4 sequences == 1 x 8
+        torch.testing.assert_close(ddp_w[k], single_w[k], rtol=0, atol=1e-5)
+
+
+def test_interrupted_two_rank_run_resumes_exactly(tiny_corpus: Path, tmp_path: Path):
+    extra = ("--batch-size", "4", "--dropout", "0.1")
+    full = torchrun(*args(tiny_corpus, tmp_path, "full", *extra))
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(torchrun_cmd(*args(tiny_corpus, tmp_path, "cut", *extra)), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_line(proc, "step 12/")
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+    proc.communicate(timeout=120)
+    (run_dir,) = (tmp_path / "cut").iterdir()
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["iteration"] < 20
+    res = subprocess.run(torchrun_cmd("--resume", str(run_dir)), cwd=REPO, capture_output=True, text=True,
+                         timeout=240, env=env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    full_w, resumed_w = export_of(tmp_path / "full"), export_of(tmp_path / "cut")
+    assert all(torch.equal(full_w[k], resumed_w[k]) for k in full_w)
+
+    # The same checkpoint on one process: the global batch of 8 stays, as batch_size 8 on one rank.
+    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "22")
+    assert res.returncode == 0, res.stderr
+    assert "batch_size 4 -> 8 per rank, keeping the global batch of 8" in res.stdout
