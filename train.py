@@ -189,8 +189,8 @@ class Trainer:
                 self.log(lr, grad_norm, tokens / elapsed, train_time / steps_timed)
                 clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
             if it % cfg.eval_interval == 0 or last:
-                if self.evaluate() and cfg.early_stopping_patience and \
-                        self.evals_since_best >= cfg.early_stopping_patience:
+                self.evaluate()
+                if cfg.early_stopping_patience and self.evals_since_best >= cfg.early_stopping_patience:
                     reason = "early_stopping"
                 clock = time.perf_counter()  # eval time is not training time
             if distributed.any_rank(self.d, stop.requested):  # all ranks stop at the same step
@@ -229,9 +229,9 @@ class Trainer:
         self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
         self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
 
-    def evaluate(self) -> bool:
-        """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best.
-        Returns whether this eval did not improve (for early stopping)."""
+    def evaluate(self) -> None:
+        """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best,
+        any other result counts towards early stopping."""
         it = self.iteration
         losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
         print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
@@ -249,7 +249,6 @@ class Trainer:
             self.evals_since_best += 1
         self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
                            best_val_loss=self.best_val_loss)
-        return not improved
 
     def save(self) -> Path:
         """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state),

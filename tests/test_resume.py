@@ -201,3 +201,24 @@ def test_mixed_precision_step_on_cpu(tiny_cfg, dtype):
     assert all(g.dtype == torch.float32 for g in got)  # weights stay float32 under autocast
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0.02)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_aim_run(tiny_corpus, tmp_path):
+    from aim.storage.context import Context
+
+    from utils.tracking import read_aim_run
+    aim_args = ["--aim-logging", "--aim-repo", str(tmp_path)]
+    proc = start_cli("train.py", *base_args(tiny_corpus, tmp_path), *aim_args)
+    wait_for_line(proc, "saved checkpoint step_000010")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = only_run(tmp_path)
+    res = run_cli("train.py", "--resume", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    run = read_aim_run(tmp_path, status["aim_run_hash"])
+    steps, _ = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
+    assert list(steps) == [10, 20]  # the first half's eval and the resumed half's, in one Aim run
+    steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
+    assert list(steps) == list(range(1, ITERS + 1))

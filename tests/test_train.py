@@ -131,3 +131,21 @@ def test_empty_corpus_is_an_error(tmp_path: Path):
     empty.write_text("")
     res = run_cli("train.py", "--config", "debug", "--data", str(empty), "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 2 and "empty" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_compiled_training_exports_load_into_an_uncompiled_model(tiny_cfg, tmp_path: Path):
+    """The export is saved from the raw module, so no `_orig_mod.` prefix leaks into it (nanoGPT's bug)."""
+    from data import get_batch
+    tok = CharTokenizer.from_text("abcdefghij \n")
+    torch.manual_seed(0)
+    raw = LanguageModel(tiny_cfg, tok.vocab_size)
+    compiled = torch.compile(raw, backend="aot_eager")  # the backend train.py uses on MPS; fast to build
+    opt = build_optimizer(raw, tiny_cfg, torch.device("cpu"))
+    x, y = get_batch((torch.arange(500) % tok.vocab_size).numpy(), 4, tiny_cfg.block_size, seed=0, step=0)
+    compiled(x, y)[1].backward()
+    opt.step()
+    save_export(tmp_path / "export", raw, tiny_cfg.to_dict(), tok.to_dict())
+    loaded, _, _ = load_export(tmp_path / "export")
+    assert not any("_orig_mod" in k for k in loaded.state_dict())
+    raw.eval()
+    assert torch.equal(raw(x)[0], loaded(x)[0]) and torch.allclose(compiled(x)[0], loaded(x)[0], atol=1e-6)

@@ -80,10 +80,15 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     hashes = {name: sha256_file(tmp / name) for name in FILES}
     atomic_write_json(tmp / "meta.json", {**meta, "rng": rng, "sha256": hashes})
     _fsync(tmp)
-    if final.exists():  # the same step saved twice (e.g. best and final): replace the older copy
-        shutil.rmtree(final)
+    old = ckpt_dir / f".tmp_old_{final.name}_{os.getpid()}"
+    if final.exists():
+        # A step saved again (after resuming from an earlier checkpoint than a damaged newer one):
+        # move the old copy aside with one rename, never delete it in place, so a kill at any
+        # moment leaves either copy whole under the real name, or none there at all.
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
