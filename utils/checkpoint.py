@@ -80,15 +80,10 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     hashes = {name: sha256_file(tmp / name) for name in FILES}
     atomic_write_json(tmp / "meta.json", {**meta, "rng": rng, "sha256": hashes})
     _fsync(tmp)
-    old = ckpt_dir / f".tmp_old_{final.name}_{os.getpid()}"
-    if final.exists():
-        # A step saved again (after resuming from an earlier checkpoint than a damaged newer one):
-        # move the old copy aside with one rename, never delete it in place, so a kill at any
-        # moment leaves either copy whole under the real name, or none there at all.
-        os.rename(final, old)
+    if final.exists():  # a step saved again, after resuming from before a damaged newer checkpoint
+        _remove(final)
     os.rename(tmp, final)
     _fsync(ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -160,10 +155,18 @@ def rotate(ckpt_dir: Path, keep: int) -> None:
     best = best_checkpoint(ckpt_dir)
     for old in find_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         if old != best:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     for tmp in ckpt_dir.glob(".tmp_*"):
         if not tmp.name.endswith(f"_{os.getpid()}"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory without ever leaving half of it under its real name: one
+    atomic rename out of sight first (a kill then leaves a .tmp_ leftover that rotate() sweeps)."""
+    trash = path.parent / f".tmp_trash_{path.name}_{os.getpid()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
