@@ -40,8 +40,9 @@ from parameters import ModelConfig
 
 
 def _active_dropout(drop: nn.Dropout, x: Tensor) -> Tensor:
-    """drop(x), skipped where it is the identity (eval mode or p = 0, which draw no random numbers
-    either): one-token generation steps are short enough for the module calls to show (~7%)."""
+    """drop(x), skipped where it is the identity (eval mode or p = 0; neither draws random numbers,
+    so results stay bit-identical): a one-token generation step is short enough for the skipped
+    module calls to show."""
     return drop(x) if drop.training and drop.p > 0 else x
 
 
