@@ -4,7 +4,6 @@ non-finite loss, early stopping, resume rules, fine-tuning, gradient accumulatio
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
