@@ -229,6 +229,19 @@ def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) ->
     return ModelConfig(**values).validate()
 
 
+def rescale_batch(cfg: ModelConfig, saved_world: int, world: int) -> tuple[ModelConfig, str]:
+    """Resuming on another number of ranks keeps the global batch: batch_size is per rank."""
+    if saved_world == world:
+        return cfg, ""
+    global_batch = cfg.batch_size * saved_world
+    if global_batch % world:
+        raise ValueError(f"the run was saved on {saved_world} rank(s) with a global batch of {global_batch} "
+                         f"sequences, which {world} ranks cannot split evenly; resume on a divisor of it")
+    note = (f"resuming on {world} rank(s) a run saved on {saved_world}: batch_size {cfg.batch_size} -> "
+            f"{global_batch // world} per rank, keeping the global batch of {global_batch}")
+    return ModelConfig(**{**cfg.to_dict(), "batch_size": global_batch // world}).validate(), note
+
+
 def init_config(cfg: ModelConfig, source: ModelConfig, cli: dict[str, Any]) -> ModelConfig:
     """Fine-tuning (--init-from) keeps the source model's architecture and tokenizer; asking on the
     command line for another one is an error (config files' values are simply overridden)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import PROJECT_DIR, config_yaml, init_config, load_config, resume_config
+from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_batch, resume_config
 from data import get_batch, load_text, split_tokens, tokenize_cached
 from model import LanguageModel
 from parameters import ModelConfig
@@ -35,8 +35,8 @@ from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import autocast, resolve_device, resolve_dtype, setup_backends
-from utils.export import export_dir_of, load_export, save_export
-from utils.files import atomic_write_json, sha256_file
+from utils.export import load_export, record_init_source, save_export
+from utils.files import atomic_write_json
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop
 from utils.tracking import Tracker, build_tracker
@@ -331,83 +331,74 @@ def run(parsed, d: Dist, device_name: str) -> int:
     close_log = setup_console_log(run_dir / "logs" / log_name, console=d.is_main)
     status = RunStatus(run_dir, enabled=d.is_main)
     status.start(iteration=resume.iteration if resume else 0, world_size=d.world_size)
-    tracker = Tracker()
-    try:
-        print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-        for note in [*notes, source.note]:
-            if note:
-                print(note)
-        n_tokens = sum(len(s) for s in splits.values())
-        print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
-              f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
-        if init:
-            raw_model.load_state_dict(init[0].state_dict())
-            if d.is_main:
-                record_init_source(run_dir, cfg.init_from, status)
-        torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
-        optimizer = build_optimizer(raw_model, cfg, device)
-        trainer = Trainer(cfg, raw_model, raw_model, optimizer, splits, tokenizer, device, dtype, run_dir,
-                          tracker, status, d)
-        if resume:
-            trainer.restore(resume)
-            trainer.aim_run_hash = resume.meta.get("aim_run_hash")
-            status.update(resumed_from=resume.path.name)
-            print(f"resumed from {resume.path.name} at iteration {trainer.iteration}")
-        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else raw_model
-        # Compile after wrapping: DDPOptimizer then splits the graph at bucket boundaries, so gradient
-        # all-reduce overlaps backward (PyTorch's recommended order).
-        trainer.model = compile_model(model, device) if cfg.torch_compile else model
-        print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
-              f"| compile {cfg.torch_compile} | {cfg.tokens_per_step * d.world_size:,} tokens/step"
-              + (f" ({d.world_size} ranks)" if d.enabled else ""))
+    trainer = None
+    # From here a SIGINT/SIGTERM only asks to stop: the loop ends after its current step, and a signal that
+    # comes while the export is written lets it finish, so status.json always records how the run ended.
+    with GracefulStop() as stop:
+        try:
+            print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
+            for note in [*notes, source.note]:
+                if note:
+                    print(note)
+            n_tokens = sum(len(s) for s in splits.values())
+            print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
+                  f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
+            trainer = build_trainer(cfg, splits, tokenizer, device, dtype, run_dir, status, d, resume, init)
+            return finish(trainer, trainer.run(stop), stop)
+        except KeyboardInterrupt:
+            status.finish("interrupted", stop_reason="second interrupt: stopped at once")
+            raise
+        except BaseException as e:
+            status.finish("failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+            raise
+        finally:
+            if trainer is not None:
+                trainer.tracker.close()
+            close_log()
+
+
+def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, device: torch.device, dtype: torch.dtype,
+                  run_dir: Path, status: RunStatus, d: Dist, resume: Checkpoint | None, init) -> Trainer:
+    """Model (fresh, fine-tuned or resumed), optimizer, DDP and compile wrappers, and (rank 0) tracking."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
+    if init:
+        raw_model.load_state_dict(init[0].state_dict())
         if d.is_main:
-            extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
-            tracker = trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
-                                                      cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1)
-            trainer.aim_run_hash = tracker.run_hash or trainer.aim_run_hash
-        if trainer.aim_run_hash:
-            status.update(aim_run_hash=trainer.aim_run_hash)  # a resumed run continues the same Aim run
-        with GracefulStop() as stop:
-            reason = trainer.run(stop)
-        return finish(trainer, reason, stop)
-    except KeyboardInterrupt:
-        status.finish("interrupted", stop_reason="second interrupt: stopped at once")
-        raise
-    except BaseException as e:
-        status.finish("failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
-        raise
-    finally:
-        tracker.close()
-        close_log()
-
-
-def rescale_batch(cfg: ModelConfig, saved_world: int, world: int) -> tuple[ModelConfig, str]:
-    """Resuming on another number of ranks keeps the global batch: batch_size is per rank."""
-    if saved_world == world:
-        return cfg, ""
-    global_batch = cfg.batch_size * saved_world
-    if global_batch % world:
-        raise ValueError(f"the run was saved on {saved_world} rank(s) with a global batch of {global_batch} "
-                         f"sequences, which {world} ranks cannot split evenly; resume on a divisor of it")
-    note = (f"resuming on {world} rank(s) a run saved on {saved_world}: batch_size {cfg.batch_size} -> "
-            f"{global_batch // world} per rank, keeping the global batch of {global_batch}")
-    return ModelConfig(**{**cfg.to_dict(), "batch_size": global_batch // world}).validate(), note
-
-
-def record_init_source(run_dir: Path, source: str, status: RunStatus) -> None:
-    """meta/init_from.json: where a fine-tuned run's starting weights came from, with their hash."""
-    weights = export_dir_of(source) / "model.safetensors"
-    record = {"init_from": str(Path(source).resolve()), "model_sha256": sha256_file(weights)}
-    atomic_write_json(run_dir / "meta" / "init_from.json", record)
-    status.update(init_from=record["init_from"])
-    print(f"initialized from {record['init_from']}")
+            source = record_init_source(run_dir, cfg.init_from)
+            status.update(init_from=source)
+            print(f"initialized from {source}")
+    torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
+    optimizer = build_optimizer(raw_model, cfg, device)
+    trainer = Trainer(cfg, raw_model, raw_model, optimizer, splits, tokenizer, device, dtype, run_dir,
+                      Tracker(), status, d)
+    if resume:
+        trainer.restore(resume)
+        trainer.aim_run_hash = resume.meta.get("aim_run_hash")
+        status.update(resumed_from=resume.path.name)
+        print(f"resumed from {resume.path.name} at iteration {trainer.iteration}")
+    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else raw_model
+    # Compile after wrapping: DDPOptimizer then splits the graph at bucket boundaries, so gradient
+    # all-reduce overlaps backward (PyTorch's recommended order).
+    trainer.model = compile_model(model, device) if cfg.torch_compile else model
+    print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
+          f"| compile {cfg.torch_compile} | {cfg.tokens_per_step * d.world_size:,} tokens/step"
+          + (f" ({d.world_size} ranks)" if d.enabled else ""))
+    if d.is_main:
+        extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
+        trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
+                                        cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1)
+        trainer.aim_run_hash = trainer.tracker.run_hash or trainer.aim_run_hash
+    if trainer.aim_run_hash:
+        status.update(aim_run_hash=trainer.aim_run_hash)  # a resumed run continues the same Aim run
+    return trainer
 
 
 def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
     """Export (the best weights if early stopping ended the run), sample, and close the status."""
     run_dir, cfg = trainer.run_dir, trainer.cfg
+    if not trainer.d.is_main:  # rank 0 writes the export and the status
+        return stop.exit_code if reason == "interrupted" else 0
     if reason == "early_stopping":
         best = best_checkpoint(trainer.ckpt_dir)
         load_weights(best, trainer.raw_model, trainer.device)

@@ -58,17 +58,20 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_corpus: Path, tmp
 
 
 def test_interrupted_two_rank_run_resumes_exactly(tiny_corpus: Path, tmp_path: Path):
-    extra = ("--batch-size", "4", "--dropout", "0.1")
+    # 100 steps after the signal at step 12 are margin: on a loaded machine the line is read late, and a
+    # 20-step run used to end before the signal arrived.
+    extra = ("--batch-size", "4", "--dropout", "0.1", "--max-iters", "120", "--eval-interval", "20",
+             "--checkpoint-interval", "10")
     full = torchrun(*args(tiny_corpus, tmp_path, "full", *extra))
     assert full.returncode == 0, full.stderr
     proc = subprocess.Popen(torchrun_cmd(*args(tiny_corpus, tmp_path, "cut", *extra)), cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_line(proc, "step 12/")
+    wait_for_line(proc, " 12/120 ")
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
-    proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=120)
     (run_dir,) = (tmp_path / "cut").iterdir()
     status = json.loads((run_dir / "meta" / "status.json").read_text())
-    assert status["state"] == "interrupted" and status["iteration"] < 20
+    assert status["state"] == "interrupted" and status["iteration"] < 120, out
     res = subprocess.run(torchrun_cmd("--resume", str(run_dir)), cwd=REPO, capture_output=True, text=True,
                          timeout=240, env=env())
     assert res.returncode == 0, res.stdout + res.stderr
@@ -76,6 +79,6 @@ def test_interrupted_two_rank_run_resumes_exactly(tiny_corpus: Path, tmp_path: P
     assert all(torch.equal(full_w[k], resumed_w[k]) for k in full_w)
 
     # The same checkpoint on one process: the global batch of 8 stays, as batch_size 8 on one rank.
-    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "22")
+    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "122")
     assert res.returncode == 0, res.stderr
     assert "batch_size 4 -> 8 per rank, keeping the global batch of 8" in res.stdout

@@ -4,21 +4,26 @@ non-finite loss, early stopping, resume rules, fine-tuning, gradient accumulatio
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import run_cli, start_cli, wait_for_line
+from conftest import REPO, run_cli, start_cli, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
 from train import train_step
 from utils.checkpoint import find_checkpoints, latest_good, verify
 from utils.device import autocast
 
-ITERS = 20
+# Signals are sent at steps 10-15; the ~100 steps after them are margin, because on a loaded machine
+# the test reads "step 12/" late and a short run could finish before the signal arrives.
+ITERS = 120
 
 
 def base_args(corpus: Path, root: Path) -> list[str]:
@@ -58,7 +63,7 @@ def reference(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,wait_for,code", [
-    (signal.SIGINT, "step 12/", 130), (signal.SIGTERM, "step 15/", 143),
+    (signal.SIGINT, f" 12/{ITERS} ", 130), (signal.SIGTERM, f" 15/{ITERS} ", 143),
     (signal.SIGKILL, "saved checkpoint step_000010", -signal.SIGKILL),
 ])
 def test_interrupted_then_resumed_equals_uninterrupted(sig, wait_for, code, reference, tiny_corpus, tmp_path):
@@ -81,6 +86,37 @@ def test_interrupted_then_resumed_equals_uninterrupted(sig, wait_for, code, refe
     status = json.loads((run_dir / "meta" / "status.json").read_text())
     assert status["state"] == "completed" and status["resumed_from"].startswith("step_")
     assert "resumed from" in (run_dir / "logs" / "train.log").read_text()
+
+
+SIGNAL_INSIDE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train
+real = getattr(train, {name!r})
+def signalling(*args, **kwargs):  # the signal lands exactly while this runs
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+setattr(train, {name!r}, signalling)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("inside,code,state,iteration", [
+    ("build_optimizer", 143, "interrupted", 1),  # during start-up: one step, then a checkpoint
+    ("save_export", 0, "completed", 4),  # while the export is written: the run completes regardless
+])
+def test_a_signal_outside_the_loop_still_ends_the_run_cleanly(inside, code, state, iteration, tiny_corpus, tmp_path):
+    args = base_args(tiny_corpus, tmp_path)
+    args[args.index("--max-iters") + 1] = "4"
+    script = tmp_path / "signal_inside.py"
+    script.write_text(SIGNAL_INSIDE.format(repo=str(REPO), name=inside))
+    res = subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "GPTLAB_OFFLINE": "1"})
+    assert res.returncode == code, res.stdout + res.stderr
+    status = json.loads((only_run(tmp_path) / "meta" / "status.json").read_text())
+    assert status["state"] == state and status["iteration"] == iteration
+    assert (only_run(tmp_path) / "artifacts" / "export" / "model.safetensors").is_file()
+    assert latest_good(only_run(tmp_path) / "artifacts" / "checkpoints")[0].iteration == iteration
 
 
 @pytest.mark.slow
@@ -145,11 +181,11 @@ def test_resume_extends_max_iters_keeping_the_schedule(reference, tmp_path):
     import shutil
     run_dir = tmp_path / reference.name
     shutil.copytree(reference, run_dir)
-    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "24")
+    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", str(ITERS + 4))
     assert res.returncode == 0, res.stderr
     cfg = json.loads((run_dir / "meta" / "full_config.json").read_text())
-    assert cfg["max_iters"] == 24 and cfg["lr_decay_iters"] == ITERS
-    assert "step 24/24" in res.stdout and "lr 1.00e-04" in res.stdout  # past the schedule: min_lr
+    assert cfg["max_iters"] == ITERS + 4 and cfg["lr_decay_iters"] == ITERS
+    assert f"step {ITERS + 4}/{ITERS + 4}" in res.stdout and "lr 1.00e-04" in res.stdout  # past the schedule: min_lr
 
 
 def test_fine_tuning_from_a_run(trained_run, tmp_path):
@@ -218,6 +254,6 @@ def test_resume_continues_the_same_aim_run(tiny_corpus, tmp_path):
     status = json.loads((run_dir / "meta" / "status.json").read_text())
     run = read_aim_run(tmp_path, status["aim_run_hash"])
     steps, _ = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
-    assert list(steps) == [10, 20]  # the first half's eval and the resumed half's, in one Aim run
+    assert list(steps) == list(range(10, ITERS + 1, 10))  # evals before the kill and after, in one Aim run
     steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
     assert list(steps) == list(range(1, ITERS + 1))

@@ -18,7 +18,7 @@ from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
-from utils.files import atomic_write_json
+from utils.files import atomic_write_json, sha256_file
 
 WEIGHTS = "model.safetensors"
 
@@ -64,3 +64,11 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"export file '{path}' is missing; the export is incomplete") from None
+
+
+def record_init_source(run_dir: Path, source: str | Path) -> str:
+    """meta/init_from.json: where a fine-tuned run's starting weights came from, with their SHA-256."""
+    record = {"init_from": str(Path(source).resolve()),
+              "model_sha256": sha256_file(export_dir_of(source) / WEIGHTS)}
+    atomic_write_json(run_dir / "meta" / "init_from.json", record)
+    return record["init_from"]
