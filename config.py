@@ -105,15 +105,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _switches(cls: type) -> set[str]:
+    """Fields that take auto/true/false: a bool with a third, measured default."""
+    return {f.name for f in dataclasses.fields(cls) if {"true", "false"} <= set(f.metadata.get("choices") or ())}
+
+
+def switch_word(value: Any) -> Any:
+    """'true' or 'false' for any spelling of a bool (YAML true, yes, on, 1); other values unchanged."""
+    word = str(value).lower()
+    return "true" if word in TRUE_WORDS else "false" if word in FALSE_WORDS else value
+
+
 def check_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
     """Type-check a mapping against the dataclass; unknown keys name the closest valid one."""
-    types = _types(cls)
+    types, switches = _types(cls), _switches(cls)
     out = {}
     for key, value in data.items():
         key = str(key)
         if key not in types:
             raise ValueError(f"{source}: unknown key '{key}'{closest(key, types)}")
-        out[key] = coerce(key, value, types[key], source)
+        out[key] = coerce(key, switch_word(value) if key in switches else value, types[key], source)
     return out
 
 
@@ -145,7 +156,7 @@ def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stage_args(parser)
     group = parser.add_argument_group(f"{cls.__name__} fields (also settable in YAML)")
-    types = _types(cls)
+    types, switches = _types(cls), _switches(cls)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         typ = types[f.name]
@@ -153,7 +164,7 @@ def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse
         meta = "{" + ",".join(choices) + "}" if choices else typ.__name__.upper()
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=meta, help=help_text,
-                           **({"nargs": "?", "const": "true"} if typ is bool else {}))
+                           **({"nargs": "?", "const": "true"} if typ is bool or f.name in switches else {}))
     return parser
 
 

@@ -29,7 +29,10 @@ class ModelConfig:
         "auto", "compute dtype; auto = bfloat16 on CUDA where supported, else float32",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    torch_compile: bool = knob(False, "compile the model with torch.compile (aot_eager on MPS)")
+    torch_compile: str = knob(
+        "auto", "torch.compile the model: auto = on for CUDA, off for CPU and MPS (where it measured slower; "
+        "README, Performance); true or false to force it", choices=("auto", "true", "false"),
+    )
 
     # --- data ---
     data: str = knob(

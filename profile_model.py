@@ -35,7 +35,7 @@ from config import add_config_arg, load_config
 from model import LanguageModel
 from train import Trainer, build_optimizer, compile_model, prepare_data, train_step
 from utils.cli import run_main
-from utils.device import autocast, resolve_device, resolve_dtype, setup_backends, synchronize
+from utils.device import autocast, resolve_compile, resolve_device, resolve_dtype, setup_backends, synchronize
 from utils.tracking import Tracker
 
 STEP = "train_step"  # our own range around each step: the denominator of every share
@@ -283,7 +283,7 @@ def build(cfg, device: torch.device):
     _, tokenizer, splits, _ = prepare_data(cfg)
     torch.manual_seed(cfg.seed)
     raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
-    model = compile_model(raw_model, device) if cfg.torch_compile else raw_model
+    model = compile_model(raw_model, device) if resolve_compile(cfg.torch_compile, device) else raw_model
     return tokenizer, splits, raw_model, model, build_optimizer(raw_model, cfg, device)
 
 
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = raw_model.flops_per_token()
     model_flops = flops_per_token * train_figs["tokens_per_sec"]
     figures = {
-        "device": str(device), "dtype": str(dtype)[6:], "compile": cfg.torch_compile,
+        "device": str(device), "dtype": str(dtype)[6:], "compile": resolve_compile(cfg.torch_compile, device),
         "threads": torch.get_num_threads(), "params": raw_model.num_params(),
         "tokens_per_step": cfg.tokens_per_step, "flops_per_token": flops_per_token,
         "warmup_steps": args.warmup_steps, "steps": args.steps, **train_figs,

@@ -34,7 +34,7 @@ from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
-from utils.device import autocast, resolve_device, resolve_dtype, setup_backends
+from utils.device import autocast, resolve_compile, resolve_device, resolve_dtype, setup_backends
 from utils.export import load_export, record_init_source, save_export
 from utils.files import atomic_write_json
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
@@ -314,6 +314,7 @@ def run(parsed, d: Dist, device_name: str) -> int:
         cfg = init_config(cfg, init[2], parsed.cli)
     device = resolve_device(device_name if d.enabled else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    compiled = resolve_compile(cfg.torch_compile, device)
     setup_backends(device)
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
     if not d.is_main:
@@ -343,7 +344,8 @@ def run(parsed, d: Dist, device_name: str) -> int:
             n_tokens = sum(len(s) for s in splits.values())
             print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
                   f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
-            trainer = build_trainer(cfg, splits, tokenizer, device, dtype, run_dir, status, d, resume, init)
+            trainer = build_trainer(cfg, splits, tokenizer, device, dtype, compiled, run_dir, status, d, resume,
+                                    init)
             return finish(trainer, trainer.run(stop), stop)
         except KeyboardInterrupt:
             status.finish("interrupted", stop_reason="second interrupt: stopped at once")
@@ -357,7 +359,7 @@ def run(parsed, d: Dist, device_name: str) -> int:
             close_log()
 
 
-def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, device: torch.device, dtype: torch.dtype,
+def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, device: torch.device, dtype: torch.dtype, compiled: bool,
                   run_dir: Path, status: RunStatus, d: Dist, resume: Checkpoint | None, init) -> Trainer:
     """Model (fresh, fine-tuned or resumed), optimizer, DDP and compile wrappers, and (rank 0) tracking."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -380,9 +382,11 @@ def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, device: torch.devic
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else raw_model
     # Compile after wrapping: DDPOptimizer then splits the graph at bucket boundaries, so gradient
     # all-reduce overlaps backward (PyTorch's recommended order).
-    trainer.model = compile_model(model, device) if cfg.torch_compile else model
+    trainer.model = compile_model(model, device) if compiled else model
+    status.update(compiled=compiled)  # what torch_compile: auto chose on this device
     print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
-          f"| compile {cfg.torch_compile} | {cfg.tokens_per_step * d.world_size:,} tokens/step"
+          f"| compile {'on' if compiled else 'off'}{' (auto)' if cfg.torch_compile == 'auto' else ''} "
+          f"| {cfg.tokens_per_step * d.world_size:,} tokens/step"
           + (f" ({d.world_size} ranks)" if d.enabled else ""))
     if d.is_main:
         extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}

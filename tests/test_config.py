@@ -56,12 +56,24 @@ def test_flag_forms(argv, tmp_path: Path):
 
 
 @pytest.mark.parametrize("argv,key,expected", [
-    (["--torch-compile"], "torch_compile", True), (["--torch-compile", "false"], "torch_compile", False),
-    (["--torch_compile=yes"], "torch_compile", True), (["--bias", "0"], "bias", False),
-    ([], "torch_compile", False),
+    (["--bias"], "bias", True), (["--bias", "0"], "bias", False), (["--aim_logging=yes"], "aim_logging", True),
+    (["--torch-compile"], "torch_compile", "true"), (["--torch-compile", "off"], "torch_compile", "false"),
+    (["--torch_compile=yes"], "torch_compile", "true"), (["--torch-compile", "auto"], "torch_compile", "auto"),
+    ([], "torch_compile", "auto"),
 ])
-def test_bool_flags(argv, key, expected, tmp_path: Path):
-    assert getattr(load_config(argv, config_dir=tmp_path).config, key) is expected
+def test_bool_and_auto_flags(argv, key, expected, tmp_path: Path):
+    assert getattr(load_config(argv, config_dir=tmp_path).config, key) == expected
+
+
+@pytest.mark.parametrize("text,expected", [("true", "true"), ("no", "false"), ("0", "false"), ("auto", "auto")])
+def test_auto_switch_takes_yaml_booleans(text, expected, tmp_path: Path):
+    write(tmp_path / "configs" / "t.yaml", f"torch_compile: {text}\n")  # true is a YAML bool; auto a string
+    assert load_config([], config_dir=tmp_path / "configs").config.torch_compile == expected
+
+
+def test_auto_switch_rejects_other_words(tmp_path: Path):
+    with pytest.raises(ValueError, match="torch_compile: 'fast' is not one of auto, true, false"):
+        load_config(["--torch-compile", "fast"], config_dir=tmp_path)
 
 
 def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path: Path):

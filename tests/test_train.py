@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,28 @@ def test_empty_corpus_is_an_error(tmp_path: Path):
     empty.write_text("")
     res = run_cli("train.py", "--config", "debug", "--data", str(empty), "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 2 and "empty" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="inductor on CPU needs a C++ compiler")
+def test_a_compiled_run_exports_and_resumes_uncompiled(tiny_corpus: Path, tmp_path: Path):
+    """`--torch-compile true` on CPU is inductor, as users run it; its files load without compile."""
+    import safetensors.torch
+    args = ["--config", "debug", "--data", str(tiny_corpus), "--data-dir", str(tmp_path / "data"), "--runs-dir",
+            str(tmp_path / "runs"), "--n-layer", "1", "--max-iters", "4", "--eval-interval", "4",
+            "--checkpoint-interval", "2", "--sample-length", "0", "--histogram-interval", "0", "--device", "cpu"]
+    res = run_cli("train.py", *args, "--torch-compile", "true")
+    assert res.returncode == 0, res.stderr
+    assert "| compile on |" in res.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["compiled"] is True
+    ckpt = run_dir / "artifacts" / "checkpoints" / "step_000004" / "model.safetensors"
+    assert not any("_orig_mod" in k for k in safetensors.torch.load_file(ckpt))
+    load_export(run_dir, "cpu")  # strict state-dict load into a plain LanguageModel
+    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "6", "--torch-compile", "auto")
+    assert res.returncode == 0, res.stderr
+    assert "resumed from step_000004" in res.stdout and "| compile off (auto) |" in res.stdout
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["compiled"] is False
 
 
 def test_compiled_training_exports_load_into_an_uncompiled_model(tiny_cfg, tmp_path: Path):
