@@ -35,7 +35,8 @@ from config import add_config_arg, load_config
 from model import LanguageModel
 from train import Trainer, build_optimizer, compile_model, prepare_data, train_step
 from utils.cli import run_main
-from utils.device import autocast, resolve_compile, resolve_device, resolve_dtype, setup_backends, synchronize
+from utils.device import (autocast, dtype_note, resolve_compile, resolve_device, resolve_dtype, setup_backends,
+                          synchronize)
 from utils.tracking import Tracker
 
 STEP = "train_step"  # our own range around each step: the denominator of every share
@@ -341,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     peak_sizes = check_args(args)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if dtype_note(dtype, device):
+        print(dtype_note(dtype, device), file=sys.stderr)
     setup_backends(device)
     tokenizer, splits, raw_model, model, optimizer = build(cfg, device)
     # The peak is sampled before, between the timed rounds and after: a shared machine's speed drifts,

@@ -34,7 +34,7 @@ from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
-from utils.device import autocast, resolve_compile, resolve_device, resolve_dtype, setup_backends
+from utils.device import autocast, dtype_note, resolve_compile, resolve_device, resolve_dtype, setup_backends
 from utils.export import load_export, record_init_source, save_export
 from utils.files import atomic_write_json
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
@@ -338,7 +338,7 @@ def run(parsed, d: Dist, device_name: str) -> int:
     with GracefulStop() as stop:
         try:
             print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-            for note in [*notes, source.note]:
+            for note in [*notes, source.note, dtype_note(dtype, device)]:
                 if note:
                     print(note)
             n_tokens = sum(len(s) for s in splits.values())

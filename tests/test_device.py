@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.device import resolve_compile, resolve_device, resolve_dtype
+from utils.device import dtype_note, resolve_compile, resolve_device, resolve_dtype
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -41,3 +41,12 @@ def test_compile_on_cpu_without_a_cxx_compiler_says_what_to_do(monkeypatch, tmp_
     with pytest.raises(ValueError, match="needs a C.. compiler .* or use --torch-compile false"):
         resolve_compile("true", CPU)
     assert resolve_compile("auto", CPU) is False  # auto never asks for one on CPU
+
+
+def test_half_precision_on_a_cpu_without_native_bf16_warns():
+    note = dtype_note(torch.bfloat16, CPU)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert note == ""  # this CPU has AVX512-BF16 or AMX: bf16 can pay off
+    else:
+        assert "no native bfloat16 matmuls" in note and "--dtype float32" in note
+    assert dtype_note(torch.float32, CPU) == "" and dtype_note(torch.bfloat16, CUDA) == ""
