@@ -62,24 +62,16 @@ def coerce(key: str, value: Any, typ: type, source: str) -> Any:
         if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
             return value.lower() in TRUE_WORDS
         raise ValueError(f"{where}: expected true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
+    if typ in (int, float):
+        accepted = (int,) if typ is int else (int, float)  # an int is a fine float, not the reverse
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return typ(value)
+        try:  # CLI strings; and YAML 1.1 reads `6e-4` (no dot) as a string, meant as a number
             if isinstance(value, str):
-                return int(value)
+                return typ(value)
         except ValueError:
             pass
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:  # YAML 1.1 reads `6e-4` (no dot) as a string; accept it as users mean it
-            if isinstance(value, str):
-                return float(value)
-        except ValueError:
-            pass
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise ValueError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {value!r}")
     if typ is str:
         if isinstance(value, str):
             return value

@@ -18,8 +18,22 @@ def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+class Validated:
+    """validate(): one ValueError listing every (field, problem) pair that _problems() finds."""
+    WHAT = "config"
+
+    def validate(self):
+        errors = [f"{name}: {msg}" for name, msg in self._problems()]
+        if errors:
+            raise ValueError(f"invalid {self.WHAT}: " + "; ".join(errors))
+        return self
+
+    def _problems(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Validated):
     # --- run ---
     run_tag: str = knob("run", "name appended to the run directory: runs/<YYYYMMDD_HHMMSS>_<tag>")
     runs_dir: str = knob("runs", "directory that holds one sub-directory per run")
@@ -79,14 +93,8 @@ class ModelConfig:
     aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
     aim_repo: str = knob(".", "directory of the Aim repository (.aim is created inside it)")
 
-    def validate(self) -> "ModelConfig":
-        """Check every cross-field rule; raise one ValueError that lists all violations."""
-        errors = [f"{name}: {msg}" for name, msg in self._problems()]
-        if errors:
-            raise ValueError("invalid config: " + "; ".join(errors))
-        return self
-
     def _problems(self) -> list[tuple[str, str]]:
+        """Every cross-field rule; validate() reports all violations at once."""
         p: list[tuple[str, str]] = []
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -146,7 +154,7 @@ RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_inte
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Validated):
     run: str = knob("latest", "run directory (or its export/ folder) to load; latest = newest run with an export")
     runs_dir: str = knob("runs", "where `latest` looks for runs")
     prompt: str = knob("\n", "text the samples continue")
@@ -159,18 +167,18 @@ class GenerateConfig:
     seed: int = knob(1337, "sampling seed")
     device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
 
-    def validate(self) -> "GenerateConfig":
-        errors = []
+    WHAT = "arguments"
+
+    def _problems(self) -> list[tuple[str, str]]:
+        p: list[tuple[str, str]] = []
         if self.max_new_tokens <= 0:
-            errors.append(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+            p.append(("max_new_tokens", f"must be > 0, got {self.max_new_tokens}"))
         if self.temperature < 0:
-            errors.append(f"temperature: must be >= 0, got {self.temperature}")
+            p.append(("temperature", f"must be >= 0, got {self.temperature}"))
         if self.top_k < 0:
-            errors.append(f"top_k: must be >= 0, got {self.top_k}")
+            p.append(("top_k", f"must be >= 0, got {self.top_k}"))
         if not 0.0 < self.top_p <= 1.0:
-            errors.append(f"top_p: must be in (0, 1], got {self.top_p}")
+            p.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
         if self.num_samples <= 0:
-            errors.append(f"num_samples: must be > 0, got {self.num_samples}")
-        if errors:
-            raise ValueError("invalid arguments: " + "; ".join(errors))
-        return self
+            p.append(("num_samples", f"must be > 0, got {self.num_samples}"))
+        return p

@@ -279,12 +279,12 @@ def format_report(figures: dict, top: list[tuple[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def build(cfg, device: torch.device):
+def build(cfg, device: torch.device, compiled: bool):
     """Data, the model (compiled if asked) and its optimizer, exactly as train.py builds them."""
     _, tokenizer, splits, _ = prepare_data(cfg)
     torch.manual_seed(cfg.seed)
     raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
-    model = compile_model(raw_model, device) if resolve_compile(cfg.torch_compile, device) else raw_model
+    model = compile_model(raw_model, device) if compiled else raw_model
     return tokenizer, splits, raw_model, model, build_optimizer(raw_model, cfg, device)
 
 
@@ -342,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     peak_sizes = check_args(args)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if dtype_note(dtype, device):
-        print(dtype_note(dtype, device), file=sys.stderr)
+    compiled = resolve_compile(cfg.torch_compile, device)
+    if note := dtype_note(dtype, device):
+        print(note, file=sys.stderr)
     setup_backends(device)
-    tokenizer, splits, raw_model, model, optimizer = build(cfg, device)
+    tokenizer, splits, raw_model, model, optimizer = build(cfg, device, compiled)
     # The peak is sampled before, between the timed rounds and after: a shared machine's speed drifts,
     # and the steps are timed best-of too.
     peaks = [measure_peak_flops(device, dtype, peak_sizes)]
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = raw_model.flops_per_token()
     model_flops = flops_per_token * train_figs["tokens_per_sec"]
     figures = {
-        "device": str(device), "dtype": str(dtype)[6:], "compile": resolve_compile(cfg.torch_compile, device),
+        "device": str(device), "dtype": str(dtype)[6:], "compile": compiled,
         "threads": torch.get_num_threads(), "params": raw_model.num_params(),
         "tokens_per_step": cfg.tokens_per_step, "flops_per_token": flops_per_token,
         "warmup_steps": args.warmup_steps, "steps": args.steps, **train_figs,
