@@ -7,7 +7,8 @@
 Architecture: token embedding (wte) + learned position embedding (wpe), dropout, n_layer blocks of
 [LayerNorm -> causal self-attention -> residual; LayerNorm -> MLP -> residual], final LayerNorm, and an
 lm_head that shares its weight with wte. Attention goes through F.scaled_dot_product_attention so the
-device's flash / memory-efficient kernels are used. Init follows GPT-2: N(0, 0.02) everywhere and
+device's flash / memory-efficient kernels are used; on CPU, dropout masks are drawn by dropout()
+below, so a seed gives the same weights on every CPU and in every run. Init follows GPT-2: N(0, 0.02) everywhere and
 N(0, 0.02 / sqrt(2 * n_layer)) on the residual projections, so the residual stream's variance does
 not grow with depth (GPT-2 paper, section 2.3).
 
@@ -39,11 +40,41 @@ from torch import Tensor
 from parameters import ModelConfig
 
 
-def _active_dropout(drop: nn.Dropout, x: Tensor) -> Tensor:
-    """drop(x), skipped where it is the identity (eval mode or p = 0; neither draws random numbers,
-    so results stay bit-identical): a one-token generation step is short enough for the skipped
-    module calls to show."""
-    return drop(x) if drop.training and drop.p > 0 else x
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout(x, p, training), with a mask that is the same on every CPU and every run.
+
+    On CPU, torch's dropout draws its mask with `bernoulli_(float)`, whose kernel takes a different
+    path by CPU vendor: on Intel it fills the mask with MKL's VSL generator from parallel chunks
+    (aten/src/ATen/native/cpu/DistributionKernels.cpp), and on a 2-core Sapphire Rapids that gave
+    different weights in about 1 run in 10 with the same seed (issue 8). `bernoulli_(Tensor)` has
+    one serial kernel on every CPU, so the mask is a pure function of the RNG state. CUDA and MPS
+    keep torch's own fused dropout. Eval mode and p = 0 return x untouched and draw nothing.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    keep = 1.0 - p
+    mask = torch.empty_like(x).bernoulli_(torch.full((), keep))  # 1 with probability keep, else 0
+    return x * mask.div_(keep)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v over (B, nh, T, hd) tensors, with dropout on the probabilities.
+
+    Without dropout this is F.scaled_dot_product_attention (flash kernels where the device has
+    them). With dropout on CPU, SDPA would draw its mask inside torch (see dropout() above), so the
+    same math is written out here with our mask; SDPA's CPU flash kernel has no dropout anyway, so
+    torch would take this unfused path too.
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    assert is_causal and q.size(2) == k.size(2), "training attends within one block"
+    T = q.size(2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (T, T)
+    att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)  # (B, nh, T, T)
+    return dropout(att, dropout_p, True) @ v  # (B, nh, T, hd)
 
 
 class LayerKV:
@@ -82,7 +113,6 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
         B, T, C = x.shape
@@ -96,11 +126,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv.update(k, v, pos)  # (B, nh, pos + T, hd)
         # Only a block starting at position 0 needs the causal mask; a single later query may see
         # every cached position. (is_causal aligns the mask top-left, wrong for T < key length.)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=pos == 0
-        )  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, is_causal=pos == 0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return _active_dropout(self.resid_drop, self.c_proj(y))  # (B, T, C)
+        return dropout(self.c_proj(y), self.dropout, self.training)  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -110,12 +138,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
         # F.gelu rather than an nn.GELU module: the same kernel without a module call per step.
         # The tanh form would change the numbers, and on AVX2 CPUs it is ~3x slower than erf.
-        return _active_dropout(self.drop, self.c_proj(F.gelu(self.c_fc(x))))  # (B, T, C)
+        return dropout(self.c_proj(F.gelu(self.c_fc(x))), self.dropout, self.training)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -142,10 +170,10 @@ class LanguageModel(nn.Module):
         self.n_layer = cfg.n_layer
         self.n_embd = cfg.n_embd
         self.vocab_size = vocab_size
+        self.dropout = cfg.dropout
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
@@ -186,7 +214,7 @@ class LanguageModel(nn.Module):
         T = idx.size(1)
         tok = self.transformer.wte(idx)  # (B, T, C)
         # A slice of the table is the embedding of positions pos..pos+T-1, without an arange per call.
-        x = _active_dropout(self.transformer.drop, tok + self.transformer.wpe.weight[pos:pos + T])  # (B, T, C)
+        x = dropout(tok + self.transformer.wpe.weight[pos:pos + T], self.dropout, self.training)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model import LanguageModel, LayerKV, sample_next
+from model import LanguageModel, LayerKV, causal_attention, dropout, sample_next
 from parameters import ModelConfig
 
 VOCAB = 65
@@ -203,6 +203,53 @@ def test_dropout_active_only_in_train_mode(tiny_cfg: ModelConfig) -> None:
     assert not torch.equal(model(idx)[0], model(idx)[0])
     model.eval()
     assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_dropout_equals_the_reference_mask_and_scaling() -> None:
+    x = torch.randn(3, 5, 7)
+    torch.manual_seed(4)
+    got = dropout(x, 0.3, training=True)
+    torch.manual_seed(4)
+    mask = torch.empty_like(x).bernoulli_(torch.full((), 0.7))
+    assert torch.equal(got, x * (mask / 0.7))
+    assert 0 < int((got == 0).sum()) < x.numel()
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+def test_attention_dropout_drops_probabilities_not_outputs() -> None:
+    q, k, v = (torch.randn(2, 3, 6, 4) for _ in range(3))
+    assert torch.allclose(causal_attention(q, k, v, 0.0, True),
+                          torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+    torch.manual_seed(1)
+    got = causal_attention(q, k, v, 0.25, True)
+    torch.manual_seed(1)
+    probs = torch.softmax((q @ k.transpose(-2, -1) / 2.0).masked_fill(torch.ones(6, 6).triu(1).bool(), -math.inf), -1)
+    mask = torch.empty_like(probs).bernoulli_(torch.full((), 0.75))
+    torch.testing.assert_close(got, (probs * mask / 0.75) @ v, rtol=0, atol=1e-6)
+
+
+def test_cpu_training_never_draws_from_the_vendor_dependent_kernel(tiny_cfg: ModelConfig) -> None:
+    """torch's CPU bernoulli_(float) (and so F.dropout and SDPA's dropout) is MKL's parallel VSL
+    on Intel and a serial kernel elsewhere; runs with dropout on an Intel Xeon differed from run to
+    run (issue 8). The step must only use kernels that are the same on every CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = make_model(dataclasses.replace(tiny_cfg, dropout=0.1)).train()
+    x = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+    with Ops() as ops:
+        model(x, x)[1].backward()
+    assert "aten.bernoulli_.Tensor" in ops.names  # dropout did draw masks
+    assert not {n for n in ops.names if n in ("aten.bernoulli_.float", "aten.native_dropout.default")
+                or "dropout" in n}, ops.names
 
 
 def test_overfits_one_batch(tiny_cfg: ModelConfig) -> None:
