@@ -35,8 +35,7 @@ from config import add_config_arg, load_config
 from model import LanguageModel
 from train import Trainer, build_optimizer, compile_model, prepare_data, train_step
 from utils.cli import run_main
-from utils.device import (autocast, dtype_note, resolve_compile, resolve_device, resolve_dtype, setup_backends,
-                          synchronize)
+from utils.device import autocast, setup_compute, synchronize
 from utils.tracking import Tracker
 
 STEP = "train_step"  # our own range around each step: the denominator of every share
@@ -340,12 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     parsed = load_config(argv, description=__doc__, add_stage_args=add_profile_args)
     cfg, args = parsed.config, parsed.args
     peak_sizes = check_args(args)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    compiled = resolve_compile(cfg.torch_compile, device)
-    if note := dtype_note(dtype, device):
+    compute = setup_compute(cfg.device, cfg.dtype, cfg.torch_compile)
+    device, dtype, compiled = compute.device, compute.dtype, compute.compiled
+    for note in compute.notes:
         print(note, file=sys.stderr)
-    setup_backends(device)
     tokenizer, splits, raw_model, model, optimizer = build(cfg, device, compiled)
     # The peak is sampled before, between the timed rounds and after: a shared machine's speed drifts,
     # and the steps are timed best-of too.

@@ -34,7 +34,7 @@ from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
-from utils.device import autocast, dtype_note, resolve_compile, resolve_device, resolve_dtype, setup_backends
+from utils.device import autocast, setup_compute
 from utils.export import load_export, record_init_source, save_export
 from utils.files import atomic_write_json
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
@@ -312,10 +312,8 @@ def run(parsed, d: Dist, device_name: str) -> int:
     elif cfg.init_from:
         init = load_export(cfg.init_from, "cpu")
         cfg = init_config(cfg, init[2], parsed.cli)
-    device = resolve_device(device_name if d.enabled else cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    compiled = resolve_compile(cfg.torch_compile, device)
-    setup_backends(device)
+    compute = setup_compute(device_name if d.enabled else cfg.device, cfg.dtype, cfg.torch_compile)
+    device, dtype, compiled = compute.device, compute.dtype, compute.compiled
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
     if not d.is_main:
         distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
@@ -338,7 +336,7 @@ def run(parsed, d: Dist, device_name: str) -> int:
     with GracefulStop() as stop:
         try:
             print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-            for note in [*notes, source.note, dtype_note(dtype, device)]:
+            for note in [*notes, source.note, *compute.notes]:
                 if note:
                     print(note)
             n_tokens = sum(len(s) for s in splits.values())
@@ -383,7 +381,7 @@ def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, device: torch.devic
     # Compile after wrapping: DDPOptimizer then splits the graph at bucket boundaries, so gradient
     # all-reduce overlaps backward (PyTorch's recommended order).
     trainer.model = compile_model(model, device) if compiled else model
-    status.update(compiled=compiled)  # what torch_compile: auto chose on this device
+    status.update(compiled=compiled, dtype=str(dtype).removeprefix("torch."))  # what auto chose here
     print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
           f"| compile {'on' if compiled else 'off'}{' (auto)' if cfg.torch_compile == 'auto' else ''} "
           f"| {cfg.tokens_per_step * d.world_size:,} tokens/step"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import add_config_arg, load_config  # noqa: E402
 from model import LanguageModel  # noqa: E402
 from train import build_optimizer, compile_model, prepare_data, train_step  # noqa: E402
-from utils.device import autocast, resolve_device, resolve_dtype, synchronize  # noqa: E402
+from utils.device import autocast, setup_compute, synchronize  # noqa: E402
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +35,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parsed = load_config(argv, description=__doc__, add_stage_args=add_args)
     cfg, args = parsed.config, parsed.args
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    compute = setup_compute(cfg.device, cfg.dtype, "false")  # compiled or not is what this script varies
+    device, dtype = compute.device, compute.dtype
     _, tokenizer, splits, _ = prepare_data(cfg)
     ctx = autocast(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

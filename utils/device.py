@@ -1,15 +1,43 @@
-"""Device, dtype and autocast setup, written once for every stage (nanoGPT copies it three times)."""
+"""Device, dtype and autocast setup, written once for every stage (nanoGPT copies it three times).
+
+    compute = setup_compute(cfg.device, cfg.dtype, cfg.torch_compile)   # Compute(device, dtype, compiled, notes)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+from dataclasses import dataclass
 from typing import ContextManager
 
 import torch
 
+from utils.cpu_probe import probe_half_precision
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dtype auto picks bfloat16 on a CPU only where its matmuls measured at least this much faster than
+# float32's: a margin, so that timing noise cannot flip a machine between the two from run to run.
+CPU_BF16_MIN_SPEEDUP = 1.2
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a stage computes; notes are lines for the stage to print."""
+    device: torch.device
+    dtype: torch.dtype
+    compiled: bool
+    notes: tuple[str, ...] = ()
+
+
+def setup_compute(device: str, dtype: str, torch_compile: str) -> Compute:
+    """Resolve the device, the dtype (probing half precision on CPU first) and compile, and set the
+    backend flags: every stage calls this once, before any model exists."""
+    dev = resolve_device(device)
+    dt, note = resolve_dtype(dtype, dev)
+    compiled = resolve_compile(torch_compile, dev)
+    setup_backends(dev)
+    return Compute(dev, dt, compiled, (note,) if note else ())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,13 +55,48 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA cards that support it (Ampere and later), float32 elsewhere."""
+def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """(dtype, a note to print or ""). auto: bfloat16 on CUDA cards that support it (Ampere and
+    later); on a CPU only where the probe measured bf16 matmuls faster than float32; else float32.
+    A CPU dtype that crashes even under a safe ISA cap is a user error naming --dtype float32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32), ""
+        if device.type == "cpu":
+            probe = probe_half_precision("bfloat16")
+            if probe.usable and probe.speedup >= CPU_BF16_MIN_SPEEDUP:
+                chose = f"dtype auto: bfloat16, whose matmuls measured {probe.speedup:.2f}x float32's on this CPU"
+                return torch.bfloat16, "; ".join(n for n in (chose, _apply_cap(probe)) if n)
+        return torch.float32, ""
     if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("dtype bfloat16 is not supported on this GPU; use --dtype float16 or float32")
-    return DTYPES[name]
+        raise ValueError("dtype bfloat16 is not supported on this GPU; use --dtype float32 or float16")
+    if device.type == "cpu" and name != "float32":
+        return DTYPES[name], cpu_half_precision_note(name)
+    return DTYPES[name], ""
+
+
+def cpu_half_precision_note(name: str) -> str:
+    """Probe bf16/fp16 on this CPU (in a child process, cached) and apply any ISA cap it needs."""
+    probe = probe_half_precision(name)
+    if not probe.usable:
+        raise ValueError(f"dtype {name} cannot run on this CPU: a {name} matmul probe was {probe.problem}; "
+                         "use --dtype float32")
+    notes = [_apply_cap(probe)]
+    if probe.speedup < 1.0:
+        notes.append(f"warning: {name} matmuls measured {probe.speedup:.2f}x float32's speed on this CPU "
+                     f"({torch.backends.cpu.get_cpu_capability()}), so {name} autocast will be slower; "
+                     "use --dtype float32")
+    return "; ".join(n for n in notes if n)
+
+
+def _apply_cap(probe) -> str:
+    """Set the oneDNN ISA cap the probe needed, before this process runs its first half-precision op
+    (oneDNN reads it once, at its first use)."""
+    if not probe.isa_cap:
+        return ""
+    os.environ["ONEDNN_MAX_CPU_ISA"] = probe.isa_cap
+    return (f"{probe.dtype} on this CPU: oneDNN capped at ONEDNN_MAX_CPU_ISA={probe.isa_cap}, because "
+            f"uncapped the probe was {probe.problem}")
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
@@ -47,19 +110,6 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
         raise ValueError("torch_compile on CPU needs a C++ compiler (inductor builds C++ kernels): install "
                          "g++ or clang++ (or set CXX), or use --torch-compile false")
     return setting == "true"
-
-
-def dtype_note(dtype: torch.dtype, device: torch.device) -> str:
-    """A warning where a half-precision dtype will be slower than float32: CPUs without native bf16
-    (no AVX512-BF16 or AMX; on a Zen 3 EPYC, bf16 autocast trained at 0.034x float32's speed)."""
-    if device.type != "cpu" or dtype == torch.float32:
-        return ""
-    native = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-              torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]()
-    if native:
-        return ""
-    return (f"warning: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native {str(dtype)[6:]} "
-            f"matmuls, so {str(dtype)[6:]} autocast runs far slower than float32; use --dtype float32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
