@@ -18,6 +18,7 @@ from parameters import GenerateConfig
 from utils.export import load_export
 from utils.cli import run_main
 from utils.device import resolve_device
+from utils.run_state import run_state
 from utils.runs import resolve_run
 
 
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, _ = load_export(run_dir, device)
     prompt = read_prompt(cfg)
     ids = tokenizer.encode(prompt)  # an unknown character is a ValueError that names it
-    print(f"# {run_dir} | {model.num_params() / 1e6:.2f}M parameters | {device}", file=sys.stderr)
+    state = run_state(run_dir)
+    ended = "" if state.state == "completed" else f" ({state.state}{': ' + state.detail if state.detail else ''})"
+    print(f"# {run_dir}{ended} | {model.num_params() / 1e6:.2f}M parameters | {device}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         if i:

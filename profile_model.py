@@ -36,6 +36,8 @@ from model import LanguageModel
 from train import Trainer, build_optimizer, compile_model, prepare_data, train_step
 from utils.cli import run_main
 from utils.device import autocast, setup_compute, synchronize
+from utils.runs import RunStatus
+from utils.signals import NeverStop
 from utils.tracking import Tracker
 
 STEP = "train_step"  # our own range around each step: the denominator of every share
@@ -186,18 +188,6 @@ class _LogClock(Tracker):
             self.logged_at = time.perf_counter()
 
 
-class _NoStatus:
-    """RunStatus without a run directory: the loop reports its eval here."""
-
-    def update(self, **fields) -> None:
-        pass
-
-
-class _NoStop:
-    """GracefulStop without signal handlers: never asks the loop to stop."""
-    requested = False
-
-
 def loop_seconds_per_step(model, raw_model, optimizer, splits, tokenizer, cfg, device, dtype, n: int) -> float:
     """Seconds per step of train.py's real loop (Trainer.run) over n steps; logging and eval left out.
 
@@ -212,10 +202,10 @@ def loop_seconds_per_step(model, raw_model, optimizer, splits, tokenizer, cfg, d
     with tempfile.TemporaryDirectory(prefix="profile_loop_") as tmp, contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg=loop_cfg, raw_model=raw_model, model=model, optimizer=optimizer, splits=splits,
                           tokenizer=tokenizer, device=device, dtype=dtype, run_dir=Path(tmp), tracker=clock,
-                          status=_NoStatus())
+                          status=RunStatus(Path(tmp), enabled=False))
         synchronize(device)
         t0 = time.perf_counter()
-        trainer.run(_NoStop())
+        trainer.run(NeverStop())
     assert clock.logged_at is not None, "Trainer.run never logged: its log-at-the-last-step rule changed"
     return (clock.logged_at - t0) / n
 

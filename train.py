@@ -37,6 +37,7 @@ from utils.console import format_duration, setup_console_log
 from utils.device import autocast, setup_compute
 from utils.export import load_export, record_init_source, save_export
 from utils.files import atomic_write_json
+from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop
 from utils.tracking import Tracker, build_tracker
@@ -228,6 +229,7 @@ class Trainer:
               f"| {tok_s / 1e3:,.1f}k tok/s | ETA {eta}", flush=True)
         self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
         self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
+        self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (utils/run_state.py)
 
     def evaluate(self) -> None:
         """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best,
@@ -268,6 +270,7 @@ class Trainer:
             path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta,
                                    {"rank_torch_rng": rank_rng})
             rotate(self.ckpt_dir, self.cfg.keep_checkpoints)
+            self.status.update(iteration=self.iteration, checkpoint=path.name)  # a kill now loses nothing recorded
             size = sum(f.stat().st_size for f in path.iterdir())
             print(f"saved checkpoint {path.name} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)", flush=True)
         return path
@@ -294,18 +297,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     d, device_name = distributed.setup(parsed.config.device)
     try:
-        return run(parsed, d, device_name)
+        with contextlib.ExitStack() as held:  # the run directory's lock, released however run() ends
+            return run(parsed, d, device_name, held)
     finally:
         distributed.teardown(d)
 
 
-def run(parsed, d: Dist, device_name: str) -> int:
-    """Config -> data -> run dir (rank 0) -> model -> loop -> export; main() wraps it in the process group."""
+def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> int:
+    """Config -> data -> run dir (rank 0, locked) -> model -> loop -> export; main() wraps it in the
+    process group and releases the lock."""
     cfg, args, notes, resume, init = parsed.config, parsed.args, [], None, None
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the config from the run; pass flags (e.g. --max-iters), not --config")
         run_dir, resume, notes = find_resume(args.resume, cfg.runs_dir)
+        if d.is_main:  # before anything is written into it: a second process resuming it is refused here
+            held.enter_context(RunLock(run_dir))
         cfg = resume_config(resume.meta["config"], parsed.cli, str(resume.path))
         cfg, note = rescale_batch(cfg, resume.meta.get("world_size", 1), d.world_size)
         notes.append(note)
@@ -322,6 +329,7 @@ def run(parsed, d: Dist, device_name: str) -> int:
         distributed.barrier(d)
         if not resume:
             run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
+            held.enter_context(RunLock(run_dir))
             write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
         else:
             atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())  # e.g. a longer max_iters

@@ -236,3 +236,4 @@ def test_console_log_tees_and_restores(tmp_path: Path, capsys: pytest.CaptureFix
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (42, 187, 3720, 59.6, 0)] == ["42s", "3m07s", "1h02m", "1m00s", "0s"]
     assert format_duration(float("inf")) == "?" and format_duration(-1) == "?"
+

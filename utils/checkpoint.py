@@ -25,6 +25,7 @@ import safetensors.torch
 import torch
 
 from utils.files import atomic_write_json, sha256_file
+from utils.run_state import run_state
 from utils.runs import find_runs, resolve_run
 
 PREFIX = "step_"
@@ -182,13 +183,31 @@ def _jsonable(obj: Any) -> Any:
 
 
 def find_resume(spec: str, runs_dir: str | Path) -> tuple[Path, Checkpoint, list[str]]:
-    """(run dir, newest good checkpoint, notes on damaged ones skipped) for --resume RUN|latest."""
-    runs = list(reversed(find_runs(runs_dir))) if spec == "latest" else [resolve_run(spec, runs_dir, False)]
-    for run_dir in runs:
+    """(run dir, newest good checkpoint, notes) for --resume RUN|latest. The notes name damaged
+    checkpoints skipped, how the run ended (e.g. killed), and for latest which run it picked and why."""
+    if spec != "latest":
+        run_dir = resolve_run(spec, runs_dir, False)
         ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
-        if ckpt:
-            return run_dir, ckpt, skipped
-        if spec != "latest":
+        if not ckpt:
             raise FileNotFoundError(f"run '{run_dir}' has no usable checkpoint to resume from"
                                     + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
+        return run_dir, ckpt, [*skipped, *_state_note(run_dir)]
+    newer: list[str] = []
+    for run_dir in reversed(find_runs(runs_dir)):
+        state = run_state(run_dir)
+        if state.state == "running" and not newer:
+            why = state.detail or "its lock is held"
+            raise ValueError(f"--resume latest: the newest run, '{run_dir}', is still running ({why}); pass --resume "
+                             "with the run directory you mean")
+        ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
+        if ckpt:
+            picked = [f"--resume latest picked {run_dir.name}, the newest run with a checkpoint; newer runs "
+                      f"without one: {', '.join(newer)}"] if newer else []
+            return run_dir, ckpt, [*picked, *skipped, *_state_note(run_dir)]
+        newer.append(f"{run_dir.name} ({state.state})")
     raise FileNotFoundError(f"no run with a checkpoint in '{runs_dir}/': nothing to resume")
+
+
+def _state_note(run_dir: Path) -> list[str]:
+    state = run_state(run_dir)
+    return [f"{run_dir.name} was {state.state}: {state.detail}"] if state.state in ("killed", "stale") else []

@@ -15,7 +15,9 @@ import json
 import os
 import platform
 import re
+import socket
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -165,7 +167,7 @@ def write_meta(run_dir: Path, config: dict, config_files: list[Path], project_di
         atomic_write_bytes(meta / "configs" / f"{i:02d}_{src.name}", src.read_bytes())
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -177,27 +179,31 @@ def _plain(value: Any) -> Any:
 class RunStatus:
     """meta/status.json, kept current: anyone can `cat` it to see how a run is doing or how it ended.
 
-    Fields: state (running|completed|failed|interrupted), run_dir, started_at, updated_at,
-    finished_at (null while running), iteration, any metrics passed in, and "error" on failure.
-    Times are ISO 8601 UTC. Every write is atomic.
+    Fields: state (running|completed|failed|interrupted), run_dir, pid and host of the process,
+    started_at, updated_at (also the heartbeat: bumped while the run trains), finished_at (null while
+    running), iteration, any metrics passed in, and "error" on failure. Times are ISO 8601 UTC.
+    Every write is atomic. A process that dies without finish() leaves "running": utils/run_state.py
+    tells that apart from a live run.
     """
 
     FINAL_STATES = ("completed", "failed", "interrupted")
-    _RESERVED = ("state", "run_dir", "started_at", "updated_at", "finished_at", "resumed_at")
+    _RESERVED = ("state", "run_dir", "pid", "host", "started_at", "updated_at", "finished_at", "resumed_at")
+    HEARTBEAT_S = 60.0
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "meta" / "status.json"
         self.data: dict[str, Any] = {}
-        self.enabled = enabled  # False on torchrun ranks other than 0: one writer per file
+        self.enabled = enabled  # False: the no-op twin (torchrun ranks other than 0, profile_model.py)
+        self._written_at = 0.0
 
     def start(self, **fields: Any) -> None:
         """Mark the run running. On a resumed run the first started_at is kept and resumed_at added."""
         previous = self.read() if self.enabled and self.path.exists() else {}
-        now = _utc_now()
+        now = utc_now()
         self.data = {
-            "state": "running", "run_dir": self.run_dir.name, "started_at": previous.get("started_at", now),
-            "updated_at": now, "finished_at": None, "iteration": 0,
+            "state": "running", "run_dir": self.run_dir.name, "pid": os.getpid(), "host": socket.gethostname(),
+            "started_at": previous.get("started_at", now), "updated_at": now, "finished_at": None, "iteration": 0,
         }
         if previous:
             self.data["resumed_at"] = now
@@ -207,15 +213,20 @@ class RunStatus:
     def update(self, **fields: Any) -> None:
         """Merge fields (iteration=500, val_loss=1.9, ...) and bump updated_at."""
         self._merge(fields)
-        self.data["updated_at"] = _utc_now()
+        self.data["updated_at"] = utc_now()
         self._write()
+
+    def heartbeat(self, **fields: Any) -> None:
+        """update(), at most once per HEARTBEAT_S: cheap enough for every log line."""
+        if time.monotonic() - self._written_at >= self.HEARTBEAT_S:
+            self.update(**fields)
 
     def finish(self, state: str, **fields: Any) -> None:
         """End the run as completed, failed (pass error=...) or interrupted."""
         if state not in self.FINAL_STATES:
             raise ValueError(f"run state {state!r} is not one of {', '.join(self.FINAL_STATES)}")
         self._merge(fields)
-        now = _utc_now()
+        now = utc_now()
         self.data.update(state=state, updated_at=now, finished_at=now)
         self._write()
 
@@ -234,6 +245,7 @@ class RunStatus:
     def _write(self) -> None:
         if self.enabled:
             atomic_write_json(self.path, self.data)
+            self._written_at = time.monotonic()
 
 
 def _run_sort_key(run_dir: Path) -> tuple[str, str, int]:

@@ -45,3 +45,9 @@ class GracefulStop:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+class NeverStop:
+    """GracefulStop's no-op twin, for loops run without signal handlers (profile_model.py)."""
+    requested = False
+    exit_code = 0
