@@ -34,12 +34,12 @@ from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
-from utils.device import autocast, setup_compute
+from utils.device import Compute, autocast, setup_compute
 from utils.export import load_export, record_init_source, save_export
 from utils.files import atomic_write_json
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
-from utils.signals import GracefulStop
+from utils.signals import GracefulStop, Interrupted
 from utils.tracking import Tracker, build_tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
@@ -297,15 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     d, device_name = distributed.setup(parsed.config.device)
     try:
-        with contextlib.ExitStack() as held:  # the run directory's lock, released however run() ends
-            return run(parsed, d, device_name, held)
+        # Until the loop runs, SIGINT/SIGTERM stop the start-up at once (Interrupted); from then on they
+        # ask the loop to stop after its current step. The ExitStack holds the run directory's lock.
+        with GracefulStop(immediate=True) as stop, contextlib.ExitStack() as held:
+            return run(parsed, d, device_name, held, stop)
     finally:
         distributed.teardown(d)
 
 
-def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> int:
-    """Config -> data -> run dir (rank 0, locked) -> model -> loop -> export; main() wraps it in the
-    process group and releases the lock."""
+def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop) -> int:
+    """Config -> data -> run dir (rank 0: locked, with a status) -> model -> loop -> export."""
     cfg, args, notes, resume, init = parsed.config, parsed.args, [], None, None
     if args.resume:
         if args.config:
@@ -320,54 +321,61 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> int:
         init = load_export(cfg.init_from, "cpu")
         cfg = init_config(cfg, init[2], parsed.cli)
     compute = setup_compute(device_name if d.enabled else cfg.device, cfg.dtype, cfg.torch_compile)
-    device, dtype, compiled = compute.device, compute.dtype, compute.compiled
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
     if not d.is_main:
         distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
     source, tokenizer, splits, cache_hit = prepare_data(cfg, given)
+    status = RunStatus(Path(), enabled=False)
     if d.is_main:
         distributed.barrier(d)
-        if not resume:
-            run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
-            held.enter_context(RunLock(run_dir))
-            write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
-        else:
-            atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())  # e.g. a longer max_iters
+        with stop.deferred():  # a run directory never exists without its lock and its status
+            if not resume:
+                run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
+                held.enter_context(RunLock(run_dir))
+            status = RunStatus(run_dir)
+            status.start(iteration=resume.iteration if resume else 0, world_size=d.world_size)
     run_dir = distributed.broadcast(d, run_dir if d.is_main else None)
     log_name = "train.log" if d.is_main else f"train.rank{d.rank}.log"
     close_log = setup_console_log(run_dir / "logs" / log_name, console=d.is_main)
-    status = RunStatus(run_dir, enabled=d.is_main)
-    status.start(iteration=resume.iteration if resume else 0, world_size=d.world_size)
     trainer = None
-    # From here a SIGINT/SIGTERM only asks to stop: the loop ends after its current step, and a signal that
-    # comes while the export is written lets it finish, so status.json always records how the run ended.
-    with GracefulStop() as stop:
-        try:
-            print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-            for note in [*notes, source.note, *compute.notes]:
-                if note:
-                    print(note)
-            n_tokens = sum(len(s) for s in splits.values())
-            print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
-                  f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
-            trainer = build_trainer(cfg, splits, tokenizer, device, dtype, compiled, run_dir, status, d, resume,
-                                    init)
-            return finish(trainer, trainer.run(stop), stop)
-        except KeyboardInterrupt:
-            status.finish("interrupted", stop_reason="second interrupt: stopped at once")
-            raise
-        except BaseException as e:
-            status.finish("failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
-            raise
-        finally:
-            if trainer is not None:
-                trainer.tracker.close()
-            close_log()
+    try:
+        if d.is_main and resume:
+            atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())  # e.g. a longer max_iters
+        elif d.is_main:
+            write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
+        print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
+        for note in [*notes, source.note, *compute.notes]:
+            if note:
+                print(note)
+        n_tokens = sum(len(s) for s in splits.values())
+        print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
+              f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
+        trainer = build_trainer(cfg, splits, tokenizer, compute, run_dir, status, d, resume, init)
+        # From here a signal only asks to stop: the loop ends after its current step, and one that comes
+        # while the export is written lets it finish, so status.json always records how the run ended.
+        stop.immediate = False
+        return finish(trainer, trainer.run(stop), stop)
+    except Interrupted as e:
+        status.finish("interrupted", stop_reason=str(e))
+        then = f"continue with: python train.py --resume {run_dir}" if resume else "nothing was trained"
+        print(f"{e}: stopped before the first step; {then}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        status.finish("interrupted", stop_reason="second interrupt: stopped at once")
+        raise
+    except BaseException as e:
+        status.finish("failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    finally:
+        if trainer is not None:
+            trainer.tracker.close()
+        close_log()
 
 
-def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, device: torch.device, dtype: torch.dtype, compiled: bool,
-                  run_dir: Path, status: RunStatus, d: Dist, resume: Checkpoint | None, init) -> Trainer:
+def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, compute: Compute, run_dir: Path, status: RunStatus,
+                  d: Dist, resume: Checkpoint | None, init) -> Trainer:
     """Model (fresh, fine-tuned or resumed), optimizer, DDP and compile wrappers, and (rank 0) tracking."""
+    device, dtype, compiled = compute.device, compute.dtype, compute.compiled
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
     if init:

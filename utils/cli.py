@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Callable
 
+from utils.signals import Interrupted
+
 
 def run_main(main: Callable[[], int | None]) -> None:
     try:
@@ -20,6 +22,9 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # a signal before there was anything to save
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
