@@ -29,7 +29,7 @@ from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import build_tokenizer, tokenizer_from_dict
 from utils.checkpoint import (Checkpoint, best_checkpoint, find_resume, latest_good, load_checkpoint, load_weights,
-                              mark_best, rotate, save_checkpoint)
+                              mark_best, rotate, save_checkpoint, verify)
 from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
@@ -412,16 +412,29 @@ def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, compute: Compute, r
     return trainer
 
 
+def restore_best(trainer: Trainer) -> str:
+    """Load the best checkpoint's weights, verified as resume verifies them; if it is missing or
+    damaged, keep the final weights. Returns what will be exported."""
+    best = best_checkpoint(trainer.ckpt_dir)
+    try:
+        if best is None:
+            raise ValueError("best.json names no checkpoint on disk")
+        verify(best)
+    except ValueError as e:
+        trainer.status.update(export_note=f"final weights: the best checkpoint failed its check ({e})")
+        return f"exporting the final weights, because the best checkpoint failed its check: {e}"
+    load_weights(best, trainer.raw_model, trainer.device)
+    return f"exporting the best weights ({best.name}, val loss {trainer.best_val_loss:.4f})"
+
+
 def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
     """Export (the best weights if early stopping ended the run), sample, and close the status."""
     run_dir, cfg = trainer.run_dir, trainer.cfg
     if not trainer.d.is_main:  # rank 0 writes the export and the status
         return stop.exit_code if reason == "interrupted" else 0
     if reason == "early_stopping":
-        best = best_checkpoint(trainer.ckpt_dir)
-        load_weights(best, trainer.raw_model, trainer.device)
         print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; "
-              f"exporting the best weights ({best.name}, val loss {trainer.best_val_loss:.4f})")
+              + restore_best(trainer))
     save_export(run_dir / "artifacts" / "export", trainer.raw_model, cfg.to_dict(), trainer.tokenizer.to_dict())
     print(f"exported to {run_dir / 'artifacts' / 'export'}")
     if cfg.sample_length and reason != "interrupted":

@@ -4,7 +4,8 @@ artifacts/checkpoints/step_000500/ holds
   model.safetensors   weights of the uncompiled model
   trainer.pt          optimizer and GradScaler state, torch CPU/CUDA RNG states (weights_only load)
   meta.json           iteration, best val loss, config, tokenizer, Aim hash, python/numpy RNG states,
-                      the loss window, and the SHA-256 of the two files above
+                      the loss window, the SHA-256 of the two files above, and a SHA-256 of its own
+                      content (meta_sha256), so an edited or truncated meta.json is refused too
 It is written into a hidden temp directory and renamed into place, so a SIGKILL at any moment
 leaves either the whole checkpoint or none (the temp leftovers are swept on the next save).
 best.json names the checkpoint with the best val loss; rotation keeps the last `keep` and that one.
@@ -12,6 +13,7 @@ best.json names the checkpoint with the best val loss; rotation keeps the last `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -79,7 +81,8 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     for name in FILES:
         _fsync(tmp / name)
     hashes = {name: sha256_file(tmp / name) for name in FILES}
-    atomic_write_json(tmp / "meta.json", {**meta, "rng": rng, "sha256": hashes})
+    meta = {**meta, "rng": rng, "sha256": hashes}
+    atomic_write_json(tmp / "meta.json", {**meta, "meta_sha256": _digest(meta)})
     _fsync(tmp)
     if final.exists():  # a step saved again, after resuming from before a damaged newer checkpoint
         _remove(final)
@@ -96,15 +99,36 @@ def find_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """meta.json of a checkpoint whose files match their recorded SHA-256; ValueError otherwise."""
+    """meta.json of a checkpoint that is whole and unedited; ValueError saying what is wrong otherwise.
+
+    meta.json must carry its own digest, the recorded SHA-256 of both files, and the iteration its
+    directory is named after: what resume trusts is exactly what was written.
+    """
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint '{path}' has no readable meta.json ({type(e).__name__})") from None
-    for name, expected in meta.get("sha256", {}).items():
+    if not isinstance(meta, dict) or "meta_sha256" not in meta:
+        raise ValueError(f"checkpoint '{path}': meta.json is not a checkpoint record (no meta_sha256)")
+    digest = meta.pop("meta_sha256")
+    if digest != _digest(meta):
+        raise ValueError(f"checkpoint '{path}': meta.json does not match its recorded digest (edited or damaged)")
+    if meta.get("iteration") != _step_of(path) or set(meta.get("sha256", {})) != set(FILES):
+        raise ValueError(f"checkpoint '{path}': meta.json does not describe {path.name}")
+    for name, expected in meta["sha256"].items():
         if not (path / name).is_file() or sha256_file(path / name) != expected:
             raise ValueError(f"checkpoint '{path}': {name} does not match its recorded SHA-256 (damaged)")
     return meta
+
+
+def _digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the record in one canonical form (sorted keys), the same after a JSON round trip."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _step_of(path: Path) -> int | None:
+    digits = path.name.removeprefix(PREFIX)
+    return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
 def latest_good(ckpt_dir: Path) -> tuple[Checkpoint | None, list[str]]:

@@ -1,7 +1,10 @@
-"""Exports: the trained model as safetensors + JSON, and loading one back into a LanguageModel.
+"""Exports: the trained model as safetensors + JSON, and loading one back into a LanguageModel, verified.
 
 artifacts/export/ holds model.safetensors (weights of the uncompiled model; the config and the
-tokenizer also ride in its metadata, so the file stands alone), config.json and tokenizer.json.
+tokenizer also ride in its metadata, so the file stands alone), config.json, tokenizer.json, and
+export.json: the SHA-256 of the other three, written last. Loading checks every hash, so a flipped
+byte in the weights or an edited tokenizer is refused with a line naming the file, never used.
+Exports written before export.json existed load with a note that they are unverified.
 No pickles: an export someone hands you cannot run code when loaded.
 """
 
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -21,23 +26,30 @@ from tokenizer import tokenizer_from_dict
 from utils.files import atomic_write_json, sha256_file
 
 WEIGHTS = "model.safetensors"
+MANIFEST = "export.json"
+HASHED = (WEIGHTS, "config.json", "tokenizer.json")
+FORMAT = "gptlab-export-1"  # in the weights' metadata: such an export must have its manifest
+MAX_JSON_BYTES = 64 << 20  # a tokenizer.json of GPT-2's size is 1 MB; anything this big is not ours
 
 
 def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenizer: dict) -> None:
-    """Write the export atomically; the weights go last, so their presence means a complete export."""
+    """Write the export; the manifest goes last, so a complete, checkable export is one with export.json."""
     export_dir.mkdir(parents=True, exist_ok=True)
+    (export_dir / MANIFEST).unlink(missing_ok=True)  # a stale manifest must never vouch for new files
     atomic_write_json(export_dir / "config.json", config)
     atomic_write_json(export_dir / "tokenizer.json", tokenizer)
     tmp = export_dir / f".{WEIGHTS}.{os.getpid()}.tmp"
     try:
         # save_model drops the tied lm_head.weight (it aliases wte.weight); load_model restores the tie.
-        metadata = {"format": "pt", "config": json.dumps(config), "tokenizer": json.dumps(tokenizer)}
+        metadata = {"format": "pt", "gptlab": FORMAT, "config": json.dumps(config), "tokenizer": json.dumps(tokenizer)}
         safetensors.torch.save_model(model, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, export_dir / WEIGHTS)
     finally:
         tmp.unlink(missing_ok=True)
+    atomic_write_json(export_dir / MANIFEST, {"format": FORMAT,
+                                              "sha256": {name: sha256_file(export_dir / name) for name in HASHED}})
 
 
 def export_dir_of(path: str | Path) -> Path:
@@ -47,23 +59,73 @@ def export_dir_of(path: str | Path) -> Path:
 
 
 def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
-    """(model in eval mode on device, tokenizer, config) from a run directory or an export directory."""
+    """(model in eval mode on device, tokenizer, config) from a run directory or an export directory.
+    Every way an export can be damaged is a ValueError/FileNotFoundError naming the file."""
     export_dir = export_dir_of(path)
     weights = export_dir / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"'{export_dir}' has no {WEIGHTS}: point at a run directory with an export")
-    config = ModelConfig(**check_values(ModelConfig, _read_json(export_dir / "config.json"), str(export_dir)))
-    tokenizer = tokenizer_from_dict(_read_json(export_dir / "tokenizer.json"))
+    verify_export(export_dir)
+    raw_config = read_json(export_dir / "config.json")
+    if not isinstance(raw_config, dict):
+        raise ValueError(f"{export_dir / 'config.json'}: expected a mapping of config keys, got {type(raw_config).__name__}")
+    config = ModelConfig(**check_values(ModelConfig, raw_config, str(export_dir / "config.json"))).validate()
+    tokenizer = tokenizer_from_dict(read_json(export_dir / "tokenizer.json"))
     model = LanguageModel(config, tokenizer.vocab_size)
-    safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
+    try:
+        safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
+    except RuntimeError as e:  # names or shapes that are not this config's model
+        raise ValueError(f"{weights} does not fit config.json and tokenizer.json (vocab {tokenizer.vocab_size}): "
+                         f"{' '.join(str(e).split())[:300]}") from None
     return model.to(device).eval(), tokenizer, config
 
 
-def _read_json(path: Path) -> dict:
+def verify_export(export_dir: Path) -> None:
+    """Check every file against export.json; an export without one must predate it (else it is incomplete)."""
+    manifest_path = export_dir / MANIFEST
+    if not manifest_path.is_file():
+        if _format_of(export_dir / WEIGHTS) == FORMAT:
+            raise ValueError(f"export '{export_dir}' is incomplete: {MANIFEST} is missing (its writer was stopped); "
+                             "export again, e.g. from a checkpoint with --resume")
+        print(f"note: {export_dir} was written before exports carried hashes; loading it unverified",
+              file=sys.stderr)
+        return
+    manifest = read_json(manifest_path)
+    hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(hashes, dict) or set(hashes) != set(HASHED):
+        raise ValueError(f"{manifest_path}: not an export manifest (expected SHA-256 of {', '.join(HASHED)})")
+    for name in HASHED:
+        if not (export_dir / name).is_file():
+            raise FileNotFoundError(f"export file '{export_dir / name}' is missing; the export is incomplete")
+        if sha256_file(export_dir / name) != hashes[name]:
+            raise ValueError(f"export file '{export_dir / name}' does not match its SHA-256 in {MANIFEST} "
+                             "(damaged or edited); export again, or use a checkpoint")
+
+
+def _format_of(weights: Path) -> str | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            return (f.metadata() or {}).get("gptlab")
+    except (OSError, safetensors.SafetensorError):
+        return None  # a damaged header: load_export reports it when it reads the weights
+
+
+def read_json(path: Path) -> object:
+    """Parsed JSON of an export or run file, with one-line errors naming the file; bounded in size and depth."""
+    try:
+        size = path.stat().st_size
     except FileNotFoundError:
         raise FileNotFoundError(f"export file '{path}' is missing; the export is incomplete") from None
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is {size / 1e6:.0f} MB, more than any file gptlab writes ({MAX_JSON_BYTES >> 20} MB)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests too deeply to be a file gptlab wrote") from None
 
 
 def record_init_source(run_dir: Path, source: str | Path) -> str:
