@@ -1,21 +1,23 @@
 """Data: text sources, an on-disk token cache, the train/val split and batch sampling.
 
+    corpus = prepare_corpus(cfg)                        # all of the below, as train.py uses it
     source = load_text("shakespeare", "data")          # or "pydoc", or a path to .txt file(s)
     tok = build_tokenizer("char", source.text)
-    tokens, cache_hit = tokenize_cached(source.text, tok, "data")
-    splits = split_tokens(tokens, val_fraction=0.1, block_size=64)
+    cached = tokenize_cached(source.text, tok, "data")  # .ids, .text_sha256, .cache ("hit", "written", ...)
+    splits = split_tokens(cached.ids, val_fraction=0.1, block_size=64)
     x, y = get_batch(splits["train"], 12, 64, seed=1337, step=0)   # (B, T) int64 each
 
 Nothing here prints: a line the user should see (the offline fallback) comes back in TextSource.note.
-The only files written are caches under data_dir, each atomically.
+The only files written are caches under data_dir, each atomically; a cached file is used only once
+it has passed its check (the SHA-256 of a download; the length and SHA-256 recorded beside token ids).
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from utils.files import atomic_write_bytes
+
+from parameters import ModelConfig
 
 if TYPE_CHECKING:
     from tokenizer import CharTokenizer, Gpt2Tokenizer
@@ -126,18 +132,9 @@ def _read_utf8(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
+    """atomic_write_bytes, creating the directory first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -145,27 +142,92 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def tokenize_cached(
-    text: str, tokenizer: CharTokenizer | Gpt2Tokenizer, data_dir: str | Path,
-) -> tuple[np.ndarray, bool]:
-    """Token ids of `text`, memory-mapped read-only from <data_dir>/tokens/; (ids, cache_hit).
+@dataclass(frozen=True)
+class CachedTokens:
+    ids: np.ndarray    # memory-mapped, read-only
+    text_sha256: str   # the identity of the text they encode (a resumed run checks it)
+    cache: str         # "hit", "written", or "rebuilt (why the cached ids were not trusted)"
+
+
+def tokenize_cached(text: str, tokenizer: CharTokenizer | Gpt2Tokenizer, data_dir: str | Path) -> CachedTokens:
+    """Token ids of `text`, memory-mapped read-only from <data_dir>/tokens/.
 
     The file name is sha256(text hash + tokenizer fingerprint) plus the dtype, so a changed text or
-    vocabulary never reads stale ids and reading back needs no sidecar.
+    vocabulary never reads stale ids. Beside it, <name>.json records the count and SHA-256 of the
+    ids, written after them: ids that do not match it (truncated, zeroed, bit-flipped) are rebuilt.
     """
-    text_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    key = hashlib.sha256(f"{text_hash}:{tokenizer.fingerprint()}".encode()).hexdigest()
+    text_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    key = hashlib.sha256(f"{text_sha256}:{tokenizer.fingerprint()}".encode()).hexdigest()
     dtype = token_dtype(tokenizer.vocab_size)
     path = Path(data_dir) / "tokens" / f"{key}.{dtype.name}.bin"
-    size = path.stat().st_size if path.is_file() else 0
-    cache_hit = size > 0 and size % dtype.itemsize == 0  # anything else is a damaged file: rebuild it
-    if not cache_hit:
+    problem = _cache_problem(path, dtype)
+    if problem:
         ids = tokenizer.encode_array(text)
         if ids.size == 0:
             raise ValueError("the text encodes to no tokens; pass --data with a non-empty corpus")
         assert ids.min() >= 0 and ids.max() < tokenizer.vocab_size, "tokenizer returned an id outside its vocabulary"
-        write_atomic(path, memoryview(np.ascontiguousarray(ids, dtype=dtype)).cast("B"))
-    return np.memmap(path, dtype=dtype, mode="r"), cache_hit
+        data = memoryview(np.ascontiguousarray(ids, dtype=dtype)).cast("B")
+        write_atomic(path, data)
+        record = {"n_tokens": int(ids.size), "dtype": dtype.name, "sha256": hashlib.sha256(data).hexdigest()}
+        write_atomic(_record_path(path), json.dumps(record).encode())
+    cache = "hit" if not problem else "written" if problem == "absent" else f"rebuilt ({problem})"
+    return CachedTokens(np.memmap(path, dtype=dtype, mode="r"), text_sha256, cache)
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _cache_problem(path: Path, dtype: np.dtype) -> str:
+    """Why the cached ids at `path` cannot be used ("absent" if there are none), or "" if they can."""
+    if not path.is_file():
+        return "absent"
+    try:
+        record = json.loads(_record_path(path).read_text(encoding="utf-8"))
+        n_tokens, digest = int(record["n_tokens"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the cached ids had no readable record of their length and hash"
+    if path.stat().st_size != n_tokens * dtype.itemsize:
+        return f"the cached ids were {path.stat().st_size:,} bytes, not {n_tokens * dtype.itemsize:,}"
+    with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+            return "the cached ids did not match their SHA-256"
+    return ""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What training reads: the text's source, its tokenizer, the train/val splits of its ids."""
+    source: TextSource
+    tokenizer: CharTokenizer | Gpt2Tokenizer
+    splits: dict[str, np.ndarray]
+    text_sha256: str
+    cache: str  # the token cache: "hit", "written" or "rebuilt (...)"
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint records, so that a resume on other text is refused."""
+        return {"source": self.source.name, "sha256": self.text_sha256}
+
+
+def prepare_corpus(cfg: ModelConfig, tokenizer: CharTokenizer | Gpt2Tokenizer | None = None) -> Corpus:
+    """Text -> tokenizer (built from the text unless given) -> cached ids -> train/val splits."""
+    from tokenizer import build_tokenizer
+
+    source = load_text(cfg.data, cfg.data_dir)
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text)
+    cached = tokenize_cached(source.text, tokenizer, cfg.data_dir)
+    splits = split_tokens(cached.ids, cfg.val_fraction, cfg.block_size)
+    return Corpus(source, tokenizer, splits, cached.text_sha256, cached.cache)
+
+
+def check_same_corpus(recorded: dict | None, corpus: Corpus) -> None:
+    """A resumed run must read the text it was trained on; checkpoints from before this record pass."""
+    if recorded and recorded.get("sha256") != corpus.text_sha256:
+        raise ValueError(f"the data changed since this run was trained: {corpus.source.name} now has SHA-256 "
+                         f"{corpus.text_sha256[:12]}..., but the run trained on {recorded.get('source')} with "
+                         f"{str(recorded.get('sha256'))[:12]}...; restore that text, or fine-tune on the new one "
+                         "with --init-from RUN")
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> dict[str, np.ndarray]:

@@ -32,8 +32,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from config import add_config_arg, load_config
+from data import prepare_corpus
 from model import LanguageModel
-from train import Trainer, build_optimizer, compile_model, prepare_data, train_step
+from train import Trainer, build_optimizer, compile_model, train_step
 from utils.cli import run_main
 from utils.device import autocast, setup_compute, synchronize
 from utils.runs import RunStatus
@@ -270,7 +271,8 @@ def format_report(figures: dict, top: list[tuple[str, float]]) -> str:
 
 def build(cfg, device: torch.device, compiled: bool):
     """Data, the model (compiled if asked) and its optimizer, exactly as train.py builds them."""
-    _, tokenizer, splits, _ = prepare_data(cfg)
+    corpus = prepare_corpus(cfg)
+    tokenizer, splits = corpus.tokenizer, corpus.splits
     torch.manual_seed(cfg.seed)
     raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
     model = compile_model(raw_model, device) if compiled else raw_model

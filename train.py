@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_batch, resume_config
-from data import get_batch, load_text, split_tokens, tokenize_cached
+from data import Corpus, check_same_corpus, get_batch, prepare_corpus
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import build_tokenizer, tokenizer_from_dict
@@ -69,16 +69,6 @@ def build_optimizer(model: torch.nn.Module, cfg: ModelConfig, device: torch.devi
 def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """torch.compile; inductor has no MPS backend, so MPS gets aot_eager. Exports use the raw model."""
     return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
-
-
-def prepare_data(cfg: ModelConfig, tokenizer=None):
-    """Text -> tokenizer (built from the text unless given) -> cached ids -> train/val splits.
-    Runs before any run dir exists, so a bad --data or a too-short corpus costs nothing."""
-    source = load_text(cfg.data, cfg.data_dir)
-    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text)
-    tokens, cache_hit = tokenize_cached(source.text, tokenizer, cfg.data_dir)
-    splits = split_tokens(tokens, cfg.val_fraction, cfg.block_size)
-    return source, tokenizer, splits, cache_hit
 
 
 def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, device, ctx, d: Dist = Dist()):
@@ -153,6 +143,7 @@ class Trainer:
     tracker: Tracker
     status: RunStatus
     d: Dist = field(default_factory=Dist)
+    data: dict = field(default_factory=dict)  # the corpus' identity, recorded in every checkpoint
     iteration: int = 0
     best_val_loss: float = math.inf
     evals_since_best: int = 0
@@ -265,7 +256,7 @@ class Trainer:
             meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss,
                     "evals_since_best": self.evals_since_best, "loss_window": window,
                     "aim_run_hash": self.aim_run_hash, "world_size": self.d.world_size,
-                    "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict()}
+                    "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "data": self.data}
             t0 = time.perf_counter()
             path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta,
                                    {"rank_torch_rng": rank_rng})
@@ -324,7 +315,9 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
     if not d.is_main:
         distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
-    source, tokenizer, splits, cache_hit = prepare_data(cfg, given)
+    corpus = prepare_corpus(cfg, given)  # before any run directory: a bad --data costs nothing
+    if resume:
+        check_same_corpus(resume.meta.get("data"), corpus)
     status = RunStatus(Path(), enabled=False)
     if d.is_main:
         distributed.barrier(d)
@@ -344,13 +337,13 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         elif d.is_main:
             write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
         print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-        for note in [*notes, source.note, *compute.notes]:
+        for note in [*notes, corpus.source.note, *compute.notes]:
             if note:
                 print(note)
-        n_tokens = sum(len(s) for s in splits.values())
-        print(f"data {source.name}: {len(source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} tokens "
-              f"(vocab {tokenizer.vocab_size:,}; token cache {'hit' if cache_hit else 'written'})")
-        trainer = build_trainer(cfg, splits, tokenizer, compute, run_dir, status, d, resume, init)
+        n_tokens = sum(len(s) for s in corpus.splits.values())
+        print(f"data {corpus.source.name}: {len(corpus.source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} "
+              f"tokens (vocab {corpus.tokenizer.vocab_size:,}; token cache {corpus.cache})")
+        trainer = build_trainer(cfg, corpus, compute, run_dir, status, d, resume, init)
         # From here a signal only asks to stop: the loop ends after its current step, and one that comes
         # while the export is written lets it finish, so status.json always records how the run ended.
         stop.immediate = False
@@ -372,12 +365,12 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         close_log()
 
 
-def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, compute: Compute, run_dir: Path, status: RunStatus,
+def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: Path, status: RunStatus,
                   d: Dist, resume: Checkpoint | None, init) -> Trainer:
     """Model (fresh, fine-tuned or resumed), optimizer, DDP and compile wrappers, and (rank 0) tracking."""
     device, dtype, compiled = compute.device, compute.dtype, compute.compiled
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw_model = LanguageModel(cfg, tokenizer.vocab_size).to(device)
+    raw_model = LanguageModel(cfg, corpus.tokenizer.vocab_size).to(device)
     if init:
         raw_model.load_state_dict(init[0].state_dict())
         if d.is_main:
@@ -386,8 +379,8 @@ def build_trainer(cfg: ModelConfig, splits: dict, tokenizer, compute: Compute, r
             print(f"initialized from {source}")
     torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
     optimizer = build_optimizer(raw_model, cfg, device)
-    trainer = Trainer(cfg, raw_model, raw_model, optimizer, splits, tokenizer, device, dtype, run_dir,
-                      Tracker(), status, d)
+    trainer = Trainer(cfg, raw_model, raw_model, optimizer, corpus.splits, corpus.tokenizer, device, dtype, run_dir,
+                      Tracker(), status, d, data=corpus.identity)
     if resume:
         trainer.restore(resume)
         trainer.aim_run_hash = resume.meta.get("aim_run_hash")

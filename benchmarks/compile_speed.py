@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import add_config_arg, load_config  # noqa: E402
+from data import prepare_corpus  # noqa: E402
 from model import LanguageModel  # noqa: E402
-from train import build_optimizer, compile_model, prepare_data, train_step  # noqa: E402
+from train import build_optimizer, compile_model, train_step  # noqa: E402
 from utils.device import autocast, setup_compute, synchronize  # noqa: E402
 
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parsed.config, parsed.args
     compute = setup_compute(cfg.device, cfg.dtype, "false")  # compiled or not is what this script varies
     device, dtype = compute.device, compute.dtype
-    _, tokenizer, splits, _ = prepare_data(cfg)
+    corpus = prepare_corpus(cfg)
+    tokenizer, splits = corpus.tokenizer, corpus.splits
     ctx = autocast(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     runs = {}

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model as model_module  # noqa: E402
 from config import add_config_arg, load_config  # noqa: E402
+from data import prepare_corpus  # noqa: E402
 from model import LanguageModel  # noqa: E402
-from train import build_optimizer, prepare_data, train_step  # noqa: E402
+from train import build_optimizer, train_step  # noqa: E402
 from utils.device import autocast, setup_compute  # noqa: E402
 
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.dropout == 0:
         raise SystemExit("error: dropout is 0 in this config, so there is nothing to compare; pass --dropout 0.1")
     compute = setup_compute(cfg.device, cfg.dtype, "false")
-    _, tokenizer, splits, _ = prepare_data(cfg)
+    corpus = prepare_corpus(cfg)
+    tokenizer, splits = corpus.tokenizer, corpus.splits
     ctx = autocast(compute.device, compute.dtype)
     scaler = torch.amp.GradScaler(compute.device.type, enabled=False)
     runs = {}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import data
-from data import get_batch, load_text, split_tokens, tokenize_cached
+from data import check_same_corpus, get_batch, load_text, prepare_corpus, split_tokens, tokenize_cached
+from parameters import ModelConfig
 from tokenizer import CharTokenizer, Gpt2Tokenizer
 
 
@@ -116,27 +117,73 @@ class _FakeResponse:
 
 def test_tokenize_cached_round_trip_and_hit(tiny_text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tok = CharTokenizer.from_text(tiny_text)
-    ids, hit = tokenize_cached(tiny_text, tok, tmp_path)
-    assert not hit and isinstance(ids, np.memmap) and ids.dtype == np.uint16 and not ids.flags.writeable
-    assert tok.decode(ids) == tiny_text
+    first = tokenize_cached(tiny_text, tok, tmp_path)
+    ids = first.ids
+    assert first.cache == "written" and isinstance(ids, np.memmap) and ids.dtype == np.uint16
+    assert not ids.flags.writeable and tok.decode(ids) == tiny_text
+    assert first.text_sha256 == hashlib.sha256(tiny_text.encode()).hexdigest()
 
     def must_not_run(text: str) -> np.ndarray:
         raise AssertionError("re-tokenized although the ids are cached")
 
     monkeypatch.setattr(tok, "encode_array", must_not_run)
-    again, hit = tokenize_cached(tiny_text, tok, tmp_path)
-    assert hit and np.array_equal(again, ids)
-    assert [p.suffixes for p in (tmp_path / "tokens").iterdir()] == [[".uint16", ".bin"]]
+    again = tokenize_cached(tiny_text, tok, tmp_path)
+    assert again.cache == "hit" and np.array_equal(again.ids, ids)
+    assert sorted(p.suffixes for p in (tmp_path / "tokens").iterdir()) == [[".uint16", ".bin"], [".uint16", ".json"]]
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def zero(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def flip_bits(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(0, len(data), 7):
+        data[i] ^= 0xA5
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (truncate, "the cached ids were 7,000 bytes, not 14,000"),
+    (zero, "the cached ids did not match their SHA-256"),
+    (flip_bits, "the cached ids did not match their SHA-256"),
+    (lambda p: p.with_suffix(".json").unlink(), "the cached ids had no readable record of their length and hash"),
+    (lambda p: p.with_suffix(".json").write_text("[]"), "the cached ids had no readable record of their length and hash"),
+])
+def test_damaged_cached_ids_are_rebuilt_with_a_note(damage, why: str, tiny_text: str, tmp_path: Path) -> None:
+    """A damaged cache used to be trusted: half the data, or all-newline data with a better loss."""
+    tok = CharTokenizer.from_text(tiny_text)
+    expected = np.array(tokenize_cached(tiny_text, tok, tmp_path).ids)
+    (path,) = (tmp_path / "tokens").glob("*.bin")
+    damage(path)
+    again = tokenize_cached(tiny_text, tok, tmp_path)
+    assert again.cache == f"rebuilt ({why})" and np.array_equal(again.ids, expected)
+    assert tokenize_cached(tiny_text, tok, tmp_path).cache == "hit"
+
+
+def test_a_resume_on_other_text_is_refused(tiny_text: str, tmp_path: Path) -> None:
+    cfg = ModelConfig(data=str(tmp_path / "a.txt"), data_dir=str(tmp_path / "data"), block_size=16).validate()
+    Path(cfg.data).write_text(tiny_text)
+    corpus = prepare_corpus(cfg)
+    check_same_corpus(corpus.identity, corpus)
+    check_same_corpus(None, corpus)  # a checkpoint from before corpora were recorded
+    Path(cfg.data).write_text(tiny_text.replace("Speak", "Spoke"))
+    with pytest.raises(ValueError, match=r"the data changed since this run was trained: .*a.txt now has SHA-256"):
+        check_same_corpus(corpus.identity, prepare_corpus(cfg))
 
 
 def test_token_cache_key_depends_on_text_and_tokenizer(tiny_text: str, tmp_path: Path) -> None:
     tok = CharTokenizer.from_text(tiny_text)
     tokenize_cached(tiny_text, tok, tmp_path)
-    assert not tokenize_cached(tiny_text[:-1], tok, tmp_path)[1]
-    assert not tokenize_cached(tiny_text, CharTokenizer(sorted(set(tiny_text + "Z"))), tmp_path)[1]
-    gpt2_ids, hit = tokenize_cached(tiny_text, Gpt2Tokenizer(), tmp_path)
-    assert not hit and gpt2_ids.dtype == np.uint16 and Gpt2Tokenizer().decode(gpt2_ids) == tiny_text
-    assert len(list((tmp_path / "tokens").iterdir())) == 4
+    assert tokenize_cached(tiny_text[:-1], tok, tmp_path).cache == "written"
+    assert tokenize_cached(tiny_text, CharTokenizer(sorted(set(tiny_text + "Z"))), tmp_path).cache == "written"
+    gpt2 = tokenize_cached(tiny_text, Gpt2Tokenizer(), tmp_path)
+    assert gpt2.cache == "written" and gpt2.ids.dtype == np.uint16 and Gpt2Tokenizer().decode(gpt2.ids) == tiny_text
+    assert len(list((tmp_path / "tokens").glob("*.bin"))) == 4
 
 
 def test_token_dtype() -> None:
@@ -188,7 +235,7 @@ def test_get_batch_errors() -> None:
 
 def test_get_batch_from_memmap(tiny_text: str, tmp_path: Path) -> None:
     tok = CharTokenizer.from_text(tiny_text)
-    tokens, _ = tokenize_cached(tiny_text, tok, tmp_path)
+    tokens = tokenize_cached(tiny_text, tok, tmp_path).ids
     x, y = get_batch(split_tokens(tokens, 0.1, 16)["val"], 4, 16, seed=1, step=0, split="val")
     assert x.shape == (4, 16) and isinstance(x, torch.Tensor) and tok.decode(x[0]) in tiny_text
 
