@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import reprlib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from parameters import ARCHITECTURE_KEYS, RESUMABLE_KEYS, ModelConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
+MAX_CONFIG_BYTES = 1 << 20
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -53,6 +55,15 @@ def closest(key: str, valid: typing.Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def short(value: Any) -> str:
+    """repr() bounded in length and depth: an error message must not render a YAML alias bomb."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 4, 60, 60, 40
+
+
 def coerce(key: str, value: Any, typ: type, source: str) -> Any:
     """Check/convert one value to the field's type; strings from the CLI are parsed."""
     where = f"{source}: {key}"
@@ -61,7 +72,7 @@ def coerce(key: str, value: Any, typ: type, source: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
             return value.lower() in TRUE_WORDS
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise ValueError(f"{where}: expected true or false, got {short(value)}")
     if typ in (int, float):
         accepted = (int,) if typ is int else (int, float)  # an int is a fine float, not the reverse
         if isinstance(value, accepted) and not isinstance(value, bool):
@@ -71,20 +82,27 @@ def coerce(key: str, value: Any, typ: type, source: str) -> Any:
                 return typ(value)
         except ValueError:
             pass
-        raise ValueError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {value!r}")
+        raise ValueError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {short(value)}")
     if typ is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{where}: expected a string, got {value!r} (quote it in YAML)")
+        raise ValueError(f"{where}: expected a string, got {short(value)} (quote it in YAML)")
     raise AssertionError(f"unsupported field type {typ} for {key}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A flat mapping from a .yaml/.yml/.json file; empty files are empty mappings."""
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
     except FileNotFoundError:
         raise FileNotFoundError(f"config file '{path}' does not exist") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file '{path}' is {size / 1e6:.1f} MB; a config is a few hundred bytes "
+                         f"(limit {MAX_CONFIG_BYTES >> 20} MB)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file '{path}' is not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
@@ -94,6 +112,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    if any(not isinstance(k, (str, int, float, bool)) for k in data):  # a YAML complex key
+        raise ValueError(f"{path}: keys must be plain names, got {short(next(k for k in data if not isinstance(k, str)))}")
     return data
 
 

@@ -132,9 +132,14 @@ def _read_utf8(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """atomic_write_bytes, creating the directory first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
+    """atomic_write_bytes into a data cache, creating the directory first; a cache that cannot be
+    written (read-only, a file in the way, a full disk) is a one-line error naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise ValueError(f"cannot write the data cache '{path}': {e.strerror or e}; pass --data-dir with a "
+                         "writable directory that has room") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -21,6 +21,8 @@ from utils.device import resolve_device
 from utils.run_state import run_state
 from utils.runs import resolve_run
 
+MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 bytes; more tokens than this cannot still be one
+
 
 def read_prompt(cfg: GenerateConfig) -> str:
     if cfg.prompt_file:
@@ -37,21 +39,20 @@ def read_prompt(cfg: GenerateConfig) -> str:
 
 def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: torch.device,
                 generator: torch.Generator) -> Iterator[str]:
-    """Yield text as tokens arrive. A GPT-2 token can end inside a multi-byte character, so text is
-    released only once it decodes cleanly (no trailing U+FFFD)."""
+    """Yield text as tokens arrive, decoding only the new ones (a long generation stays linear).
+    A GPT-2 token can end inside a multi-byte character, so tokens are held back until they decode
+    cleanly (no trailing U+FFFD), or until a few more show that the bytes really are invalid."""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    shown = 0
+    pending: list[int] = []
     for token in model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                        top_p=cfg.top_p, generator=generator):
-        new.append(int(token[0, 0]))
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):
-            yield text[shown:]
-            shown = len(text)
-    text = tokenizer.decode(new)
-    if len(text) > shown:
-        yield text[shown:]
+        pending.append(int(token[0, 0]))
+        text = tokenizer.decode(pending)
+        if not text.endswith("\ufffd") or len(pending) >= MAX_HELD_TOKENS:
+            yield text
+            pending = []
+    if pending:
+        yield tokenizer.decode(pending)
 
 
 def main(argv: list[str] | None = None) -> int:

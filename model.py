@@ -262,27 +262,29 @@ class LanguageModel(nn.Module):
         block_size is in the module docstring. Dropout follows the module's mode: call .eval() first.
         """
         _check_generate_args(idx, max_new_tokens, temperature, top_k, top_p)
-        B, T0 = idx.shape
-        total = T0 + max_new_tokens
-        tokens = idx.new_empty(B, total)  # (B, total): written in place, never re-concatenated
-        tokens[:, :T0] = idx
-        length, start = T0, max(0, T0 - self.block_size)
+        B = idx.size(0)
+        # Only the window is kept, never the whole output: a long generation costs no memory per token.
+        window = idx.new_empty(B, self.block_size + 1)  # (B, block_size + 1): tokens[window_start:]
+        n = min(idx.size(1), self.block_size)
+        window[:, :n] = idx[:, -n:]
+        keep = max(self.block_size // 2, 1)
         cache = [LayerKV(self.block_size) for _ in range(self.n_layer)] if use_cache else None
-        logits = self._last_logits(tokens[:, start:length], cache, 0)  # (B, V)
-        while length < total:
+        logits = self._last_logits(window[:, :n], cache, 0)  # (B, V)
+        for i in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            tokens[:, length] = next_token[:, 0]
-            length += 1
             yield next_token
-            if length == total:
+            if i == max_new_tokens - 1:
                 return
-            if length - start > self.block_size:
-                start = length - max(self.block_size // 2, 1)
-                logits = self._last_logits(tokens[:, start:length], cache, 0)  # re-prefill
+            window[:, n] = next_token[:, 0]
+            n += 1
+            if n > self.block_size:
+                window[:, :keep] = window[:, n - keep:n].clone()
+                n = keep
+                logits = self._last_logits(window[:, :n], cache, 0)  # re-prefill
             elif cache is None:
-                logits = self._last_logits(tokens[:, start:length], None, 0)  # full recompute
+                logits = self._last_logits(window[:, :n], None, 0)  # full recompute
             else:
-                logits = self._last_logits(next_token, cache, length - 1 - start)  # one position
+                logits = self._last_logits(next_token, cache, n - 1)  # one position
 
     def _last_logits(self, idx: Tensor, cache: list[LayerKV] | None, pos: int) -> Tensor:
         """Logits (B, V) after the last token of idx (B, T); the lm_head sees only that position."""
@@ -302,6 +304,8 @@ def _check_generate_args(idx: Tensor, max_new_tokens: int, temperature: float, t
         raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 disables), got {top_p}")
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be finite, got {temperature}")
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -309,7 +313,9 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     """Sample one token per row of logits (B, V): greedy at temperature 0, else top-k, top-p, draw."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits.float() / temperature  # (B, V)
+    logits = logits.float()
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # (B, V)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
@@ -324,7 +330,9 @@ def _nucleus(logits: Tensor, top_p: float) -> Tensor:
     (Holtzman et al. 2019); the most likely token always stays."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = F.softmax(sorted_logits, dim=-1)  # (B, V)
-    # A token goes when the tokens ranked above it already reach top_p; the first never does.
+    # A token goes when the tokens ranked above it already reach top_p; the first never does (said
+    # outright: a top_p below float32's smallest value would round to 0 and drop it too).
     drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # (B, V)
+    drop_sorted[:, 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
     return logits.masked_fill(drop, float("-inf"))  # (B, V)

@@ -9,6 +9,7 @@ GenerateConfig holds the knobs of inference.py the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,10 @@ class Validated:
     WHAT = "config"
 
     def validate(self):
-        errors = [f"{name}: {msg}" for name, msg in self._problems()]
+        # A NaN passes every comparison below (nan < 0 is False), so non-finite numbers go first.
+        nonfinite = [(f.name, f"must be a finite number, got {getattr(self, f.name)}") for f in dataclasses.fields(self)
+                     if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        errors = [f"{name}: {msg}" for name, msg in nonfinite or self._problems()]
         if errors:
             raise ValueError(f"invalid {self.WHAT}: " + "; ".join(errors))
         return self
@@ -127,8 +131,12 @@ class ModelConfig(Validated):
                 p.append((name, f"must be in [0, 1), got {getattr(self, name)}"))
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             p.append(("device", f"{self.device!r} is not auto, cpu, cuda, cuda:N or mps"))
-        if not self.run_tag or any(c in self.run_tag for c in "/\\ ") or self.run_tag.startswith("."):
-            p.append(("run_tag", f"{self.run_tag!r} must be non-empty, without '/', '\\' or spaces, not starting with '.'"))
+        if not self.run_tag or any(c in self.run_tag for c in "/\\ ") or self.run_tag.startswith(".") \
+                or not self.run_tag.isprintable() or len(self.run_tag.encode()) > MAX_TAG_BYTES:
+            p.append(("run_tag", f"{self.run_tag[:60]!r} must be non-empty, at most {MAX_TAG_BYTES} bytes of printable "
+                                 "characters, without '/', '\\' or spaces, not starting with '.'"))
+        if not 0 <= self.seed < 2**63:
+            p.append(("seed", f"must be in [0, 2**63), got {self.seed}"))
         return p
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +153,8 @@ class ModelConfig(Validated):
         return self.batch_size * self.grad_accum_steps * self.block_size
 
 
+# A run directory's name is <YYYYMMDD_HHMMSS>_<tag>[-N]: this keeps it under the usual 255-byte limit.
+MAX_TAG_BYTES = 200
 # Fields that define the network's shape: what an export needs to rebuild the model.
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
 # Fields a resumed run may change: they leave everything trained so far valid. (max_iters extends a
@@ -181,4 +191,6 @@ class GenerateConfig(Validated):
             p.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
         if self.num_samples <= 0:
             p.append(("num_samples", f"must be > 0, got {self.num_samples}"))
+        if not 0 <= self.seed < 2**63:
+            p.append(("seed", f"must be in [0, 2**63), got {self.seed}"))
         return p

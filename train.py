@@ -36,7 +36,7 @@ from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import Compute, autocast, setup_compute
 from utils.export import load_export, record_init_source, save_export
-from utils.files import atomic_write_json
+from utils.files import atomic_write_json, writable_dir
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop, Interrupted
@@ -315,6 +315,8 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
     if not d.is_main:
         distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
+    if cfg.aim_logging and d.is_main:
+        writable_dir(cfg.aim_repo, "--aim-repo")  # now, not once the run directory exists
     corpus = prepare_corpus(cfg, given)  # before any run directory: a bad --data costs nothing
     if resume:
         check_same_corpus(resume.meta.get("data"), corpus)
@@ -361,8 +363,16 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         raise
     finally:
         if trainer is not None:
-            trainer.tracker.close()
+            close_quietly(trainer.tracker)
         close_log()
+
+
+def close_quietly(tracker: Tracker) -> None:
+    """Close the trackers without letting their failure (e.g. a full disk) hide the error that ended the run."""
+    try:
+        tracker.close()
+    except Exception as e:  # noqa: BLE001 - reported, and the run's own outcome stands
+        print(f"warning: closing the trackers failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: Path, status: RunStatus,

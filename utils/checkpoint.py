@@ -13,9 +13,11 @@ best.json names the checkpoint with the best val loss; rotation keeps the last `
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -73,22 +75,41 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     final = ckpt_dir / f"{PREFIX}{meta['iteration']:06d}"
     tmp = ckpt_dir / f".tmp_{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    rng = capture_rng()
-    safetensors.torch.save_model(model, str(tmp / FILES[0]))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda"), **(extra or {})}, tmp / FILES[1])
-    for name in FILES:
-        _fsync(tmp / name)
-    hashes = {name: sha256_file(tmp / name) for name in FILES}
-    meta = {**meta, "rng": rng, "sha256": hashes}
-    atomic_write_json(tmp / "meta.json", {**meta, "meta_sha256": _digest(meta)})
-    _fsync(tmp)
+    try:
+        tmp.mkdir()
+        rng = capture_rng()
+        safetensors.torch.save_model(model, str(tmp / FILES[0]))
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda"), **(extra or {})}, tmp / FILES[1])
+        for name in FILES:
+            _fsync(tmp / name)
+        hashes = {name: sha256_file(tmp / name) for name in FILES}
+        meta = {**meta, "rng": rng, "sha256": hashes}
+        atomic_write_json(tmp / "meta.json", {**meta, "meta_sha256": _digest(meta)})
+        _fsync(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays behind
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            _raise_if_disk_full(e, ckpt_dir, model, optimizer)
+        raise
     if final.exists():  # a step saved again, after resuming from before a damaged newer checkpoint
         _remove(final)
     os.rename(tmp, final)
     _fsync(ckpt_dir)
     return final
+
+
+def _raise_if_disk_full(error: BaseException, ckpt_dir: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
+    """A ValueError in one line if `error` came from a full disk (or quota): where, and how much room."""
+    tensors = [*model.state_dict().values(),
+               *(v for state in optimizer.state_dict()["state"].values() for v in state.values())]
+    needed = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    free = shutil.disk_usage(ckpt_dir).free
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
+        raise ValueError(f"disk full at {ckpt_dir}: a checkpoint needs about {needed / 1e6:,.0f} MB and "
+                         f"{free / 1e6:,.0f} MB are free; the last good checkpoint is kept. Free some space "
+                         "and continue with --resume") from None
 
 
 def find_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -152,7 +173,13 @@ def load_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.o
     """Weights, optimizer, scaler and every RNG state back into place (no pickle: weights_only);
     returns trainer.pt's contents for callers that stored extras."""
     load_weights(ckpt.path, model, device)
-    trainer = torch.load(ckpt.path / FILES[1], map_location=device, weights_only=True)
+    try:
+        trainer = torch.load(ckpt.path / FILES[1], map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch's own message advises weights_only=False, which would run whatever code the file holds.
+        raise ValueError(f"checkpoint '{ckpt.path}': {FILES[1]} holds something other than tensors and plain "
+                         f"data ({type(e).__name__}), and gptlab never unpickles code; resume from an earlier "
+                         "checkpoint, or start a new run") from None
     if optimizer is not None:
         optimizer.load_state_dict(trainer["optimizer"])
     if scaler is not None:
@@ -182,8 +209,23 @@ def rotate(ckpt_dir: Path, keep: int) -> None:
         if old != best:
             _remove(old)
     for tmp in ckpt_dir.glob(".tmp_*"):
-        if not tmp.name.endswith(f"_{os.getpid()}"):
+        if not _writer_alive(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process named in a temp directory's name (..._<pid>) is this one or still alive:
+    its save may be in progress, so only a dead writer's leftovers are swept."""
+    pid = tmp.name.rsplit("_", 1)[-1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

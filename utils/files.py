@@ -51,3 +51,21 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """`path` as a directory this process can write into, created if missing; otherwise a ValueError
+    in one line naming the directory and the flag that sets it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{flag} '{path}' is a file, not a directory; pass {flag} with a directory") from None
+    except OSError as e:
+        raise ValueError(f"cannot create {flag} directory '{path}': {e.strerror}; pass {flag} with a writable "
+                         "directory") from None
+    if not path.is_dir():
+        raise ValueError(f"{flag} '{path}' is not a directory; pass {flag} with a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} directory '{path}' is not writable; pass {flag} with a writable directory")
+    return path

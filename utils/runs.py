@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, writable_dir
 
 RUN_SUBDIRS = ("artifacts/checkpoints", "artifacts/export", "logs/tensorboard", "meta/configs")
 EXPORT_FILE = Path("artifacts") / "export" / "model.safetensors"
@@ -37,20 +37,22 @@ def create_run_dir(runs_dir: str | Path, tag: str, now: datetime | None = None) 
     os.mkdir is atomic and fails if the name exists, so two processes started in the same second
     can never both claim a name: the loser moves on to "-2", "-3", ...
     """
-    runs_dir = Path(runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = writable_dir(runs_dir, "--runs-dir")
     name = f"{(now or datetime.now()):%Y%m%d_%H%M%S}_{tag}"
-    for n in range(1, 10_000):
-        run_dir = runs_dir / (name if n == 1 else f"{name}-{n}")
-        try:
-            os.mkdir(run_dir)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"could not find a free run directory name for {runs_dir / name}")
-    for sub in RUN_SUBDIRS:
-        (run_dir / sub).mkdir(parents=True)
+    try:
+        for n in range(1, 10_000):
+            run_dir = runs_dir / (name if n == 1 else f"{name}-{n}")
+            try:
+                os.mkdir(run_dir)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"could not find a free run directory name for {runs_dir / name}")
+        for sub in RUN_SUBDIRS:
+            (run_dir / sub).mkdir(parents=True)
+    except OSError as e:  # e.g. a read-only filesystem, or a name the filesystem refuses
+        raise ValueError(f"cannot create the run directory '{runs_dir / name}': {e.strerror or e}") from None
     return run_dir
 
 
@@ -243,9 +245,13 @@ class RunStatus:
             self.data[key] = " ".join(str(value).split())[:1000] if key == "error" else _plain(value)
 
     def _write(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             atomic_write_json(self.path, self.data)
-            self._written_at = time.monotonic()
+        except OSError as e:  # e.g. a full disk: the status is a record, not a reason to stop training
+            print(f"warning: could not update {self.path}: {e.strerror or e}", file=sys.stderr)
+        self._written_at = time.monotonic()
 
 
 def _run_sort_key(run_dir: Path) -> tuple[str, str, int]:

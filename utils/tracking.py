@@ -11,12 +11,17 @@ built: they cost about a second each at start-up.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+
+from utils.files import writable_dir
 
 if TYPE_CHECKING:  # only annotations need torch: a process that just tracks need not import it
     import torch
@@ -158,11 +163,14 @@ class AimTracker(Tracker):
         # capture_terminal_logs off: logs/train.log already has the console, and Aim's patch of
         # sys.stdout.write would fight the console tee when the two are undone in the other order.
         options = {"repo": str(repo), "experiment": experiment, "capture_terminal_logs": False}
-        try:
-            self.run = aim.Run(run_hash=run_hash, **options)
-        except MissingRunError:
-            print(f"Aim run {run_hash} is not in the Aim repo at {repo}; starting a new Aim run", file=sys.stderr)
-            self.run = aim.Run(**options)
+        # Several runs starting at once in a new repo raced in Aim's set-up of .aim/ (3 of 4 failed):
+        # the set-up and the run's creation happen under an exclusive lock on the repo directory.
+        with _locked(writable_dir(repo, "--aim-repo")):
+            try:
+                self.run = aim.Run(run_hash=run_hash, **options)
+            except MissingRunError:
+                print(f"Aim run {run_hash} is not in the Aim repo at {repo}; starting a new Aim run", file=sys.stderr)
+                self.run = aim.Run(**options)
         if run_name:
             self.run.name = run_name
         self.run_hash = self.run.hash
@@ -186,6 +194,17 @@ class AimTracker(Tracker):
         if self.run is not None:
             self.run.close()
             self.run = None
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on a directory (Linux and macOS lock directories as they lock files)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_aim_run(repo: str | Path, run_hash: str) -> Any:
