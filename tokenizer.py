@@ -27,6 +27,8 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 ENDOFTEXT = "<|endoftext|>"
 
+MAX_NAMED_CHARS = 20  # unknown characters named in one error line; the rest are counted
+
 # surrogatepass: every Python str, even one holding a lone surrogate, maps to code points and back.
 _UTF32 = ("utf-32-le", "surrogatepass")
 
@@ -89,16 +91,19 @@ class CharTokenizer:
         pos = np.minimum(pos, len(self._sorted_codepoints) - 1)
         known = self._sorted_codepoints[pos] == codepoints
         if not known.all():
-            self._raise_unknown(text, int(np.argmin(known)))
+            self._raise_unknown(codepoints[~known], int(np.argmin(known)))
         return self._order[pos].astype(np.int64, copy=False)
 
-    def _raise_unknown(self, text: str, index: int) -> None:
-        char = text[index]
+    def _raise_unknown(self, unknown: np.ndarray, first: int) -> None:
+        """One line naming every character the vocabulary lacks (the most frequent first), with counts."""
+        codes, counts = np.unique(unknown, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        shown = ", ".join(f"{chr(codes[i])!r} (U+{codes[i]:04X}) x{counts[i]:,}" for i in order[:MAX_NAMED_CHARS])
+        more = f" and {len(codes) - MAX_NAMED_CHARS} more" if len(codes) > MAX_NAMED_CHARS else ""
         raise ValueError(
-            f"character {char!r} (U+{ord(char):04X}) at position {index} is not in the vocabulary: this "
-            f"model's vocabulary has {self.vocab_size} characters from its training corpus; remove the "
-            "character from the text, or train on a corpus that contains it"
-        )
+            f"{len(codes)} character{'s' if len(codes) > 1 else ''} not in the vocabulary: {shown}{more} (the first "
+            f"at position {first}); this model's vocabulary has {self.vocab_size} characters from its training "
+            "corpus: remove them from the text, or train on a corpus that contains them")
 
     def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
         """The text of a 1-D sequence of ids (list, numpy array or torch tensor)."""

@@ -14,6 +14,7 @@ Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and the export
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -36,6 +37,7 @@ from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import Compute, autocast, setup_compute
 from utils.export import load_export, record_init_source, save_export
+from utils.estimate import check_fits, describe, estimate_run
 from utils.files import atomic_write_json, writable_dir
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
@@ -115,6 +117,27 @@ def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device
     model.train()
     train, val = distributed.mean_across(d, losses.mean(dim=1)).tolist()
     return {"train": train, "val": val}
+
+
+def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, str]:
+    """The sample prompt, checked against the vocabulary before step 0: a first eval that cannot encode
+    it would end the run with nothing saved. The default prompt adapts to the corpus (returning a
+    note); one the user chose must encode, or it is a one-line error."""
+    if not cfg.sample_length:
+        return cfg, ""
+    try:
+        if corpus.tokenizer.encode(cfg.sample_prompt):
+            return cfg, ""
+        problem = "it encodes to no tokens"
+    except ValueError as e:
+        problem = str(e).split(";")[0]
+    default = ModelConfig.__dataclass_fields__["sample_prompt"].default
+    if cfg.sample_prompt != default:
+        raise ValueError(f"sample_prompt {cfg.sample_prompt[:40]!r} cannot start a sample: {problem}; choose one "
+                         "from the corpus' characters, or pass --sample-length 0")
+    prompt = corpus.source.text[0]
+    return (dataclasses.replace(cfg, sample_prompt=prompt),
+            f"the default sample prompt {default!r} is not in this corpus' vocabulary; samples start from {prompt!r}")
 
 
 def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch.device) -> str:
@@ -273,8 +296,9 @@ class Trainer:
             torch.set_rng_state(rank_rng[self.d.rank].cpu())
         else:  # another world size: fresh per-rank streams; resumes, but not bit-identically
             torch.manual_seed(self.cfg.seed + self.d.rank + ckpt.iteration)
-            print(f"resuming on {self.d.world_size} rank(s) a run saved on {len(rank_rng)}: "
-                  "dropout streams restart from the seed")
+            if self.cfg.dropout > 0:  # without dropout nothing draws from these streams
+                print(f"resuming on {self.d.world_size} rank(s) a run saved on {len(rank_rng)}: "
+                      "dropout streams restart from the seed")
         meta = ckpt.meta
         self.iteration, self.best_val_loss = meta["iteration"], meta["best_val_loss"]
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
@@ -320,6 +344,15 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
     corpus = prepare_corpus(cfg, given)  # before any run directory: a bad --data costs nothing
     if resume:
         check_same_corpus(resume.meta.get("data"), corpus)
+        if resume.iteration >= cfg.max_iters and (run_dir / "artifacts" / "export" / "export.json").is_file():
+            print(f"{run_dir.name} already trained to max_iters={cfg.max_iters} and has its export: nothing left to "
+                  f"train; pass --max-iters N (more than {resume.iteration}) to train it further")
+            return 0
+    cfg, prompt_note = check_sample_prompt(cfg, corpus)
+    estimate = estimate_run(cfg, corpus.tokenizer.vocab_size, compute.device, compute.dtype, d.world_size,
+                            resume.iteration if resume else 0)
+    check_fits(estimate, compute.device)  # what cannot fit is refused now, not found out by allocating
+    notes += [prompt_note, *describe(estimate, compute.device)]
     status = RunStatus(Path(), enabled=False)
     if d.is_main:
         distributed.barrier(d)

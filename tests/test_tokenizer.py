@@ -63,6 +63,21 @@ def test_unknown_char_error_names_it(tiny_text: str) -> None:
         tok.encode_array("speak 🙂")
 
 
+def test_every_unknown_character_is_named_once_with_its_count(tiny_text: str) -> None:
+    """One try names them all: a fine-tune on new text used to refuse one character per attempt."""
+    tok = CharTokenizer.from_text(tiny_text)
+    with pytest.raises(ValueError) as err:
+        tok.encode("Zebra quibbles: 42 jugs")
+    msg = str(err.value)
+    assert msg.startswith("7 characters not in the vocabulary: 'b' (U+0062) x3, ")
+    for part in ("'Z' (U+005A) x1", "'j' (U+006A) x1", "'q' (U+0071) x1", "'4' (U+0034) x1", "'g' (U+0067) x1",
+                 "the first at position 0"):
+        assert part in msg
+    assert "\n" not in msg
+    with pytest.raises(ValueError, match=r"^30 characters .* and 10 more "):
+        tok.encode("".join(chr(0x4E00 + i) for i in range(30)))
+
+
 def test_bad_ids_and_vocabularies_are_errors(tiny_text: str) -> None:
     tok = CharTokenizer.from_text(tiny_text)
     for bad in ([tok.vocab_size], [-1]):

@@ -5,13 +5,14 @@
     status = RunStatus(run_dir); status.start(); ...; status.finish("completed", val_loss=1.47)
     resolve_run("latest", "runs")                       # newest run with an export
 
-The layout is described in DESIGN.md ("Runs"); every file under meta/ is written atomically.
+The layout is described in the README ("Runs"); every file under meta/ is written atomically.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -174,8 +175,10 @@ def utc_now() -> str:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-serializable form: tensors and numpy scalars become Python numbers."""
-    return value.item() if hasattr(value, "item") and callable(value.item) else value
+    """A JSON-serializable form: tensors and numpy scalars become Python numbers, and a non-finite
+    float null (JSON has no Infinity: Node's JSON.parse throws on it, jq reads 1.797e308)."""
+    value = value.item() if hasattr(value, "item") and callable(value.item) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class RunStatus:

@@ -1,0 +1,84 @@
+"""utils/estimate.py: memory and time before a run starts; what cannot fit is refused before it allocates."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model import LanguageModel
+from parameters import ModelConfig
+from utils.estimate import (Estimate, activation_bytes, check_fits, count_params, describe, estimate_run,
+                            flops_per_token)
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("changes", [{}, {"bias": False}, {"n_layer": 3, "n_embd": 48, "n_head": 3, "block_size": 40}])
+def test_parameter_and_flop_counts_equal_the_model(tiny_cfg: ModelConfig, changes: dict):
+    cfg = dataclasses.replace(tiny_cfg, **changes)
+    model = LanguageModel(cfg, 77)
+    assert count_params(cfg, 77) == model.num_params()
+    assert flops_per_token(cfg, 77) == model.flops_per_token()
+
+
+def saved_for_backward(cfg: ModelConfig, vocab: int) -> int:
+    """Bytes of the tensors autograd keeps from one forward (parameters excluded)."""
+    torch.manual_seed(0)
+    model = LanguageModel(cfg, vocab).train()
+    x = torch.randint(0, vocab, (cfg.batch_size, cfg.block_size))
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_the_activation_model_covers_what_autograd_saves(dropout: float):
+    cfg = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=64, batch_size=6, dropout=dropout)
+    saved = saved_for_backward(cfg, 300)
+    estimated = activation_bytes(cfg, 300, CPU, torch.float32)
+    logits = cfg.batch_size * cfg.block_size * 300 * 4
+    # The estimate adds two transient copies of the logits to what is saved; the rest agrees within 10%.
+    assert abs((estimated - 2 * logits) - saved) < 0.1 * saved, (estimated, saved)
+
+
+def test_a_run_that_cannot_fit_is_refused_at_once(tiny_cfg: ModelConfig):
+    t0 = time.perf_counter()
+    est = estimate_run(dataclasses.replace(tiny_cfg, n_layer=1_000_000), 65, CPU, torch.float32)
+    with pytest.raises(ValueError, match=r"this run needs about [\d,.]+ GB .* but cpu has .* lower n_layer"):
+        check_fits(est, CPU)
+    assert time.perf_counter() - t0 < 5  # arithmetic and one small matmul, not an allocation
+    check_fits(estimate_run(tiny_cfg, 65, CPU, torch.float32), CPU)
+
+
+def test_the_train_stage_refuses_before_creating_a_run(tiny_corpus: Path, tmp_path: Path):
+    argv = ["--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"), "--data-dir",
+            str(tmp_path / "data"), "--device", "cpu", "--dtype", "float32", "--batch-size", "100000000"]
+    with pytest.raises(ValueError, match="activations per micro-batch"):
+        train.main(argv)
+    assert not (tmp_path / "runs").exists()
+
+
+def fake(**fields) -> Estimate:
+    base = dict(params=10**6, state_bytes=16 * 10**6, activation_bytes=10**8, device_bytes=10**10,
+                available_bytes=10**10, step_seconds=0.05, total_seconds=100.0, steps=2000, evals=9, rate=1e11)
+    return Estimate(**{**base, **fields})
+
+
+def test_the_description_warns_of_hours_and_of_too_little_free_memory():
+    (line,) = describe(fake(), CPU)
+    assert line.startswith("estimate: memory ~0.1 GB of 10.0 GB available | ~50 ms/step, ~1m40s for 2,000 steps")
+    lines = describe(fake(total_seconds=30 * 3600.0, available_bytes=5 * 10**7), CPU)
+    assert any("more than the 50 MB free now" in line for line in lines)
+    assert any("hours on this cpu" in line and "--config debug" in line for line in lines)

@@ -1,0 +1,150 @@
+"""Before a run starts: the memory it needs and the time it takes, from its shape alone.
+
+    est = estimate_run(cfg, vocab_size, device, dtype, world_size=1, done_iters=0)
+    check_fits(est, device)        # a ValueError, before any run directory exists, if it cannot fit
+    print(describe(est))           # "memory ~1.2 GB of 23 GB | ~48 ms/step, ~1m50s for 2,000 steps + 9 evals"
+
+Memory: weights, gradients and AdamW's two moments (16 bytes per parameter), plus the activations one
+micro-batch saves for backward. The activation model was fitted to the bytes autograd saves in
+model.py on CPU (saved_tensors_hooks, float32; within 5% on four shapes): about 16.5 bytes x 4 per
+(layer, token, channel); with dropout 2.5 more, and on CPU 3 x 4 bytes per attention probability
+(the unfused path keeps them); and the logits 3 times over (log-softmax, its gradient, the head).
+Time: training FLOPs (model.flops_per_token's formula) over a square matmul's rate measured here in
+the run's dtype, at the utilization this project measured (README, Performance): an estimate that
+the loop's measured ETA replaces after its first log line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from parameters import ModelConfig
+from utils.console import format_duration
+from utils.device import synchronize
+
+# Utilization of the measured matmul rate that a training step reaches: the default recipe measured
+# 49% and shakespeare_char 74-76% on a 2-core EPYC (README); on CUDA nanoGPT-sized models without
+# compile reach roughly a third of peak.
+UTILIZATION = {"cpu": 0.5, "cuda": 0.35, "mps": 0.3}
+HOURS_WARNING_S = 3600
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: int
+    state_bytes: int        # weights, gradients and optimizer moments
+    activation_bytes: int   # what one micro-batch keeps for backward, at its peak
+    device_bytes: int       # the device's memory (CPU: physical memory, shared by ranks on it)
+    available_bytes: int    # what is free now (CPU: MemAvailable)
+    step_seconds: float
+    total_seconds: float    # the remaining steps and evals
+    steps: int
+    evals: int
+    rate: float             # the measured matmul FLOP/s behind the time
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.state_bytes + self.activation_bytes
+
+
+def count_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """LanguageModel(cfg, vocab_size).num_params(), without building it."""
+    C, b = cfg.n_embd, int(cfg.bias)
+    per_layer = 12 * C * C + b * (3 * C + C + 4 * C + C) + 2 * C * (1 + b)  # c_attn, c_proj, c_fc, c_proj, 2 LN
+    return cfg.n_layer * per_layer + vocab_size * C + cfg.block_size * C + C * (1 + b)
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
+    """LanguageModel.flops_per_token(), without building it: 6 N_matmul + 12 L C T."""
+    n_matmul = 12 * cfg.n_layer * cfg.n_embd ** 2 + vocab_size * cfg.n_embd
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def activation_bytes(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
+    B, T, C, L, H = cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head
+    per_value = 4 if dtype == torch.float32 else 2
+    dropout = cfg.dropout > 0
+    acts = L * B * T * C * per_value * (16.5 + 2.5 * dropout)
+    if dropout and device.type == "cpu":
+        acts += 3 * L * B * H * T * T * per_value
+    return int(acts + 3 * B * T * vocab_size * 4)
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(total, available now) bytes of the device's memory."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    total = available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+        available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    return total, available
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Best FLOP/s of two square matmuls in this dtype, after a warm-up one: tens of ms on a CPU."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    w = torch.randn(n, n, device=device).to(dtype).t()
+    a @ w
+    best = float("inf")
+    for _ in range(2):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ w
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype,
+                 world_size: int = 1, done_iters: int = 0) -> Estimate:
+    params = count_params(cfg, vocab_size)
+    state = 16 * params
+    acts = activation_bytes(cfg, vocab_size, device, dtype)
+    total, available = device_memory(device)
+    if device.type != "cuda":  # the ranks of a CPU run share the host's memory
+        state, acts = state * world_size, acts * world_size
+    rate = matmul_rate(device, dtype) * UTILIZATION.get(device.type, 0.3)
+    step = flops_per_token(cfg, vocab_size) * cfg.tokens_per_step / rate
+    eval_seconds = 2 * cfg.eval_iters * flops_per_token(cfg, vocab_size) / 3 * cfg.batch_size * cfg.block_size / rate
+    steps = max(0, cfg.max_iters - done_iters)
+    evals = steps // cfg.eval_interval + 1
+    return Estimate(params, state, acts, total, available, step, steps * step + evals * eval_seconds, steps, evals,
+                    rate / UTILIZATION.get(device.type, 0.3))
+
+
+def check_fits(est: Estimate, device: torch.device) -> None:
+    """A one-line ValueError if the run cannot fit in the device's memory at all."""
+    if est.peak_bytes > est.device_bytes:
+        raise ValueError(
+            f"this run needs about {_gb(est.peak_bytes)} ({est.params / 1e6:,.1f}M parameters: {_gb(est.state_bytes)} "
+            f"for weights, gradients and AdamW; {_gb(est.activation_bytes)} of activations per micro-batch) but "
+            f"{device.type} has {_gb(est.device_bytes)}; lower n_layer, n_embd, block_size or batch_size "
+            "(raise grad_accum_steps to keep the batch)")
+
+
+def describe(est: Estimate, device: torch.device) -> list[str]:
+    """The estimate line, and a warning when it is tight on memory or hours long."""
+    lines = [f"estimate: memory ~{_gb(est.peak_bytes)} of {_gb(est.available_bytes)} available | "
+             f"~{est.step_seconds * 1e3:,.0f} ms/step, ~{format_duration(est.total_seconds)} for {est.steps:,} steps "
+             f"and {est.evals} evals (a {est.rate / 1e12:.3f} TFLOP/s matmul measured here, "
+             f"{UTILIZATION.get(device.type, 0.3):.0%} of it assumed)"]
+    if est.peak_bytes > est.available_bytes:
+        lines.append(f"warning: the run needs about {_gb(est.peak_bytes)}, more than the {_gb(est.available_bytes)} "
+                     "free now: expect swapping or an out-of-memory kill")
+    if est.total_seconds > HOURS_WARNING_S:
+        smaller = "the default recipe (python train.py, minutes on a CPU) or --config debug (seconds)"
+        lines.append(f"warning: that is hours on this {device.type}; for a first run, try {smaller}")
+    return lines
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.0f} MB"
