@@ -173,8 +173,12 @@ class Trainer:
     aim_run_hash: str | None = None
     window: list = field(default_factory=list)  # per-step losses since the last log line (tensors)
     saved_at: int = -1
+    best_step: int = 0
+    sec_per_step: float | None = None  # a moving average over log windows: the ETA's pace
+    eval_seconds: float = 0.0          # the last eval's duration, for the ETA
 
     def __post_init__(self) -> None:
+        self.started = time.perf_counter()
         self.ctx = autocast(self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.ckpt_dir = self.run_dir / "artifacts" / "checkpoints"
@@ -183,6 +187,7 @@ class Trainer:
         """Train to max_iters; returns why it stopped: completed, early_stopping or interrupted."""
         cfg, reason = self.cfg, "completed"
         clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
+        self.first_iteration = self.iteration
         while self.iteration < cfg.max_iters:
             lr = get_lr(self.iteration, cfg)
             for group in self.optimizer.param_groups:
@@ -197,6 +202,9 @@ class Trainer:
                 self.tracker.log_histograms(it, self.raw_model)  # before zero_grad, while gradients exist
             self.optimizer.zero_grad(set_to_none=True)
             last = it == cfg.max_iters
+            if steps_timed == 1 and it == self.first_iteration + 1 and not (it % cfg.log_interval == 0 or last):
+                print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {loss.item():.4f} | first step "
+                      f"{time.perf_counter() - clock:.2f} s; then a line every {cfg.log_interval} steps", flush=True)
             if it % cfg.log_interval == 0 or last:
                 elapsed = time.perf_counter() - clock
                 train_time += elapsed
@@ -238,7 +246,10 @@ class Trainer:
         self.window = []
         train_loss = sum(losses) / len(losses)
         cfg, it = self.cfg, self.iteration
-        eta = format_duration((cfg.max_iters - it) * sec_per_step)
+        # The ETA's pace is a moving average over windows: one slow window on a busy machine moves it a third.
+        self.sec_per_step = sec_per_step if self.sec_per_step is None else 0.7 * self.sec_per_step + 0.3 * sec_per_step
+        evals_left = (cfg.max_iters // cfg.eval_interval) - (it // cfg.eval_interval)
+        eta = format_duration((cfg.max_iters - it) * self.sec_per_step + evals_left * self.eval_seconds)
         print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
               f"| {tok_s / 1e3:,.1f}k tok/s | ETA {eta}", flush=True)
         self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
@@ -248,8 +259,9 @@ class Trainer:
     def evaluate(self) -> None:
         """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best,
         any other result counts towards early stopping."""
-        it = self.iteration
+        it, t0 = self.iteration, time.perf_counter()
         losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
+        self.eval_seconds = time.perf_counter() - t0
         print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
         for split, value in losses.items():
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
@@ -257,7 +269,7 @@ class Trainer:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
         improved = losses["val"] < self.best_val_loss
         if improved:
-            self.best_val_loss, self.evals_since_best = losses["val"], 0
+            self.best_val_loss, self.evals_since_best, self.best_step = losses["val"], 0, it
             path = self.save()
             if self.d.is_main:
                 mark_best(self.ckpt_dir, path, losses["val"])
@@ -276,7 +288,7 @@ class Trainer:
             self.saved_at = self.iteration
             if not self.d.is_main:
                 return path
-            meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss,
+            meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best, "loss_window": window,
                     "aim_run_hash": self.aim_run_hash, "world_size": self.d.world_size,
                     "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "data": self.data}
@@ -302,6 +314,7 @@ class Trainer:
         meta = ckpt.meta
         self.iteration, self.best_val_loss = meta["iteration"], meta["best_val_loss"]
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
+        self.best_step = meta.get("best_step", 0)
         self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
 
 
@@ -481,7 +494,19 @@ def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
         print(f"interrupted at iteration {trainer.iteration}; continue with: python train.py --resume {run_dir}")
         return stop.exit_code
     trainer.status.finish("completed", **metrics)
+    print(summary(trainer))
     return 0
+
+
+def summary(trainer: Trainer) -> str:
+    """The end of a completed run: what it took, what it reached, where it went, what to type next."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    tokens = trainer.iteration * cfg.tokens_per_step * trainer.d.world_size
+    best = (f"best val loss {trainer.best_val_loss:.4f} at step {trainer.best_step}"
+            if math.isfinite(trainer.best_val_loss) else "no eval")
+    return (f"done in {format_duration(time.perf_counter() - trainer.started)}: {trainer.iteration:,} steps, "
+            f"{tokens:,} tokens; {best}; export {run_dir / 'artifacts' / 'export'}\n"
+            f"next: python inference.py --run {run_dir} --prompt \"...\"   |   tensorboard --logdir {run_dir.parent}")
 
 
 if __name__ == "__main__":

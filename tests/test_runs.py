@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing as mp
 import os
@@ -231,6 +232,26 @@ def test_console_log_tees_and_restores(tmp_path: Path, capsys: pytest.CaptureFix
     captured = capsys.readouterr()
     assert "hello log" in captured.out and "step 1/3\rstep 2/3" in captured.out and "to stderr" in captured.err
     assert log_path.read_text() == "hello log\nto stderr\nstep 3/3\nwindows line\nunfinished\n"
+
+
+class _ClosedPipe(io.StringIO):
+    """A console whose reader has gone away, as with `python train.py | head -3`."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_console_never_stops_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    log_path = tmp_path / "train.log"
+    restore = setup_console_log(log_path)
+    print("step 1/3", flush=True)  # raised BrokenPipeError and failed the run before
+    print("step 2/3", flush=True)
+    restore()
+    assert log_path.read_text() == "step 1/3\nstep 2/3\n"
 
 
 def test_format_duration() -> None:

@@ -11,6 +11,7 @@ descriptors by C code or child processes reaches the console but not the log.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from pathlib import Path
@@ -59,17 +60,35 @@ class _Tee:
         self._echo = echo
 
     def write(self, text: str) -> int:
-        n = self._stream.write(text) if self._echo else None
+        if self._echo:
+            try:
+                self._stream.write(text)
+            except BrokenPipeError:
+                self._console_closed()
         if self._log is not None:
             self._pending = self._log.write_lines(self._pending, text)
-        return len(text) if n is None else n
+        return len(text)
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
-        self._stream.flush()
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._console_closed()
+
+    def _console_closed(self) -> None:
+        """The reader went away (`train.py | head -3`): stop echoing, keep logging, and point the
+        descriptor at /dev/null so no later flush (ours, or Python's at exit) fails on it."""
+        self._echo = False
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no real descriptor (e.g. a StringIO)
+            pass
 
     def detach_log(self) -> None:
         """Log the unfinished last line (its final state), then write to the console only."""
