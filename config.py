@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import reprlib
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +149,13 @@ def default_config_files(config_dir: Path) -> list[Path]:
     return [legacy] if legacy.is_file() else []
 
 
-def resolve_config_arg(spec: str, config_dir: Path) -> Path:
-    """--config takes a path, or the name of a preset in configs/presets/."""
+def resolve_config_arg(spec: str, config_dir: Path | None) -> Path:
+    """--config takes a path, or (where the stage has a config_dir) the name of a preset in configs/presets/."""
     path = Path(spec)
     if path.is_file():
         return path
+    if config_dir is None:
+        raise FileNotFoundError(f"config file '{spec}' does not exist")
     for candidate in (config_dir / "presets" / spec, config_dir / "presets" / f"{spec}.yaml"):
         if candidate.is_file():
             return candidate
@@ -162,43 +165,72 @@ def resolve_config_arg(spec: str, config_dir: Path) -> Path:
     )
 
 
-def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse.ArgumentParser], None]) -> _Parser:
-    """--help generated from the dataclass: one flag per field, in both --a-b and --a_b forms."""
+def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse.ArgumentParser], None],
+                 shown: dict[str, tuple[Any, str]] | None = None, yaml_where: str = "--config FILE") -> _Parser:
+    """--help generated from the dataclass: one flag per field, in both --a-b and --a_b forms. `shown`
+    maps a field to the (value, origin) that will apply, so --help tells what a run will really use."""
     parser = _Parser(description=description, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stage_args(parser)
-    group = parser.add_argument_group(f"{cls.__name__} fields (also settable in YAML)")
+    group = parser.add_argument_group(f"{cls.__name__} fields (also settable in YAML: {yaml_where})")
     types, switches = _types(cls), _switches(cls)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         typ = types[f.name]
         choices = f.metadata.get("choices")
         meta = "{" + ",".join(choices) + "}" if choices else typ.__name__.upper()
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        value, origin = (shown or {}).get(f.name, (f.default, ""))
+        help_text = f"{f.metadata.get('help', '')} (default: {short(value)}{', from ' + origin if origin else ''})"
         group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar=meta, help=help_text,
                            **({"nargs": "?", "const": "true"} if typ is bool or f.name in switches else {}))
     return parser
 
 
+def _config_files(config_dir: Path | None, specs: list[str]) -> list[Path]:
+    """configs/*.yaml (or the legacy config.json) where there is a config_dir, then the --config files."""
+    files = default_config_files(config_dir) if config_dir is not None else []
+    return files + [resolve_config_arg(spec, config_dir) for spec in specs]
+
+
+def _defaults_for_help(cls: type, argv: list[str], config_dir: Path | None) -> dict[str, tuple[Any, str]]:
+    """(value, file) of every field a config file sets, as a run with these flags would merge them.
+    Only for --help, which must show something even where a file is broken: those are left out."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", action="append", default=[])
+    shown: dict[str, tuple[Any, str]] = {}
+    try:
+        files = _config_files(config_dir, pre.parse_known_args(argv)[0].config)
+    except (ValueError, FileNotFoundError):
+        return shown
+    for path in files:
+        try:
+            values = check_values(cls, read_config_file(path), str(path))
+        except (ValueError, FileNotFoundError):
+            continue
+        where = path.relative_to(PROJECT_DIR) if path.is_relative_to(PROJECT_DIR) else path
+        shown.update({k: (v, str(where)) for k, v in values.items()})
+    return shown
+
+
 def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Path | None = CONFIG_DIR,
           add_stage_args: Callable[[argparse.ArgumentParser], None] = lambda p: None,
           validate: bool = True) -> Parsed:
-    """Parse argv into a `cls` instance (validated unless asked not to); config_dir=None means no
-    config files at all."""
-    parser = build_parser(cls, description, add_stage_args)
+    """Parse argv into a `cls` instance (validated unless asked not to). config_dir holds the default
+    config files and presets; None means none (the stage may still take --config FILE)."""
+    argv = sys.argv[1:] if argv is None else argv
+    shown = _defaults_for_help(cls, argv, config_dir) if {"-h", "--help"} & set(argv) else None
+    where = "configs/*.yaml or --config FILE|PRESET" if config_dir is not None else "--config FILE"
+    parser = build_parser(cls, description, add_stage_args, shown, where)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0].split("=")[0]
         match = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), _types(cls), n=1, cutoff=0.6)
         hint = f" (did you mean '--{match[0].replace('_', '-')}'?)" if match else ""
         raise ValueError(f"command line: unknown option '{flag}'{hint}; see --help")
-    files: list[Path] = []
+    files = _config_files(config_dir, getattr(ns, "config", None) or [])
     values: dict[str, Any] = {}
-    if config_dir is not None:
-        files = default_config_files(config_dir)
-        files += [resolve_config_arg(spec, config_dir) for spec in getattr(ns, "config", None) or []]
-        for path in files:
-            values.update(check_values(cls, read_config_file(path), str(path)))
+    for path in files:
+        values.update(check_values(cls, read_config_file(path), str(path)))
     # Field flags default to SUPPRESS, so the namespace holds only flags given plus the stage's own.
     types = _types(cls)
     cli = check_values(cls, {k: v for k, v in vars(ns).items() if k in types}, "command line")
@@ -209,7 +241,7 @@ def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Pa
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
-    """--config, shared by every stage that reads ModelConfig."""
+    """--config, shared by every stage."""
     parser.add_argument("--config", action="append", metavar="FILE",
                         help="YAML/JSON config merged over configs/*.yaml; a bare name means "
                              "configs/presets/NAME.yaml; may repeat (later wins)")

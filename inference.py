@@ -3,6 +3,8 @@
     python inference.py                                   # newest run that has an export
     python inference.py --run runs/<id> --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
     python inference.py --prompt-file prompt.txt --num-samples 3 --top-p 0.9
+    python inference.py --run runs/<id> --checkpoint best            # or latest, or step_2000
+    python inference.py --config sampling.yaml                      # any of the flags below, as YAML
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Iterator
 
 import torch
 
-from config import parse
+from config import add_config_arg, parse
 from parameters import GenerateConfig
-from utils.export import load_export
+from utils.checkpoint import find_checkpoint, is_checkpoint
+from utils.export import load_checkpoint_model, load_export
 from utils.cli import run_main
 from utils.device import resolve_device
 from utils.run_state import run_state
@@ -55,16 +58,36 @@ def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: t
         yield tokenizer.decode(pending)
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse(GenerateConfig, argv, __doc__, config_dir=None).config
-    run_dir = resolve_run(cfg.run, cfg.runs_dir)
-    device = resolve_device(cfg.device)
-    model, tokenizer, _ = load_export(run_dir, device)
-    prompt = read_prompt(cfg)
-    ids = tokenizer.encode(prompt)  # an unknown character is a ValueError that names it
+def load_model(cfg: GenerateConfig, device: torch.device):
+    """(model, tokenizer, what was loaded): the run's export, or one of its checkpoints, which is how
+    steps are compared (--checkpoint best, or --run .../checkpoints/step_N)."""
+    path = Path(cfg.run)
+    if is_checkpoint(path):
+        run_dir, ckpt = path.parent.parent.parent, path
+    elif cfg.checkpoint:
+        run_dir = resolve_run(cfg.run, cfg.runs_dir, need_export=False)
+        ckpt = find_checkpoint(run_dir, cfg.checkpoint)
+    else:
+        run_dir = resolve_run(cfg.run, cfg.runs_dir)
+        model, tokenizer, _ = load_export(run_dir, device)
+        return model, tokenizer, _describe(run_dir, "export")
+    model, tokenizer, _ = load_checkpoint_model(ckpt, device)
+    return model, tokenizer, _describe(run_dir, f"checkpoint {ckpt.name}")
+
+
+def _describe(run_dir: Path, what: str) -> str:
     state = run_state(run_dir)
     ended = "" if state.state == "completed" else f" ({state.state}{': ' + state.detail if state.detail else ''})"
-    print(f"# {run_dir}{ended} | {model.num_params() / 1e6:.2f}M parameters | {device}", file=sys.stderr)
+    return f"{run_dir}{ended} | {what}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(GenerateConfig, argv, __doc__, config_dir=None, add_stage_args=add_config_arg).config
+    device = resolve_device(cfg.device)
+    model, tokenizer, loaded = load_model(cfg, device)
+    prompt = read_prompt(cfg)
+    ids = tokenizer.encode(prompt)  # an unknown character is a ValueError that names it
+    print(f"# {loaded} | {model.num_params() / 1e6:.2f}M parameters | {device}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for i in range(cfg.num_samples):
         if i:

@@ -165,7 +165,9 @@ RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_inte
 
 @dataclass
 class GenerateConfig(Validated):
-    run: str = knob("latest", "run directory (or its export/ folder) to load; latest = newest run with an export")
+    run: str = knob("latest", "run directory, its export/ folder, or one of its checkpoints/step_N folders; "
+                                "latest = newest run with an export")
+    checkpoint: str = knob("", "sample from this checkpoint of the run instead of its export: best, latest or step_N")
     runs_dir: str = knob("runs", "where `latest` looks for runs")
     prompt: str = knob("\n", "text the samples continue")
     prompt_file: str = knob("", "read the prompt from this file instead of --prompt")

@@ -248,6 +248,27 @@ def _jsonable(obj: Any) -> Any:
     return [_jsonable(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
 
 
+def is_checkpoint(path: Path) -> bool:
+    return path.name.startswith(PREFIX) and (path / "meta.json").is_file()
+
+
+def find_checkpoint(run_dir: Path, name: str) -> Path:
+    """A run's checkpoint by name: best, latest (the newest that verifies), step_N or N."""
+    ckpt_dir = run_dir / "artifacts" / "checkpoints"
+    if name == "best":
+        path = best_checkpoint(ckpt_dir)
+    elif name == "latest":
+        path = getattr(latest_good(ckpt_dir)[0], "path", None)
+    else:
+        digits = name.removeprefix(PREFIX)
+        path = ckpt_dir / f"{PREFIX}{int(digits):06d}" if digits.isdigit() else None
+    if path is None or not path.is_dir():
+        have = ", ".join(p.name for p in find_checkpoints(ckpt_dir)) or "none"
+        raise FileNotFoundError(f"run '{run_dir}' has no checkpoint '{name}' (it has: {have}); use best, latest "
+                                "or one of those")
+    return path
+
+
 def find_resume(spec: str, runs_dir: str | Path) -> tuple[Path, Checkpoint, list[str]]:
     """(run dir, newest good checkpoint, notes) for --resume RUN|latest. The notes name damaged
     checkpoints skipped, how the run ended (e.g. killed), and for latest which run it picked and why."""

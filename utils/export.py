@@ -23,6 +23,7 @@ from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
+from utils.checkpoint import load_weights, verify
 from utils.files import atomic_write_json, sha256_file
 
 WEIGHTS = "model.safetensors"
@@ -79,6 +80,16 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[L
     except RuntimeError as e:  # names or shapes that are not this config's model
         raise ValueError(f"{weights} does not fit config.json and tokenizer.json (vocab {tokenizer.vocab_size}): "
                          f"{' '.join(str(e).split())[:300]}") from None
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+    """(model in eval mode, tokenizer, config) from a training checkpoint, verified as resume verifies it."""
+    meta = verify(path)
+    config = ModelConfig(**check_values(ModelConfig, meta["config"], str(path / "meta.json"))).validate()
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    model = LanguageModel(config, tokenizer.vocab_size)
+    load_weights(path, model, torch.device(device))
     return model.to(device).eval(), tokenizer, config
 
 
