@@ -20,12 +20,13 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
+import os
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ PHASES = ("data", "forward", "backward", "optimizer")
 ATTENTION_MARKS = ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "efficient_attention")
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
 PEAK_SIZES = "2048,3072,4096"
+MAX_SPREAD = 0.15  # repeats of a timing further apart than this mean a busy machine
 MIN_ROUNDS = 3  # alternated timed rounds of the bare step and of the loop; the best of each counts
 PROMPT_TOKENS = 8  # "a short prompt": generation then runs past block_size from almost nothing
 GEN_KEYS = ("gen_tokens", "gen_prompt_tokens", "gen_identical", "gen_cached_tokens_per_sec",
@@ -294,24 +296,61 @@ def measure_training(cfg, args, tokenizer, splits, raw_model, model, optimizer, 
 
     for i in range(args.warmup_steps):
         run_step(i)
-    sec = loop_sec = math.inf
-    rounds, timed = 0, 0.0
-    while rounds < MIN_ROUNDS or timed < args.min_seconds:
-        bare = timed_steps(run_step, args.steps, device)
-        loop = loop_seconds_per_step(model, raw_model, optimizer, splits, tokenizer, cfg, device, dtype, args.steps)
-        sec, loop_sec = min(sec, bare), min(loop_sec, loop)
-        rounds, timed = rounds + 1, timed + (bare + loop) * args.steps
+    bare_rounds, loop_rounds = [], []
+    while len(bare_rounds) < MIN_ROUNDS or sum(bare_rounds + loop_rounds) * args.steps < args.min_seconds:
+        bare_rounds.append(timed_steps(run_step, args.steps, device))
+        loop_rounds.append(loop_seconds_per_step(model, raw_model, optimizer, splits, tokenizer, cfg, device, dtype,
+                                                 args.steps))
         after_round()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with without_usdt_lines(), profile(activities=activities) as prof:
         for i in range(args.steps):
             with record_function(STEP):
                 run_step(i)
     phases, kinds, top = breakdown(prof, on_gpu=device.type == "cuda")
+    sec, loop_sec = min(bare_rounds), min(loop_rounds)
     figures = {"ms_per_step": sec * 1e3, "tokens_per_sec": cfg.tokens_per_step / sec,
                "loop_ms_per_step": loop_sec * 1e3, "loop_tokens_per_sec": cfg.tokens_per_step / loop_sec,
-               "loop_overhead": 1.0 - sec / loop_sec, "timed_rounds": rounds, "phases": phases, "op_kinds": kinds}
+               "loop_overhead": 1.0 - sec / loop_sec, "timed_rounds": len(bare_rounds), "phases": phases,
+               "op_kinds": kinds, "spread": {"step": spread(bare_rounds), "loop": spread(loop_rounds)}}
     return figures, prof, top
+
+
+def spread(times: list[float]) -> float:
+    """How far repeats of one measurement disagree: slowest over fastest, minus 1."""
+    return max(times) / min(times) - 1.0
+
+
+def noise_warning(spreads: dict[str, float]) -> str:
+    """A warning when repeats disagree by more than MAX_SPREAD: the machine was busy, and figures
+    built from them (MFU, the loop's overhead) cannot be trusted."""
+    noisy = {k: v for k, v in spreads.items() if v > MAX_SPREAD}
+    if not noisy:
+        return ""
+    load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; " if hasattr(os, "getloadavg") else ""
+    return (f"warning: repeated measurements disagree ({', '.join(f'{k} by {v:.0%}' for k, v in noisy.items())}; "
+            f"{load}more than {MAX_SPREAD:.0%} is a busy machine): MFU and the loop's overhead are unreliable; "
+            "measure again on a quiet machine")
+
+
+@contextlib.contextmanager
+def without_usdt_lines() -> Iterator[None]:
+    """torch's profiler writes "USDT: ... profiler_start/stop" lines from C++ straight to file
+    descriptor 2; they are held back, and anything else written there meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not line.startswith("USDT:"):
+                    sys.stderr.write(line)
 
 
 def generation_figures(raw_model: LanguageModel, splits: dict, args, device: torch.device) -> tuple[dict, str | None]:
@@ -349,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     gen_figs, mismatch = generation_figures(raw_model, splits, args, device)
     peaks.append(measure_peak_flops(device, dtype, peak_sizes))
     peak, peak_n, peak_layout = max(peaks)
+    sampled = [rate for rate, size, lay in peaks if (size, lay) == (n, layout)]
+    train_figs["spread"]["peak"] = spread([1 / r for r in sampled]) if len(sampled) > 1 else 0.0
 
     flops_per_token = raw_model.flops_per_token()
     model_flops = flops_per_token * train_figs["tokens_per_sec"]
@@ -369,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.batch_size} x {cfg.block_size}, {device}, {figures['dtype']}, {figures['threads']} threads) "
           f"-> {out_dir}")
     print(report)
+    if warning := noise_warning(figures["spread"]):
+        print(warning, file=sys.stderr)
     print(json.dumps({**figures, "out_dir": str(out_dir)}))
     if mismatch:
         print(f"error: {mismatch}", file=sys.stderr)

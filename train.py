@@ -28,7 +28,7 @@ from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_b
 from data import Corpus, check_same_corpus, get_batch, prepare_corpus
 from model import LanguageModel
 from parameters import ModelConfig
-from tokenizer import build_tokenizer, tokenizer_from_dict
+from tokenizer import tokenizer_from_dict
 from utils.checkpoint import (Checkpoint, best_checkpoint, find_resume, latest_good, load_checkpoint, load_weights,
                               mark_best, rotate, save_checkpoint, verify)
 from utils.distributed import Dist
