@@ -39,7 +39,7 @@ class Parsed:
     args: argparse.Namespace    # the stage's own flags (e.g. print_config)
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that raises ValueError instead of exiting, so stages report one line and exit 2."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -166,10 +166,10 @@ def resolve_config_arg(spec: str, config_dir: Path | None) -> Path:
 
 
 def build_parser(cls: type, description: str, add_stage_args: Callable[[argparse.ArgumentParser], None],
-                 shown: dict[str, tuple[Any, str]] | None = None, yaml_where: str = "--config FILE") -> _Parser:
+                 shown: dict[str, tuple[Any, str]] | None = None, yaml_where: str = "--config FILE") -> Parser:
     """--help generated from the dataclass: one flag per field, in both --a-b and --a_b forms. `shown`
     maps a field to the (value, origin) that will apply, so --help tells what a run will really use."""
-    parser = _Parser(description=description, allow_abbrev=False,
+    parser = Parser(description=description, allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stage_args(parser)
     group = parser.add_argument_group(f"{cls.__name__} fields (also settable in YAML: {yaml_where})")
