@@ -28,6 +28,7 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 ENDOFTEXT = "<|endoftext|>"
 
 MAX_NAMED_CHARS = 20  # unknown characters named in one error line; the rest are counted
+ENCODE_CHUNK = 1 << 22  # characters per step of CharTokenizer.encode_array
 
 # surrogatepass: every Python str, even one holding a lone surrogate, maps to code points and back.
 _UTF32 = ("utf-32-le", "surrogatepass")
@@ -85,18 +86,27 @@ class CharTokenizer:
         return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of `text` as an int64 array; vectorized, for whole corpora."""
-        codepoints = np.frombuffer(text.encode(*_UTF32), dtype=np.uint32)
-        pos = np.searchsorted(self._sorted_codepoints, codepoints)
-        pos = np.minimum(pos, len(self._sorted_codepoints) - 1)
-        known = self._sorted_codepoints[pos] == codepoints
-        if not known.all():
-            self._raise_unknown(codepoints[~known], int(np.argmin(known)))
-        return self._order[pos].astype(np.int64, copy=False)
+        """Token ids of `text` as a uint32 array; vectorized, for whole corpora, and in chunks so that
+        the temporaries stay a few tens of MB whatever the corpus size."""
+        out = np.empty(len(text), dtype=np.uint32)
+        unknown: list[np.ndarray] = []
+        first = -1
+        for start in range(0, len(text), ENCODE_CHUNK):
+            codepoints = np.frombuffer(text[start:start + ENCODE_CHUNK].encode(*_UTF32), dtype=np.uint32)
+            pos = np.searchsorted(self._sorted_codepoints, codepoints)
+            pos = np.minimum(pos, len(self._sorted_codepoints) - 1)
+            known = self._sorted_codepoints[pos] == codepoints
+            if not known.all():
+                unknown.append(np.unique(codepoints[~known]))  # per chunk, so counts come from a second pass
+                first = first if first >= 0 else start + int(np.argmin(known))
+            out[start:start + len(codepoints)] = self._order[pos]
+        if unknown:
+            self._raise_unknown(text, np.unique(np.concatenate(unknown)), first)
+        return out
 
-    def _raise_unknown(self, unknown: np.ndarray, first: int) -> None:
+    def _raise_unknown(self, text: str, codes: np.ndarray, first: int) -> None:
         """One line naming every character the vocabulary lacks (the most frequent first), with counts."""
-        codes, counts = np.unique(unknown, return_counts=True)
+        counts = np.array([text.count(chr(c)) for c in codes])
         order = np.argsort(-counts, kind="stable")
         shown = ", ".join(f"{chr(codes[i])!r} (U+{codes[i]:04X}) x{counts[i]:,}" for i in order[:MAX_NAMED_CHARS])
         more = f" and {len(codes) - MAX_NAMED_CHARS} more" if len(codes) > MAX_NAMED_CHARS else ""
@@ -190,7 +200,8 @@ class Gpt2Tokenizer:
         return gpt2_encoding().encode(text, allowed_special={ENDOFTEXT})
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=np.int64)
+        """Token ids as a uint32 array, straight from tiktoken (no list of Python ints in between)."""
+        return gpt2_encoding().encode_to_numpy(text, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
         """The text of a 1-D sequence of ids; bytes that are not valid UTF-8 become U+FFFD."""

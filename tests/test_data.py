@@ -256,3 +256,14 @@ def test_global_batch_is_sliced_by_micro_step_and_rank() -> None:
     mixed = torch.cat([get_batch(tokens, 2, 16, seed=3, step=5, micro=m, n_micro=2, rank=r, world_size=2)[0]
                        for r in range(2) for m in range(2)])
     assert torch.equal(whole, micro) and torch.equal(whole, ranks) and torch.equal(whole, mixed)
+
+
+def test_a_corpus_too_big_to_tokenize_in_memory_is_refused_before_it_is_read(tiny_corpus: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    size = tiny_corpus.stat().st_size
+    monkeypatch.setattr(data, "host_memory", lambda: (10**12, 5 * size))  # room for 5x the text, not 10x
+    with pytest.raises(ValueError, match=r"tokenizing .*tiny.txt \(0 MB of text\) takes about .* GB of memory, more "
+                                         r"than the .* GB available"):
+        data.check_tokenizing_fits(str(tiny_corpus), "char")
+    data.check_tokenizing_fits(str(tiny_corpus), "gpt2")  # 5x fits
+    data.check_tokenizing_fits("shakespeare", "char")  # the named corpora are small

@@ -30,12 +30,16 @@ def test_char_round_trip_unicode() -> None:
     assert tok.decode(tok.encode("日本")) == "日本"
 
 
-def test_encode_array_equals_encode(tiny_text: str) -> None:
+def test_encode_array_equals_encode(tiny_text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for text in (tiny_text, UNICODE_TEXT):
         tok = CharTokenizer.from_text(text)
-        arr = tok.encode_array(text)
-        assert arr.dtype == np.int64
-        assert arr.tolist() == tok.encode(text)
+        whole = tok.encode_array(text)
+        assert whole.dtype == np.uint32  # 4 bytes a character: a big corpus is not 8
+        monkeypatch.setattr(tk, "ENCODE_CHUNK", 7)  # chunk edges inside the text change nothing
+        assert tok.encode_array(text).tolist() == whole.tolist() == tok.encode(text)
+        monkeypatch.undo()
+    gpt2 = Gpt2Tokenizer()
+    assert gpt2.encode_array(tiny_text).tolist() == gpt2.encode(tiny_text)
 
 
 def test_char_ids_follow_the_given_order() -> None:
