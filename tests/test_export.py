@@ -98,3 +98,23 @@ def test_an_oversized_json_file_is_refused_before_it_is_read(export: Path, tiny_
     monkeypatch.setattr(utils.export, "MAX_JSON_BYTES", 100)
     with pytest.raises(ValueError, match="more than any file gptlab writes"):
         load_export(unhashed(export, tiny_cfg))
+
+
+def test_the_readme_snippet_for_using_an_export_runs(trained_run: Path, tmp_path: Path):
+    """The README's "Using an export from your own code", run as it says: PYTHONPATH and a run directory."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Using an export from your own code"):]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start:section.index("\n```", start)]
+    script = tmp_path / "use_export.py"
+    script.write_text(snippet.replace('"ROMEO:"', '"All:"'))  # characters the test corpus has
+    res = subprocess.run([sys.executable, str(script), str(trained_run)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("All:") and len(res.stdout) > len("All:") + 20
