@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Until the loop runs, SIGINT/SIGTERM stop the start-up at once (Interrupted); from then on they
         # ask the loop to stop after its current step. The ExitStack holds the run directory's lock.
-        with GracefulStop(immediate=True) as stop, contextlib.ExitStack() as held:
+        with GracefulStop(immediate=True, announce=d.is_main) as stop, contextlib.ExitStack() as held:
             return run(parsed, d, device_name, held, stop)
     finally:
         distributed.teardown(d)

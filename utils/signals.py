@@ -37,9 +37,10 @@ class Interrupted(BaseException):
 class GracefulStop:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, immediate: bool = False) -> None:
+    def __init__(self, immediate: bool = False, announce: bool = True) -> None:
         self.signum: int | None = None
         self.immediate = immediate
+        self.announce = announce  # False on torchrun ranks other than 0: the console hears it once
         self._holding = False
         self._previous: dict[int, Any] = {}
 
@@ -60,8 +61,9 @@ class GracefulStop:
             return
         if self.immediate:
             raise Interrupted(signum)
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-              "and the export (send it again to stop at once)", file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+                  "and the export (send it again to stop at once)", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
