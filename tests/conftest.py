@@ -1,14 +1,21 @@
-"""Shared fixtures: a tiny config, a tiny corpus, the optional tiny shakespeare file, a CLI runner.
+"""Shared fixtures: a tiny config, a tiny corpus, the optional tiny shakespeare file, stage runners.
 
+Stages are tested in this process through their main(argv) (call_main, user_error): a subprocess pays
+seconds of `import torch` per launch. Subprocesses (run_cli, start_cli) are kept for what needs a
+process of its own: the CLI contract (exit code 2, one `error:` line), signals, torchrun.
 Tests never touch the network: GPTLAB_OFFLINE=1 is set for this process and every subprocess.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -57,34 +64,65 @@ def shakespeare_path() -> Path:
     return SHAKESPEARE
 
 
-def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run a stage script of the repo in a subprocess; returns the completed process (text mode)."""
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd or REPO, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "GPTLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-    )
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "GPTLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_cli(script: str, *args: str, cwd: Path | None = None, timeout: float = 240,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a stage script of the repo in a subprocess; returns the completed process (text mode).
+    For the CLI contract only; test what a stage does with call_main."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env or cli_env())
+
+
+def call_main(main: Callable[[list[str]], int | None], *args: str) -> subprocess.CompletedProcess:
+    """A stage's main(argv) in this process, with what it printed: run_cli without the start-up.
+    A user error is raised, where the CLI would exit 2 with one line: check it with user_error()."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def user_error(*fragments: str, kind: type[Exception] = ValueError) -> Iterator[pytest.ExceptionInfo]:
+    """In this process, what the CLI prints as one `error:` line with exit code 2 (utils/cli.py):
+    a `kind` error (ValueError or FileNotFoundError) whose message is one line holding every fragment."""
+    with pytest.raises(kind) as info:
+        yield info
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """One debug-preset run of train.py in a subprocess, shared by the tests that inspect a run."""
+    """One debug-preset run of train.py, shared by the tests that inspect a run; its stdout is kept
+    in the run directory as stdout.txt."""
+    import train
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "tiny.txt"
     corpus.write_text(TINY_TEXT, encoding="utf-8")
-    res = run_cli("train.py", "--config", "debug", "--data", str(corpus), "--runs-dir", str(root / "runs"),
-                  "--data-dir", str(root / "data"), "--device", "cpu", "--run-tag", "e2e", "--seed", "7")
+    res = call_main(train.main, "--config", "debug", "--data", str(corpus), "--runs-dir", str(root / "runs"),
+                    "--data-dir", str(root / "data"), "--device", "cpu", "--run-tag", "e2e", "--seed", "7")
     assert res.returncode == 0, res.stdout + res.stderr
     (run_dir,) = (root / "runs").iterdir()
     (run_dir / "stdout.txt").write_text(res.stdout, encoding="utf-8")
     return run_dir
 
 
-def start_cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+def start_cli(script: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a stage script with line-buffered stdout (stderr merged) for tests that signal it."""
-    return subprocess.Popen(
-        [sys.executable, str(REPO / script), *args], cwd=cwd or REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**os.environ, "GPTLAB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-    )
+    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env or cli_env())
+
+
+def resume_target(out: str, iters: int) -> int:
+    """How far to resume a run that was started never to finish and then interrupted (`out`: its output,
+    a "step N/" line per step): `iters`, unless the signal landed so late on a loaded machine that the
+    run had taken that many steps already; then the next multiple of 10 after its last step."""
+    last_step = max(int(n) for n in re.findall(r"^step +(\d+)/", out, re.MULTILINE))
+    return max(iters, (last_step // 10 + 1) * 10)
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import train
 from config import CONFIG_DIR, load_config, parse
-from conftest import REPO, run_cli
+from conftest import REPO, call_main, run_cli
 from parameters import GenerateConfig, ModelConfig
 
 
@@ -183,13 +184,15 @@ def test_generate_config_parses_without_config_files():
         parse(GenerateConfig, ["--top-p", "0"], "", config_dir=None)
 
 
-def test_cli_help_and_print_config():
-    res = run_cli("train.py", "--help")
-    assert res.returncode == 0
+def test_cli_help_and_print_config(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exited:  # argparse exits after --help
+        train.main(["--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
     for f in dataclasses.fields(ModelConfig):
-        assert f"--{f.name.replace('_', '-')}" in res.stdout
-    assert "transformer blocks" in res.stdout
-    res = run_cli("train.py", "--config", "debug", "--n-layer", "3", "--print-config")
+        assert f"--{f.name.replace('_', '-')}" in help_text
+    assert "transformer blocks" in help_text
+    res = call_main(train.main, "--config", "debug", "--n-layer", "3", "--print-config")
     assert res.returncode == 0, res.stderr
     printed = yaml.safe_load(res.stdout)
     expected = load_config(["--config", "debug", "--n-layer", "3"]).config.to_dict()
@@ -198,6 +201,7 @@ def test_cli_help_and_print_config():
 
 
 def test_cli_config_error_is_one_line_exit_2():
+    """The CLI contract, once through a real process: a ValueError from the config."""
     res = run_cli("train.py", "--n-layer", "x", cwd=REPO)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "n_layer: expected an integer" in res.stderr

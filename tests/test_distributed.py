@@ -13,7 +13,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import REPO, run_cli, wait_for_line
+import train
+from conftest import REPO, call_main, resume_target, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_corpus: Path, tmp
     assert res.stdout.count("step 20/20") == 1  # the console hears rank 0 only
     assert "step 20/20" in (run_dir / "logs" / "train.rank1.log").read_text()
     assert json.loads((run_dir / "meta" / "status.json").read_text())["world_size"] == 2
-    single = run_cli("train.py", *args(tiny_corpus, tmp_path, "single", "--batch-size", "8"))
+    single = call_main(train.main, *args(tiny_corpus, tmp_path, "single", "--batch-size", "8"))
     assert single.returncode == 0, single.stderr
     ddp_w, single_w = export_of(tmp_path / "ddp"), export_of(tmp_path / "single")
     for k in ddp_w:  # the same update up to float summation order: 2 x 4 sequences == 1 x 8
@@ -58,27 +59,30 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_corpus: Path, tmp
 
 
 def test_interrupted_two_rank_run_resumes_exactly(tiny_corpus: Path, tmp_path: Path):
-    # 100 steps after the signal at step 12 are margin: on a loaded machine the line is read late, and a
-    # 20-step run used to end before the signal arrived.
-    extra = ("--batch-size", "4", "--dropout", "0.1", "--max-iters", "120", "--eval-interval", "20",
-             "--checkpoint-interval", "10")
-    full = torchrun(*args(tiny_corpus, tmp_path, "full", *extra))
-    assert full.returncode == 0, full.stderr
-    proc = subprocess.Popen(torchrun_cmd(*args(tiny_corpus, tmp_path, "cut", *extra)), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_line(proc, " 12/120 ")
+    # The run to cut never ends by itself (a loaded machine may read the progress line late), and resumes
+    # with --max-iters 20, keeping its recorded schedule (lr_decay_iters 100000, config.resume_config);
+    # the uninterrupted run trains 20 steps on that schedule.
+    never = "100000"
+    extra = ("--batch-size", "4", "--dropout", "0.1", "--eval-interval", "20", "--checkpoint-interval", "10")
+    proc = subprocess.Popen(torchrun_cmd(*args(tiny_corpus, tmp_path, "cut", *extra, "--max-iters", never)), cwd=REPO,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = "".join(wait_for_line(proc, f" 12/{never} "))
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
-    out, _ = proc.communicate(timeout=120)
+    out += proc.communicate(timeout=120)[0]
     (run_dir,) = (tmp_path / "cut").iterdir()
     status = json.loads((run_dir / "meta" / "status.json").read_text())
-    assert status["state"] == "interrupted" and status["iteration"] < 120, out
-    res = subprocess.run(torchrun_cmd("--resume", str(run_dir)), cwd=REPO, capture_output=True, text=True,
-                         timeout=240, env=env())
+    assert status["state"] == "interrupted", out
+    target = str(resume_target(out, 20))
+    full = torchrun(*args(tiny_corpus, tmp_path, "full", *extra, "--max-iters", target, "--lr-decay-iters", never))
+    assert full.returncode == 0, full.stderr
+    res = subprocess.run(torchrun_cmd("--resume", str(run_dir), "--max-iters", target), cwd=REPO,
+                         capture_output=True, text=True, timeout=240, env=env())
     assert res.returncode == 0, res.stdout + res.stderr
     full_w, resumed_w = export_of(tmp_path / "full"), export_of(tmp_path / "cut")
-    assert all(torch.equal(full_w[k], resumed_w[k]) for k in full_w)
+    differ = [k for k in full_w if not torch.equal(full_w[k], resumed_w[k])]
+    assert not differ, f"resumed to {target}: {differ} differ\n{out}\n{res.stdout}"
 
     # The same checkpoint on one process: the global batch of 8 stays, as batch_size 8 on one rank.
-    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "122")
+    res = call_main(train.main, "--resume", str(run_dir), "--max-iters", str(int(target) + 2))
     assert res.returncode == 0, res.stderr
     assert "batch_size 4 -> 8 per rank, keeping the global batch of 8" in res.stdout

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-from conftest import run_cli
+import inference
+from conftest import call_main, run_cli, user_error
 from utils.export import load_export
 
 
 def generate(run_dir: Path, *args: str):
-    return run_cli("inference.py", "--runs-dir", str(run_dir.parent), "--device", "cpu", *args)
+    return call_main(inference.main, "--runs-dir", str(run_dir.parent), "--device", "cpu", *args)
 
 
 def test_latest_run_is_used_by_default(trained_run: Path):
@@ -45,15 +46,16 @@ def test_prompt_file(trained_run: Path, tmp_path: Path):
 
 
 def test_unknown_character_is_one_line_error(trained_run: Path):
-    res = generate(trained_run, "--prompt", "Zebra")
+    """The CLI contract, once through a real process: exit 2 and an `error:` line, no traceback."""
+    res = run_cli("inference.py", "--runs-dir", str(trained_run.parent), "--device", "cpu", "--prompt", "Zebra")
     assert res.returncode == 2 and "'Z'" in res.stderr and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error:")
 
 
 def test_run_without_export_and_empty_runs_dir(tmp_path: Path, trained_run: Path):
-    res = run_cli("inference.py", "--runs-dir", str(tmp_path / "none"))
-    assert res.returncode == 2 and "no run with an export" in res.stderr and res.stderr.count("\n") == 1
+    with user_error("no run with an export", kind=FileNotFoundError):
+        inference.main(["--runs-dir", str(tmp_path / "none")])
     half = tmp_path / "runs" / "20250101_000000_half"
     (half / "meta").mkdir(parents=True)
-    res = run_cli("inference.py", "--run", str(half))
-    assert res.returncode == 2 and "has no export" in res.stderr and res.stderr.count("\n") == 1
+    with user_error("has no export", kind=FileNotFoundError):
+        inference.main(["--run", str(half)])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+import profile_model
+from conftest import call_main, run_cli
 from profile_model import (GEN_KEYS, GenerationMismatch, check_args, generation_figures, measure_generation,
                            measure_peak_flops)
 
@@ -24,9 +25,9 @@ FIGURE_KEYS = (
 
 
 def test_profile_debug_preset(tmp_path: Path, tiny_corpus: Path):
-    res = run_cli("profile_model.py", "--config", "debug", "--data", str(tiny_corpus), "--device", "cpu",
-                  "--data-dir", str(tmp_path / "data"), "--steps", "2", "--warmup-steps", "1",
-                  "--gen-tokens", "40", "--peak-sizes", "256", "--min-seconds", "0", "--out-dir", str(tmp_path / "profiles"))
+    res = call_main(profile_model.main, "--config", "debug", "--data", str(tiny_corpus), "--device", "cpu",
+                    "--data-dir", str(tmp_path / "data"), "--steps", "2", "--warmup-steps", "1", "--gen-tokens", "40",
+                    "--peak-sizes", "256", "--min-seconds", "0", "--out-dir", str(tmp_path / "profiles"))
     assert res.returncode == 0, res.stderr
     figures = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(FIGURE_KEYS) <= set(figures)
@@ -48,6 +49,7 @@ def test_profile_debug_preset(tmp_path: Path, tiny_corpus: Path):
 
 
 def test_bad_steps_is_one_line_exit_2(tmp_path: Path):
+    """The CLI contract, once through a real process."""
     res = run_cli("profile_model.py", "--config", "debug", "--steps", "0", "--out-dir", str(tmp_path / "profiles"))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["error: --steps must be >= 1 (timed and profiled steps), got 0"]
