@@ -80,8 +80,13 @@ def call_main(main: Callable[[list[str]], int | None], *args: str) -> subprocess
     """A stage's main(argv) in this process, with what it printed: run_cli without the start-up.
     A user error is raised, where the CLI would exit 2 with one line: check it with user_error()."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except BaseException:
+        sys.stdout.write(out.getvalue())  # into pytest's report of the failing test
+        sys.stderr.write(err.getvalue())
+        raise
     return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
 
 
