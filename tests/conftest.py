@@ -26,6 +26,16 @@ os.environ["GPTLAB_OFFLINE"] = "1"
 
 from parameters import ModelConfig  # noqa: E402
 
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Half precision on this CPU is probed (a child process per dtype, cached per machine) before any
+    test runs a bf16 or fp16 op in this process, and an ISA cap it needs is set now: oneDNN reads it
+    once, at its first use. A CPU that crashes in half precision then cannot take the suite down."""
+    from utils.cpu_probe import half_precision_cap
+
+    if cap := half_precision_cap():
+        os.environ["ONEDNN_MAX_CPU_ISA"] = cap
+
 TINY_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\n"

@@ -137,3 +137,14 @@ def test_compile_on_cpu_without_a_cxx_compiler_says_what_to_do(monkeypatch, tmp_
     with pytest.raises(ValueError, match="needs a C.. compiler .* or use --torch-compile false"):
         resolve_compile("true", CPU)
     assert resolve_compile("auto", CPU) is False  # auto never asks for one on CPU
+
+
+def test_one_cap_serves_both_half_precision_dtypes(monkeypatch):
+    caps = {"bfloat16": "AVX512_CORE_BF16", "float16": None}
+    monkeypatch.setattr(cpu_probe, "probe_half_precision",
+                        lambda d: HalfPrecision(d, True, caps[d], 1.0, ""))
+    assert cpu_probe.half_precision_cap() == "AVX512_CORE_BF16"
+    caps["float16"] = "AVX2"
+    assert cpu_probe.half_precision_cap() == "AVX2"
+    caps.update(bfloat16=None, float16=None)
+    assert cpu_probe.half_precision_cap() is None

@@ -31,6 +31,7 @@ from utils.files import atomic_write_json
 
 # Caps tried in order after a crash: the newest ISA without AMX first, AVX2 (no AVX-512 at all) last.
 ISA_CAPS = {"bfloat16": ("AVX512_CORE_BF16", "AVX2"), "float16": ("AVX10_1_512", "AVX512_CORE_BF16", "AVX2")}
+ISA_ORDER = ("AVX2", "AVX512_CORE_BF16", "AVX10_1_512")  # oldest first: the lowest of two caps satisfies both
 TIMEOUT_S = 300
 MATMUL_N = 512
 
@@ -74,6 +75,13 @@ class HalfPrecision:
     isa_cap: str | None      # ONEDNN_MAX_CPU_ISA without which it crashed; None: runs as it is
     speedup: float | None    # float32 matmul time / this dtype's (both layouts); < 1 means slower
     problem: str             # why it is unusable, or what crashed before the cap; "" when nothing did
+
+
+def half_precision_cap() -> str | None:
+    """The one ONEDNN_MAX_CPU_ISA under which both bf16 and fp16 run here (None: no cap needed). For a
+    process, such as a test session, that may run either before it knows which."""
+    caps = {probe_half_precision(dtype).isa_cap for dtype in ISA_CAPS} - {None}
+    return min(caps, key=ISA_ORDER.index) if caps else None
 
 
 def cache_dir() -> Path:
