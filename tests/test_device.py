@@ -49,8 +49,18 @@ def test_explicit_cpu_half_precision_is_kept_with_a_warning_when_slower(monkeypa
     assert resolve_dtype("float32", CPU) == (torch.float32, "")
 
 
-def test_a_crash_the_cap_avoids_sets_the_cap_and_says_so(monkeypatch):
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # restored after the test
+@pytest.fixture
+def isa_cap_restored():
+    """ONEDNN_MAX_CPU_ISA as it was before the test, whatever the code under test set. (monkeypatch.delenv
+    of an unset variable records nothing to undo, so a cap set by resolve_dtype would leak.)"""
+    saved = os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+    yield
+    os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+    if saved is not None:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = saved
+
+
+def test_a_crash_the_cap_avoids_sets_the_cap_and_says_so(monkeypatch, isa_cap_restored):
     fake_probe(monkeypatch, isa_cap="AVX512_CORE_BF16", speedup=0.5, problem="killed by SIGILL")
     dtype, note = resolve_dtype("bfloat16", CPU)
     assert dtype == torch.bfloat16 and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
@@ -74,10 +84,9 @@ RAISES = CHILD_HEAD + "raise RuntimeError('addmm not implemented for BFloat16')"
 
 
 @pytest.fixture
-def probe_env(monkeypatch, tmp_path):
+def probe_env(monkeypatch, tmp_path, isa_cap_restored):
     monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PROBE_LOG", str(tmp_path / "children.log"))
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     return tmp_path / "children.log"
 
 
