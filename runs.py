@@ -14,13 +14,13 @@ another process holds are left alone.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 from config import Parser
 from utils.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
+from utils.files import read_json_object
 from utils.run_state import RunLock, run_state
 from utils.runs import find_runs
 
@@ -39,26 +39,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def status_of(run_dir: Path) -> dict:
-    try:
-        status = json.loads((run_dir / "meta" / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def config_of(run_dir: Path) -> dict:
-    try:
-        config = json.loads((run_dir / "meta" / "full_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
 def list_runs(runs_dir: Path, state: str | None, tag: str | None) -> None:
     rows = []
     for run_dir in find_runs(runs_dir):
-        status, config, current = status_of(run_dir), config_of(run_dir), run_state(run_dir).state
+        meta = run_dir / "meta"
+        status, config = read_json_object(meta / "status.json"), read_json_object(meta / "full_config.json")
+        current = run_state(run_dir).state
         if (state and current != state) or (tag and config.get("run_tag") != tag):
             continue
         best = status.get("best_val_loss")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from utils.files import atomic_write_json
+from utils.files import atomic_write_json, read_json_object
 
 # Caps tried in order after a crash: the newest ISA without AMX first, AVX2 (no AVX-512 at all) last.
 ISA_CAPS = {"bfloat16": ("AVX512_CORE_BF16", "AVX2"), "float16": ("AVX10_1_512", "AVX512_CORE_BF16", "AVX2")}
@@ -137,7 +137,7 @@ def probe_half_precision(dtype: str, code: str = CHILD) -> HalfPrecision:
     """The cached answer for this machine, measured on first use. A cache that cannot be read or
     written is ignored: the probe is then simply run again."""
     path = cache_dir() / f"half_precision_{machine_key()}.json"
-    cached = _read_cache(path)
+    cached = read_json_object(path)
     try:
         return HalfPrecision(**cached[dtype])
     except (KeyError, TypeError):  # not probed yet, or an entry of another shape
@@ -149,11 +149,3 @@ def probe_half_precision(dtype: str, code: str = CHILD) -> HalfPrecision:
     except OSError:
         pass
     return result
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cached if isinstance(cached, dict) else {}

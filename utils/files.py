@@ -44,6 +44,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} if it is missing, unreadable, not JSON or not an object:
+    for records whose absence or damage has a sensible default (a cache, a run's status)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in chunks so large checkpoints do not fill memory."""
     h = hashlib.sha256()

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from utils.files import read_json_object
 from utils.runs import utc_now
 
 LOCK = Path("meta") / "lock"
@@ -96,12 +97,8 @@ class RunState:
 
 def run_state(run_dir: Path, now: float | None = None) -> RunState:
     """The state recorded in meta/status.json, corrected for a process that died without saying so."""
-    status_path = Path(run_dir) / "meta" / "status.json"
-    try:
-        status = json.loads(status_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        status = None
-    if not isinstance(status, dict):
+    status = read_json_object(Path(run_dir) / "meta" / "status.json")
+    if not status:
         if lock_owner(run_dir) is not None:
             return RunState("running", "starting up: no status yet")
         return RunState("killed", "stopped before it wrote a readable meta/status.json")
