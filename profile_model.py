@@ -2,7 +2,7 @@
 
     python profile_model.py [--config debug] [--n-layer 6 ...] [--dtype bfloat16] [--no-generation]
 
-1. Where the time goes: after warm-up steps, the very step train.py runs (train.train_step) under
+1. Where the time goes: after warm-up steps, the very step train.py runs (training.train_step) under
    torch.profiler; the share of step time per phase (data, forward, backward, optimizer) and op kind
    (attention, linear/matmul, other), and the top ops by self time.
 2. Throughput: ms/step and tokens/s of the bare step; MFU against the best of a few large square
@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from config import add_config_arg, load_config
 from data import prepare_corpus
 from model import LanguageModel
-from train import Trainer, build_optimizer, compile_model, train_step
+from training import Trainer, build_optimizer, compile_model, train_step
 from utils.cli import run_main
 from utils.device import autocast, setup_compute, synchronize
 from utils.runs import RunStatus

@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO
 from model import LanguageModel
-from train import build_optimizer
+from training import build_optimizer
 from utils.checkpoint import (best_checkpoint, find_checkpoints, latest_good, load_checkpoint, mark_best, rotate,
                               save_checkpoint, verify)
 
@@ -74,7 +74,7 @@ import sys, torch
 sys.path.insert(0, {repo!r})
 from parameters import ModelConfig
 from model import LanguageModel
-from train import build_optimizer
+from training import build_optimizer
 from pathlib import Path
 from utils.checkpoint import rotate, save_checkpoint
 cfg = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64)

@@ -19,7 +19,7 @@ import train
 from conftest import TINY_TEXT, call_main, resume_target, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
-from train import train_step
+from training import train_step
 from utils.checkpoint import find_checkpoints, latest_good, verify
 from utils.cpu_probe import probe_half_precision
 from utils.device import autocast

@@ -15,7 +15,7 @@ from conftest import call_main, run_cli, user_error
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
-from train import build_optimizer, get_lr
+from training import build_optimizer, get_lr
 from utils.export import load_export, save_export
 from utils.tracking import read_aim_run
 

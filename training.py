@@ -1,0 +1,334 @@
+"""The training loop as a library: schedule, optimizer, one step, evaluation, sampling, and Trainer.
+
+    optimizer = build_optimizer(model, cfg, device)
+    loss, grad_norm = train_step(model, optimizer, scaler, tokens, cfg, step, device, ctx)
+    trainer = Trainer(cfg, raw_model, model, optimizer, splits, tokenizer, device, dtype, run_dir, tracker, status)
+    reason = trainer.run(stop)          # "completed", "early_stopping" or "interrupted"
+
+train.py is the stage that builds these parts from a config and a run directory; profile_model.py
+times the very same step and loop. Nothing here parses arguments or creates run directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import Corpus, get_batch
+from model import LanguageModel
+from parameters import ModelConfig
+from utils import distributed
+from utils.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
+                              rotate, save_checkpoint, verify)
+from utils.console import format_duration
+from utils.device import autocast
+from utils.distributed import Dist
+from utils.runs import RunStatus
+from utils.signals import GracefulStop
+from utils.tracking import Tracker
+
+EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
+
+
+def get_lr(step: int, cfg: ModelConfig) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr over decay_iters, then min_lr."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (Linear, Embedding) only, never on biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"  # one kernel for the whole update instead of one per tensor
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile; inductor has no MPS backend, so MPS gets aot_eager. Exports use the raw model."""
+    return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
+
+
+def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, device, ctx, d: Dist = Dist()):
+    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
+    tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging).
+    Under DDP each rank takes its slice of the step's global batch, and gradients are all-reduced
+    only on the last micro-step (no_sync before it)."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(cfg.grad_accum_steps):
+        with torch.profiler.record_function("data"):
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro,
+                             n_micro=cfg.grad_accum_steps, rank=d.rank, world_size=d.world_size, device=device)
+        last = micro == cfg.grad_accum_steps - 1
+        with ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext():
+            with torch.profiler.record_function("forward"), ctx:
+                _, loss = model(x, y)
+            with torch.profiler.record_function("backward"):
+                scaler.scale(loss / cfg.grad_accum_steps).backward()
+        loss_sum += loss.detach()
+    with torch.profiler.record_function("optimizer"):
+        scaler.unscale_(optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    return loss_sum / cfg.grad_accum_steps, grad_norm
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device: torch.device, ctx,
+                  d: Dist = Dist()) -> dict[str, float]:
+    """Mean loss over eval_iters fixed batches per split, in eval mode (no dropout); under DDP each
+    rank scores its slice and the means are averaged, so every rank gets the same numbers."""
+    model.eval()
+    losses = torch.zeros(2, cfg.eval_iters, device=device)
+    for i, split in enumerate(("train", "val")):
+        for k in range(cfg.eval_iters):
+            x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, seed=cfg.seed + EVAL_SEED_OFFSET,
+                             step=k, split=split, rank=d.rank, world_size=d.world_size, device=device)
+            with ctx:
+                _, loss = model(x, y)
+            losses[i, k] = loss.float()
+    model.train()
+    train, val = distributed.mean_across(d, losses.mean(dim=1)).tolist()
+    return {"train": train, "val": val}
+
+
+def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, str]:
+    """The sample prompt, checked against the vocabulary before step 0: a first eval that cannot encode
+    it would end the run with nothing saved. The default prompt adapts to the corpus (returning a
+    note); one the user chose must encode, or it is a one-line error."""
+    if not cfg.sample_length:
+        return cfg, ""
+    try:
+        if corpus.tokenizer.encode(cfg.sample_prompt):
+            return cfg, ""
+        problem = "it encodes to no tokens"
+    except ValueError as e:
+        problem = str(e).split(";")[0]
+    default = ModelConfig.__dataclass_fields__["sample_prompt"].default
+    if cfg.sample_prompt != default:
+        raise ValueError(f"sample_prompt {cfg.sample_prompt[:40]!r} cannot start a sample: {problem}; choose one "
+                         "from the corpus' characters, or pass --sample-length 0")
+    prompt = corpus.source.text[0]
+    return (dataclasses.replace(cfg, sample_prompt=prompt),
+            f"the default sample prompt {default!r} is not in this corpus' vocabulary; samples start from {prompt!r}")
+
+
+def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch.device) -> str:
+    """A short sample from the training prompt, with a fixed seed so samples are comparable across evals."""
+    was_training = model.training
+    model.eval()
+    prompt = torch.tensor([tokenizer.encode(cfg.sample_prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = model.generate(prompt, cfg.sample_length, temperature=0.8, top_k=200, generator=gen)
+    model.train(was_training)
+    return tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+
+
+@dataclass
+class Trainer:
+    """The loop and the state it carries between steps; that state is what a checkpoint saves."""
+    cfg: ModelConfig
+    raw_model: LanguageModel
+    model: torch.nn.Module          # raw_model, or its compiled wrapper
+    optimizer: torch.optim.AdamW
+    splits: dict
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    tracker: Tracker
+    status: RunStatus
+    d: Dist = field(default_factory=Dist)
+    data: dict = field(default_factory=dict)  # the corpus' identity, recorded in every checkpoint
+    iteration: int = 0
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    aim_run_hash: str | None = None
+    window: list = field(default_factory=list)  # per-step losses since the last log line (tensors)
+    saved_at: int = -1
+    best_step: int = 0
+    sec_per_step: float | None = None  # a moving average over log windows: the ETA's pace
+    eval_seconds: float = 0.0          # the last eval's duration, for the ETA
+
+    def __post_init__(self) -> None:
+        self.started = time.perf_counter()
+        self.ctx = autocast(self.device, self.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ckpt_dir = self.run_dir / "artifacts" / "checkpoints"
+
+    def run(self, stop: GracefulStop) -> str:
+        """Train to max_iters; returns why it stopped: completed, early_stopping or interrupted."""
+        cfg, reason = self.cfg, "completed"
+        clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
+        self.first_iteration = self.iteration
+        while self.iteration < cfg.max_iters:
+            lr = get_lr(self.iteration, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.splits["train"], cfg,
+                                         self.iteration, self.device, self.ctx, self.d)
+            self.iteration += 1
+            steps_timed += 1
+            it = self.iteration
+            self.window.append(loss)
+            if cfg.histogram_interval and it % cfg.histogram_interval == 0:
+                self.tracker.log_histograms(it, self.raw_model)  # before zero_grad, while gradients exist
+            self.optimizer.zero_grad(set_to_none=True)
+            last = it == cfg.max_iters
+            if steps_timed == 1 and it == self.first_iteration + 1 and not (it % cfg.log_interval == 0 or last):
+                print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {loss.item():.4f} | first step "
+                      f"{time.perf_counter() - clock:.2f} s; then a line every {cfg.log_interval} steps", flush=True)
+            if it % cfg.log_interval == 0 or last:
+                elapsed = time.perf_counter() - clock
+                train_time += elapsed
+                tokens = steps_timed * cfg.tokens_per_step * self.d.world_size  # every rank's tokens
+                self.log(lr, grad_norm, tokens / elapsed, train_time / steps_timed)
+                clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
+            if it % cfg.eval_interval == 0 or last:
+                self.evaluate()
+                if cfg.early_stopping_patience and self.evals_since_best >= cfg.early_stopping_patience:
+                    reason = "early_stopping"
+                clock = time.perf_counter()  # eval time is not training time
+            if distributed.any_rank(self.d, stop.requested):  # all ranks stop at the same step
+                reason = "interrupted"
+            if reason != "completed" or last or (cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0):
+                self.save()
+                clock = time.perf_counter()
+            if reason != "completed":
+                break
+        return reason
+
+    def window_losses(self) -> list[float]:
+        """The losses since the last log line, as floats (one device sync); a NaN or inf stops the run
+        here, before any checkpoint could save the damaged weights."""
+        window = torch.stack(self.window).float() if self.window else torch.zeros(0, device=self.device)
+        values = distributed.mean_across(self.d, window).tolist()  # a NaN on any rank stops every rank
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                at = self.iteration - len(values) + i + 1
+                good = latest_good(self.ckpt_dir)[0]
+                raise ValueError(
+                    f"loss is {v} at iteration {at}: training diverged. Likely causes: learning_rate "
+                    f"{self.cfg.learning_rate:g} too high (try a third of it, or a longer warmup), or float16 "
+                    f"overflow (use --dtype bfloat16 or float32). Last good checkpoint: "
+                    f"{good.path if good else 'none'}")
+        return values
+
+    def log(self, lr: float, grad_norm: torch.Tensor, tok_s: float, sec_per_step: float) -> None:
+        losses = self.window_losses()
+        self.window = []
+        train_loss = sum(losses) / len(losses)
+        cfg, it = self.cfg, self.iteration
+        # The ETA's pace is a moving average over windows: one slow window on a busy machine moves it a third.
+        self.sec_per_step = sec_per_step if self.sec_per_step is None else 0.7 * self.sec_per_step + 0.3 * sec_per_step
+        evals_left = (cfg.max_iters // cfg.eval_interval) - (it // cfg.eval_interval)
+        eta = format_duration((cfg.max_iters - it) * self.sec_per_step + evals_left * self.eval_seconds)
+        print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
+              f"| {tok_s / 1e3:,.1f}k tok/s | ETA {eta}", flush=True)
+        self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
+        self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
+        self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (utils/run_state.py)
+
+    def evaluate(self) -> None:
+        """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best,
+        any other result counts towards early stopping."""
+        it, t0 = self.iteration, time.perf_counter()
+        losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
+        self.eval_seconds = time.perf_counter() - t0
+        print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+        for split, value in losses.items():
+            self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
+        if self.cfg.sample_length and self.d.is_main:
+            self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.evals_since_best, self.best_step = losses["val"], 0, it
+            path = self.save()
+            if self.d.is_main:
+                mark_best(self.ckpt_dir, path, losses["val"])
+        else:
+            self.evals_since_best += 1
+        self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
+                           best_val_loss=self.best_val_loss)
+
+    def save(self) -> Path:
+        """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state),
+        then rotate the old ones."""
+        path = self.ckpt_dir / f"step_{self.iteration:06d}"
+        if self.saved_at != self.iteration:
+            window = self.window_losses()
+            rank_rng = distributed.gather(self.d, torch.get_rng_state())  # dropout masks differ per rank
+            self.saved_at = self.iteration
+            if not self.d.is_main:
+                return path
+            meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+                    "evals_since_best": self.evals_since_best, "loss_window": window,
+                    "aim_run_hash": self.aim_run_hash, "world_size": self.d.world_size,
+                    "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "data": self.data}
+            t0 = time.perf_counter()
+            path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta,
+                                   {"rank_torch_rng": rank_rng})
+            rotate(self.ckpt_dir, self.cfg.keep_checkpoints)
+            self.status.update(iteration=self.iteration, checkpoint=path.name)  # a kill now loses nothing recorded
+            size = sum(f.stat().st_size for f in path.iterdir())
+            print(f"saved checkpoint {path.name} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)", flush=True)
+        return path
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        trainer = load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scaler, self.device)
+        rank_rng = trainer.get("rank_torch_rng", [])
+        if len(rank_rng) == self.d.world_size:
+            torch.set_rng_state(rank_rng[self.d.rank].cpu())
+        else:  # another world size: fresh per-rank streams; resumes, but not bit-identically
+            torch.manual_seed(self.cfg.seed + self.d.rank + ckpt.iteration)
+            if self.cfg.dropout > 0:  # without dropout nothing draws from these streams
+                print(f"resuming on {self.d.world_size} rank(s) a run saved on {len(rank_rng)}: "
+                      "dropout streams restart from the seed")
+        meta = ckpt.meta
+        self.iteration, self.best_val_loss = meta["iteration"], meta["best_val_loss"]
+        self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
+        self.best_step = meta.get("best_step", 0)
+        self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
+
+
+def restore_best(trainer: Trainer) -> str:
+    """Load the best checkpoint's weights, verified as resume verifies them; if it is missing or
+    damaged, keep the final weights. Returns what will be exported."""
+    best = best_checkpoint(trainer.ckpt_dir)
+    try:
+        if best is None:
+            raise ValueError("best.json names no checkpoint on disk")
+        verify(best)
+    except ValueError as e:
+        trainer.status.update(export_note=f"final weights: the best checkpoint failed its check ({e})")
+        return f"exporting the final weights, because the best checkpoint failed its check: {e}"
+    load_weights(best, trainer.raw_model, trainer.device)
+    return f"exporting the best weights ({best.name}, val loss {trainer.best_val_loss:.4f})"
+
+
+def summary(trainer: Trainer) -> str:
+    """The end of a completed run: what it took, what it reached, where it went, what to type next."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    tokens = trainer.iteration * cfg.tokens_per_step * trainer.d.world_size
+    best = (f"best val loss {trainer.best_val_loss:.4f} at step {trainer.best_step}"
+            if math.isfinite(trainer.best_val_loss) else "no eval")
+    return (f"done in {format_duration(time.perf_counter() - trainer.started)}: {trainer.iteration:,} steps, "
+            f"{tokens:,} tokens; {best}; export {run_dir / 'artifacts' / 'export'}\n"
+            f"next: python inference.py --run {run_dir} --prompt \"...\"   |   tensorboard --logdir {run_dir.parent}")
