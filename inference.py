@@ -24,6 +24,7 @@ from utils.device import resolve_device
 from utils.run_state import run_state
 from utils.runs import resolve_run
 
+DEFAULT_PROMPT = GenerateConfig.__dataclass_fields__["prompt"].default
 MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 bytes; more tokens than this cannot still be one
 
 
@@ -59,7 +60,7 @@ def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: t
 
 
 def load_model(cfg: GenerateConfig, device: torch.device):
-    """(model, tokenizer, what was loaded): the run's export, or one of its checkpoints, which is how
+    """(model, tokenizer, its training config, what was loaded): the run's export, or one of its checkpoints, which is how
     steps are compared (--checkpoint best, or --run .../checkpoints/step_N)."""
     path = Path(cfg.run)
     if is_checkpoint(path):
@@ -69,10 +70,15 @@ def load_model(cfg: GenerateConfig, device: torch.device):
         ckpt = find_checkpoint(run_dir, cfg.checkpoint)
     else:
         run_dir = resolve_run(cfg.run, cfg.runs_dir)
-        model, tokenizer, _ = load_export(run_dir, device)
-        return model, tokenizer, _describe(run_dir, "export")
-    model, tokenizer, _ = load_checkpoint_model(ckpt, device)
-    return model, tokenizer, _describe(run_dir, f"checkpoint {ckpt.name}")
+        return (*load_export(run_dir, device), _describe(run_dir, "export"))
+    return (*load_checkpoint_model(ckpt, device), _describe(run_dir, f"checkpoint {ckpt.name}"))
+
+
+def _encodes(tokenizer, text: str) -> bool:
+    try:
+        return bool(tokenizer.encode(text))
+    except ValueError:
+        return False
 
 
 def _describe(run_dir: Path, what: str) -> str:
@@ -84,8 +90,11 @@ def _describe(run_dir: Path, what: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(GenerateConfig, argv, __doc__, config_dir=None, add_stage_args=add_config_arg).config
     device = resolve_device(cfg.device)
-    model, tokenizer, loaded = load_model(cfg, device)
+    model, tokenizer, trained, loaded = load_model(cfg, device)
     prompt = read_prompt(cfg)
+    if not cfg.prompt_file and cfg.prompt == DEFAULT_PROMPT and not _encodes(tokenizer, prompt):
+        # A corpus without newlines: the prompt its training samples used (else its first character).
+        prompt = next(p for p in (trained.sample_prompt, tokenizer.decode([0])) if _encodes(tokenizer, p))
     ids = tokenizer.encode(prompt)  # an unknown character is a ValueError that names it
     print(f"# {loaded} | {model.num_params() / 1e6:.2f}M parameters | {device}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -112,9 +112,8 @@ def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device
 def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, str]:
     """The sample prompt, checked against the vocabulary before step 0: a first eval that cannot encode
     it would end the run with nothing saved. The default prompt adapts to the corpus (returning a
-    note); one the user chose must encode, or it is a one-line error."""
-    if not cfg.sample_length:
-        return cfg, ""
+    note), also when nothing is sampled, since inference.py starts from it; one the user chose must
+    encode where samples are drawn, or it is a one-line error."""
     try:
         if corpus.tokenizer.encode(cfg.sample_prompt):
             return cfg, ""
@@ -123,6 +122,8 @@ def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, 
         problem = str(e).split(";")[0]
     default = ModelConfig.__dataclass_fields__["sample_prompt"].default
     if cfg.sample_prompt != default:
+        if not cfg.sample_length:
+            return cfg, ""
         raise ValueError(f"sample_prompt {cfg.sample_prompt[:40]!r} cannot start a sample: {problem}; choose one "
                          "from the corpus' characters, or pass --sample-length 0")
     prompt = corpus.source.text[0]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,11 @@ import torch
 from conftest import REPO
 from model import LanguageModel
 from training import build_optimizer
-from utils.checkpoint import (best_checkpoint, find_checkpoints, latest_good, load_checkpoint, mark_best, rotate,
-                              save_checkpoint, verify)
+from utils.checkpoint import (_digest, best_checkpoint, find_checkpoints, find_resume, latest_good, load_checkpoint,
+                              mark_best, rotate, save_checkpoint, verify)
+from utils.files import sha256_file
+from utils.run_state import RunLock
+from utils.runs import RunStatus, create_run_dir
 
 
 def make(cfg, seed=0):
@@ -57,6 +63,107 @@ def test_damaged_checkpoint_is_refused_and_resume_falls_back(tiny_cfg, tmp_path:
         verify(second)
     ckpt, skipped = latest_good(tmp_path)
     assert ckpt.path == first and len(skipped) == 1 and "step_000002" in skipped[0]
+
+
+def edit_meta(path: Path, change) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(change(meta)))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: {**m, "iteration": 45}, "does not match its recorded digest"),  # resumed "at iteration 45" before
+    (lambda m: {k: v for k, v in m.items() if k != "sha256"}, "does not match its recorded digest"),
+    (lambda m: {k: v for k, v in m.items() if k not in ("sha256", "meta_sha256")}, "no meta_sha256"),
+    (lambda m: [], "not a checkpoint record"),
+    (lambda m: {**m, "config": {**m.get("config", {}), "n_layer": 3}}, "does not match its recorded digest"),
+])
+def test_an_edited_meta_json_is_refused_and_resume_falls_back(change, message, tiny_cfg, tmp_path: Path):
+    model, opt, scaler = make(tiny_cfg)
+    first = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 1, "config": tiny_cfg.to_dict()})
+    second = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 2, "config": tiny_cfg.to_dict()})
+    edit_meta(second, change)
+    with pytest.raises(ValueError, match=message):
+        verify(second)
+    ckpt, skipped = latest_good(tmp_path)
+    assert ckpt.path == first and len(skipped) == 1
+
+
+def test_a_checkpoint_must_describe_its_own_directory(tiny_cfg, tmp_path: Path):
+    model, opt, scaler = make(tiny_cfg)
+    path = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 4})
+    path.rename(tmp_path / "step_000009")
+    with pytest.raises(ValueError, match="does not describe step_000009"):
+        verify(tmp_path / "step_000009")
+
+
+def test_a_trainer_pt_that_is_not_plain_data_is_refused_without_advising_pickle(tiny_cfg, tmp_path: Path):
+    """Even with its hash recomputed, a trainer.pt holding a pickled object never loads."""
+    model, opt, scaler = make(tiny_cfg)
+    path = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 1})
+    torch.save({"optimizer": opt.state_dict(), "payload": Path("/")}, path / "trainer.pt")  # an arbitrary object
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["meta_sha256"]
+    meta["sha256"]["trainer.pt"] = sha256_file(path / "trainer.pt")
+    meta["meta_sha256"] = _digest(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+    ckpt, _ = latest_good(tmp_path)
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(ckpt, model, opt, scaler, torch.device("cpu"))
+    assert "holds something other than tensors and plain data" in str(error.value)
+    assert "weights_only=False" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_full_disk_removes_the_partial_checkpoint_and_says_how_much_room(tiny_cfg, tmp_path: Path, monkeypatch):
+    model, opt, scaler = make(tiny_cfg)
+    good = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ValueError, match=r"^disk full at .*: a checkpoint needs about [\d,]+ MB and [\d,]+ MB are "
+                                         r"free; the last good checkpoint is kept"):
+        save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 2})
+    assert find_checkpoints(tmp_path) == [good] and not list(tmp_path.glob(".tmp_*"))
+
+
+def test_rotation_keeps_the_temp_directory_of_a_live_writer(tiny_cfg, tmp_path: Path):
+    """Two processes in one run used to sweep each other's in-progress saves (the run lock now stops that;
+    rotate() also leaves a temp directory whose writer is alive)."""
+    model, opt, scaler = make(tiny_cfg)
+    save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 1})
+    live = tmp_path / f".tmp_step_000002_{os.getppid()}"  # our parent: alive for as long as this test
+    dead = tmp_path / ".tmp_step_000003_999999999"
+    live.mkdir(), dead.mkdir()
+    rotate(tmp_path, keep=2)
+    assert live.is_dir() and not dead.exists()
+
+
+def run_with(root: Path, minute: int, cfg, iterations: tuple[int, ...], finish: str | None) -> Path:
+    run_dir = create_run_dir(root, "run", now=datetime(2026, 1, 1, 12, minute))  # runs in the order of `minute`
+    status = RunStatus(run_dir)
+    status.start()
+    if finish:
+        status.finish(finish)
+    model, opt, scaler = make(cfg)
+    for i in iterations:
+        save_checkpoint(run_dir / "artifacts" / "checkpoints", model, opt, scaler, {"iteration": i})
+    return run_dir
+
+
+def test_resume_latest_says_which_run_it_picked_and_refuses_a_running_one(tiny_cfg, tmp_path: Path):
+    older = run_with(tmp_path, 1, tiny_cfg, (10,), "completed")
+    newest = run_with(tmp_path, 2, tiny_cfg, (), None)  # killed before its first checkpoint
+    run_dir, ckpt, notes = find_resume("latest", tmp_path)
+    assert run_dir == older and ckpt.iteration == 10
+    assert notes == [f"--resume latest picked {older.name}, the newest run with a checkpoint; newer runs without "
+                     f"one: {newest.name} (killed)"]
+    running = run_with(tmp_path, 3, tiny_cfg, (5,), None)
+    with RunLock(running):
+        with pytest.raises(ValueError, match=f"the newest run, '{running}', is still running"):
+            find_resume("latest", tmp_path)
+    _, _, notes = find_resume(str(running), tmp_path)  # its owner gone: resumable, and said to be killed
+    assert notes and notes[-1].startswith(f"{running.name} was killed: pid {os.getpid()}")
 
 
 def test_rotation_keeps_newest_and_best(tiny_cfg, tmp_path: Path):

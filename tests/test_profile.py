@@ -97,3 +97,21 @@ def test_no_generation_leaves_the_figures_empty():
 def test_peak_skips_sizes_too_slow_to_time():
     flops, n, layout = measure_peak_flops(torch.device("cpu"), torch.float32, [64, 50_000])
     assert flops > 0 and n == 64 and layout in ("x @ W.T", "x @ W")
+
+
+def test_the_profilers_usdt_lines_are_hidden_and_the_rest_of_stderr_kept(capfd):
+    """torch's profiler writes `USDT: ... profiler_start/stop` from C++ to descriptor 2."""
+    import os
+    with profile_model.without_usdt_lines():
+        os.write(2, b"USDT:2026-11-24 07:05:09 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a warning worth seeing\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "a warning worth seeing" in err
+
+
+def test_repeats_that_disagree_are_flagged_as_a_busy_machine():
+    assert profile_model.noise_warning({"step": 0.04, "loop": 0.10, "peak": 0.02}) == ""
+    warning = profile_model.noise_warning({"step": 0.48, "loop": 2.10, "peak": 0.02})
+    assert warning.startswith("warning: repeated measurements disagree (step by 48%, loop by 210%")
+    assert "unreliable" in warning and "peak" not in warning.split(";")[0]
+    assert profile_model.spread([1.0, 1.2, 1.1]) == pytest.approx(0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import train
-from conftest import call_main, run_cli, user_error
+from conftest import call_main, run_cli, start_cli, user_error
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
@@ -118,6 +119,15 @@ def test_aim_run_holds_the_metrics(tmp_path: Path, tiny_corpus: Path):
     (["--block-size", "4000"], "split has", ValueError),
     (["--nlayer", "2"], "unknown option '--nlayer' (did you mean '--n-layer'?)", ValueError),
     (["--dropout", "1.5"], "dropout: must be in [0, 1)", ValueError),
+    (["--grad-clip", "nan"], "grad_clip: must be a finite number, got nan", ValueError),
+    (["--min-lr", "inf"], "min_lr: must be a finite number, got inf", ValueError),
+    (["--seed", str(2**64)], "seed: must be in [0, 2**63)", ValueError),
+    (["--run-tag", "a\nb"], "run_tag: 'a\\nb' must be non-empty", ValueError),
+    (["--run-tag", "x" * 300], "at most 200 bytes", ValueError),
+    (["--runs-dir", "/proc/self/gptlab-runs"], "cannot create --runs-dir directory '/proc/self/gptlab-runs'", ValueError),
+    (["--sample-prompt", "\U0001F642"], "sample_prompt '\U0001F642' cannot start a sample", ValueError),
+    (["--n-layer", "1000000"], "this run needs about", ValueError),
+    (["--aim-logging", "--aim-repo", "/proc/version"], "--aim-repo '/proc/version' is a file", ValueError),
 ])
 def test_errors_are_one_line_and_create_no_run(args, message, kind, tmp_path: Path, tiny_corpus: Path):
     base = ["--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
@@ -189,3 +199,85 @@ def test_compiled_training_exports_load_into_an_uncompiled_model(tiny_cfg, tmp_p
     raw.eval()
     assert torch.equal(raw(x)[0], loaded(x)[0]) and torch.allclose(compiled(x)[0], loaded(x)[0], atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path, tiny_corpus: Path):
+    (tmp_path / "data").write_text("not a directory")
+    with user_error("cannot write the data cache", "pass --data-dir with a writable directory"):
+        train.main(["--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                    "--data-dir", str(tmp_path / "data")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_corpus_without_the_default_prompt_samples_from_its_first_character(tmp_path: Path):
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 60)  # no newline anywhere
+    res = call_main(train.main, "--config", "debug", "--data", str(corpus), "--runs-dir", str(tmp_path / "runs"),
+                    "--data-dir", str(tmp_path / "data"), "--max-iters", "10")  # evaluates and samples at 10
+    assert res.returncode == 0, res.stderr
+    assert "the default sample prompt '\\n' is not in this corpus' vocabulary; samples start from 't'" in res.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "meta" / "full_config.json").read_text())["sample_prompt"] == "t"
+
+
+def test_the_console_shows_the_first_step_an_estimate_and_a_summary(trained_run: Path):
+    out = (trained_run / "stdout.txt").read_text()
+    assert re.search(r"^estimate: memory ~[\d.,]+ [MG]B of [\d.,]+ GB available \| ~[\d,]+ ms/step", out, re.M)
+    assert re.search(r"^step  1/20 \| loss \d\.\d{4} \| first step [\d.]+ s; then a line every 5 steps$", out, re.M)
+    summary = out.strip().splitlines()[-2:]
+    assert re.match(r"done in \S+: 20 steps, 5,120 tokens; best val loss \d\.\d{4} at step 20; export ", summary[0])
+    assert summary[1].startswith(f"next: python inference.py --run {trained_run}")
+
+
+def test_a_resume_with_nothing_left_to_train_says_so_and_changes_nothing(trained_run: Path, tmp_path: Path):
+    run_dir = tmp_path / trained_run.name
+    shutil.copytree(trained_run, run_dir)
+    def files() -> dict[Path, int]:  # all but meta/lock, which names whoever holds the run
+        return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "lock"}
+
+    before = files()
+    res = call_main(train.main, "--resume", str(run_dir))
+    assert res.returncode == 0 and "nothing left to train; pass --max-iters N (more than 20)" in res.stdout
+    assert files() == before
+
+
+def test_status_json_is_strict_json_before_any_eval(tmp_path: Path, tiny_corpus: Path):
+    """best_val_loss is infinite until the first eval; status.json says null, which every JSON reader takes."""
+    res = call_main(train.main, "--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                    "--data-dir", str(tmp_path / "data"), "--max-iters", "3", "--eval-interval", "100",
+                    "--early-stopping-patience", "0")
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    text = (run_dir / "meta" / "status.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in status.json"))
+
+
+def test_help_shows_the_value_a_run_will_use_and_where_it_comes_from():
+    text = " ".join(call_main(_help, "--help").stdout.split())
+    assert "every this many steps (default: 50, from configs/train.yaml)" in text  # log_interval, not the dataclass' 10
+    assert "0 disables (default: 300, from configs/train.yaml)" in text  # sample_length, not 200
+    assert "batch k is a function of seed, k) (default: 1337)" in text  # seed: no file sets it
+    text = " ".join(call_main(_help, "--config", "debug", "--help").stdout.split())
+    assert "every this many steps (default: 5, from configs/presets/debug.yaml)" in text
+
+
+def _help(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as done:
+        train.main(argv)
+    return done.value.code
+
+
+@pytest.mark.slow
+def test_a_console_closed_early_does_not_stop_training(tmp_path: Path, tiny_corpus: Path):
+    """`python train.py ... | head -3` used to mark the run failed with a BrokenPipeError."""
+    proc = start_cli("train.py", "--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                     "--data-dir", str(tmp_path / "data"), "--log-interval", "1")
+    for _ in range(3):
+        proc.stdout.readline()
+    proc.stdout.close()  # what `head -3` does once it has its lines
+    assert proc.wait(timeout=120) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["state"] == "completed"
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert "step 20/20" in log and "done in" in log
