@@ -177,7 +177,7 @@ def test_rotation_keeps_newest_and_best(tiny_cfg, tmp_path: Path):
 
 
 WRITER = """
-import sys, torch
+import os, sys, time, torch
 sys.path.insert(0, {repo!r})
 from parameters import ModelConfig
 from model import LanguageModel
@@ -189,6 +189,8 @@ model = LanguageModel(cfg, 1000)
 opt = build_optimizer(model, cfg, torch.device("cpu"))
 model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
 opt.step()
+while not os.path.exists(sys.argv[1]):  # the writers start together; each writes when its turn comes
+    time.sleep(0.01)
 i = 0
 while True:
     i += 1
@@ -201,11 +203,15 @@ while True:
 
 @pytest.mark.slow
 def test_sigkill_mid_write_never_leaves_a_checkpoint_that_fails_to_load(tmp_path: Path):
+    """Three writers in turn into one directory, each killed mid-write: the next sweeps what it left."""
     rng = random.Random(0)
     out = tmp_path / "ckpts"
-    for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=str(REPO), out=str(out))],
-                                stdout=subprocess.PIPE, text=True)
+    code = WRITER.format(repo=str(REPO), out=str(out))
+    turns = [tmp_path / f"turn{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(turn)], stdout=subprocess.PIPE, text=True)
+             for turn in turns]  # their start-up (seconds of imports) overlaps; their writing does not
+    for turn, proc in zip(turns, procs):
+        turn.touch()
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.2, 1.2))
         os.kill(proc.pid, signal.SIGKILL)

@@ -200,6 +200,7 @@ STARTS_AIM_RUN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from utils.tracking import AimTracker
+print("imported", flush=True)
 while not os.path.exists({go!r}):  # every process starts its run at (nearly) the same instant
     time.sleep(0.005)
 tracker = AimTracker({repo_dir!r}, "race")
@@ -217,11 +218,12 @@ def test_runs_starting_at_once_in_a_new_aim_repo_all_start(tmp_path: Path) -> No
     code = STARTS_AIM_RUN.format(repo=str(REPO), go=str(go), repo_dir=str(tmp_path / "aim"))
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
-    time.sleep(3)  # past their imports
+    for proc in procs:  # past their imports
+        assert proc.stdout.readline().strip() == "imported"
     go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outputs]
-    hashes = {out.strip() for out, _ in outputs}
+    hashes = {out.strip() for out, _ in outputs}  # what each printed after "imported"
     assert len(hashes) == 4
     for run_hash in hashes:
         assert read_aim_run(tmp_path / "aim", run_hash).get_metric("loss", Context({})) is not None
