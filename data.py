@@ -14,10 +14,12 @@ it has passed its check (the SHA-256 of a download; the length and SHA-256 recor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
+import secrets
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from utils.estimate import host_memory
-from utils.files import atomic_write_bytes
 
 from parameters import ModelConfig
 
@@ -136,14 +136,27 @@ def _read_utf8(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """atomic_write_bytes into a data cache, creating the directory first; a cache that cannot be
-    written (read-only, a file in the way, a full disk) is a one-line error naming it."""
+    """Write a data cache file so that a reader sees the old file or the whole new one: a temp file in
+    the same directory, fsynced, then os.replace. (data.py keeps this copy of utils/files.py's
+    atomic_write_bytes: the library modules import nothing from utils/.) Mode 0o666 lets the umask
+    decide, as for every file gptlab writes. A cache that cannot be written (read-only, a file in the
+    way, a full disk) is a one-line error naming it."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-    except OSError as e:
-        raise ValueError(f"cannot write the data cache '{path}': {e.strerror or e}; pass --data-dir with a "
-                         "writable directory that has room") from None
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # nothing half-written stays (a file in the way: nothing was)
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise ValueError(f"cannot write the data cache '{path}': {e.strerror or e}; pass --data-dir with a "
+                             "writable directory that has room") from None
+        raise
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -223,7 +236,6 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: CharTokenizer | Gpt2Tokenizer | 
     """Text -> tokenizer (built from the text unless given) -> cached ids -> train/val splits."""
     from tokenizer import build_tokenizer
 
-    check_tokenizing_fits(cfg.data, cfg.tokenizer)
     source = load_text(cfg.data, cfg.data_dir)
     tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text)
     cached = tokenize_cached(source.text, tokenizer, cfg.data_dir)
@@ -231,20 +243,15 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: CharTokenizer | Gpt2Tokenizer | 
     return Corpus(source, tokenizer, splits, cached.text_sha256, cached.cache)
 
 
-def check_tokenizing_fits(spec: str, tokenizer: str) -> None:
-    """Refuse in one line, before reading it, a corpus whose tokenizing would not fit in memory (it
-    is read and tokenized whole; prepare_data.py will stream instead)."""
+def tokenizing_bytes(spec: str, tokenizer: str) -> tuple[int, int]:
+    """(bytes of text, peak bytes of reading and tokenizing it) for a --data path; (0, 0) for the
+    named corpora, which are small. utils/estimate.check_tokenizing_fits compares it with memory."""
     path = Path(spec).expanduser()
     if spec in DATASET_NAMES or not path.exists():
-        return
+        return 0, 0
     files = path.rglob("*.txt") if path.is_dir() else [path]
     size = sum(f.stat().st_size for f in files if f.is_file())
-    needed = size * TOKENIZE_BYTES_PER_BYTE.get(tokenizer, max(TOKENIZE_BYTES_PER_BYTE.values()))
-    available = host_memory()[1]
-    if needed > available:
-        raise ValueError(f"tokenizing {path} ({size / 1e6:,.0f} MB of text) takes about {needed / 1e9:,.1f} GB of "
-                         f"memory, more than the {available / 1e9:,.1f} GB available; use a smaller corpus or a "
-                         "machine with more memory")
+    return size, size * TOKENIZE_BYTES_PER_BYTE.get(tokenizer, max(TOKENIZE_BYTES_PER_BYTE.values()))
 
 
 def check_same_corpus(recorded: dict | None, corpus: Corpus) -> None:

@@ -38,6 +38,7 @@ from model import LanguageModel
 from training import Trainer, build_optimizer, compile_model, train_step
 from utils.cli import run_main
 from utils.device import autocast, setup_compute, synchronize
+from utils.estimate import check_tokenizing_fits
 from utils.runs import RunStatus
 from utils.signals import NeverStop
 from utils.tracking import Tracker
@@ -273,6 +274,7 @@ def format_report(figures: dict, top: list[tuple[str, float]]) -> str:
 
 def build(cfg, device: torch.device, compiled: bool):
     """Data, the model (compiled if asked) and its optimizer, exactly as train.py builds them."""
+    check_tokenizing_fits(cfg)
     corpus = prepare_corpus(cfg)
     tokenizer, splits = corpus.tokenizer, corpus.splits
     torch.manual_seed(cfg.seed)

@@ -36,7 +36,7 @@ from utils.cli import run_main
 from utils.console import setup_console_log
 from utils.device import Compute, setup_compute
 from utils.export import load_export, record_init_source, save_export
-from utils.estimate import check_fits, describe, estimate_run
+from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, writable_dir
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
@@ -80,6 +80,7 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
     if cfg.aim_logging and d.is_main:
         writable_dir(cfg.aim_repo, "--aim-repo")  # now, not once the run directory exists
+    check_tokenizing_fits(cfg)
     corpus = prepare_corpus(cfg, given)  # before any run directory: a bad --data costs nothing
     if resume:
         check_same_corpus(resume.meta.get("data"), corpus)

@@ -260,10 +260,28 @@ def test_global_batch_is_sliced_by_micro_step_and_rank() -> None:
 
 def test_a_corpus_too_big_to_tokenize_in_memory_is_refused_before_it_is_read(tiny_corpus: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import utils.estimate
     size = tiny_corpus.stat().st_size
-    monkeypatch.setattr(data, "host_memory", lambda: (10**12, 5 * size))  # room for 5x the text, not 10x
+    assert data.tokenizing_bytes(str(tiny_corpus), "char") == (size, 10 * size)
+    assert data.tokenizing_bytes("shakespeare", "char") == (0, 0)  # the named corpora are small
+    monkeypatch.setattr(utils.estimate, "host_memory", lambda: (10**12, 5 * size))  # room for 5x the text
+    cfg = ModelConfig(data=str(tiny_corpus))
     with pytest.raises(ValueError, match=r"tokenizing .*tiny.txt \(0 MB of text\) takes about .* GB of memory, more "
                                          r"than the .* GB available"):
-        data.check_tokenizing_fits(str(tiny_corpus), "char")
-    data.check_tokenizing_fits(str(tiny_corpus), "gpt2")  # 5x fits
-    data.check_tokenizing_fits("shakespeare", "char")  # the named corpora are small
+        utils.estimate.check_tokenizing_fits(cfg)
+    utils.estimate.check_tokenizing_fits(ModelConfig(data=str(tiny_corpus), tokenizer="gpt2"))  # 5x fits
+
+
+def test_data_caches_are_written_whole_and_readable_by_others(tmp_path: Path) -> None:
+    """One temp file renamed into place, mode from the umask (mkstemp's 0600 hid caches from other users)."""
+    target = tmp_path / "cache" / "ids.bin"
+    data.write_atomic(target, b"1234")
+    assert target.read_bytes() == b"1234" and (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert [p.name for p in target.parent.iterdir()] == ["ids.bin"]
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

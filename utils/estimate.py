@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data import tokenizing_bytes
 from parameters import ModelConfig
 from utils.console import format_duration
 from utils.device import synchronize
@@ -126,6 +127,17 @@ def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype:
     evals = steps // cfg.eval_interval + 1
     return Estimate(params, state, acts, total, available, step, steps * step + evals * eval_seconds, steps, evals,
                     rate / UTILIZATION.get(device.type, 0.3))
+
+
+def check_tokenizing_fits(cfg: ModelConfig) -> None:
+    """Refuse in one line, before reading it, a corpus whose tokenizing would not fit in the memory
+    available now (it is read and tokenized whole; prepare_data.py will stream instead)."""
+    size, needed = tokenizing_bytes(cfg.data, cfg.tokenizer)
+    available = host_memory()[1]
+    if needed > available:
+        raise ValueError(f"tokenizing {cfg.data} ({size / 1e6:,.0f} MB of text) takes about {needed / 1e9:,.1f} GB of "
+                         f"memory, more than the {available / 1e9:,.1f} GB available; use a smaller corpus or a "
+                         "machine with more memory")
 
 
 def check_fits(est: Estimate, device: torch.device) -> None:
