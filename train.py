@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,9 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown(d)
 
 
-def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop) -> int:
-    """Config -> data -> run dir (rank 0: locked, with a status) -> model -> loop -> export."""
-    cfg, args, notes, resume, init = parsed.config, parsed.args, [], None, None
+@dataclass
+class Start:
+    """What a run starts from, resolved before any run directory exists: a bad flag, corpus or size
+    costs nothing. resume and init are the checkpoint (--resume) or export (--init-from), if any."""
+    cfg: ModelConfig
+    compute: Compute
+    corpus: Corpus
+    notes: list[str]
+    run_dir: Path | None = None          # the run being resumed
+    resume: Checkpoint | None = None
+    init: tuple | None = None            # load_export's (model, tokenizer, config)
+
+
+def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> Start | None:
+    """Fresh, resumed or fine-tuned: the config, the compute setup, the corpus, and every check that can
+    refuse the run; None when a resumed run has nothing left to train. Resuming locks the run (rank 0)."""
+    cfg, args, notes, run_dir, resume, init = parsed.config, parsed.args, [], None, None, None
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the config from the run; pass flags (e.g. --max-iters), not --config")
@@ -81,21 +96,31 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
     if cfg.aim_logging and d.is_main:
         writable_dir(cfg.aim_repo, "--aim-repo")  # now, not once the run directory exists
     check_tokenizing_fits(cfg)
-    corpus = prepare_corpus(cfg, given)  # before any run directory: a bad --data costs nothing
+    corpus = prepare_corpus(cfg, given)
+    if d.is_main:
+        distributed.barrier(d)
     if resume:
         check_same_corpus(resume.meta.get("data"), corpus)
         if resume.iteration >= cfg.max_iters and (run_dir / "artifacts" / "export" / "export.json").is_file():
             print(f"{run_dir.name} already trained to max_iters={cfg.max_iters} and has its export: nothing left to "
                   f"train; pass --max-iters N (more than {resume.iteration}) to train it further")
-            return 0
+            return None
     cfg, prompt_note = check_sample_prompt(cfg, corpus)
     estimate = estimate_run(cfg, corpus.tokenizer.vocab_size, compute.device, compute.dtype, d.world_size,
                             resume.iteration if resume else 0)
     check_fits(estimate, compute.device)  # what cannot fit is refused now, not found out by allocating
-    notes += [prompt_note, *describe(estimate, compute.device)]
+    return Start(cfg, compute, corpus, [*notes, prompt_note, *describe(estimate, compute.device)], run_dir, resume,
+                 init)
+
+
+def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop) -> int:
+    """Start -> run dir (rank 0: locked, with a status) -> model -> loop -> export."""
+    start = resolve_start(parsed, d, device_name, held)
+    if start is None:
+        return 0
+    cfg, compute, corpus, resume, run_dir = start.cfg, start.compute, start.corpus, start.resume, start.run_dir
     status = RunStatus(Path(), enabled=False)
     if d.is_main:
-        distributed.barrier(d)
         with stop.deferred():  # a run directory never exists without its lock and its status
             if not resume:
                 run_dir = create_run_dir(cfg.runs_dir, cfg.run_tag)
@@ -112,13 +137,13 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         elif d.is_main:
             write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
         print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-        for note in [*notes, corpus.source.note, *compute.notes]:
+        for note in [*start.notes, corpus.source.note, *compute.notes]:
             if note:
                 print(note)
         n_tokens = sum(len(s) for s in corpus.splits.values())
         print(f"data {corpus.source.name}: {len(corpus.source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} "
               f"tokens (vocab {corpus.tokenizer.vocab_size:,}; token cache {corpus.cache})")
-        trainer = build_trainer(cfg, corpus, compute, run_dir, status, d, resume, init)
+        trainer = build_trainer(cfg, corpus, compute, run_dir, status, d, resume, start.init)
         # From here a signal only asks to stop: the loop ends after its current step, and one that comes
         # while the export is written lets it finish, so status.json always records how the run ended.
         stop.immediate = False
