@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         # Until the loop runs, SIGINT/SIGTERM stop the start-up at once (Interrupted); from then on they
         # ask the loop to stop after its current step. The ExitStack holds the run directory's lock.
         with GracefulStop(immediate=True, announce=d.is_main) as stop, contextlib.ExitStack() as held:
-            return run(parsed, d, device_name, held, stop)
+            code = run(parsed, d, device_name, held, stop)
+        # Tearing the group down is collective: a rank that left while rank 0 still exported aborted
+        # in gloo's teardown ("terminate called without an active exception"), failing the launch.
+        distributed.barrier(d)
+        return code
     finally:
         distributed.teardown(d)
 
