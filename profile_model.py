@@ -37,7 +37,7 @@ from data import prepare_corpus
 from model import LanguageModel
 from training import Trainer, build_optimizer, compile_model, train_step
 from utils.cli import run_main
-from utils.device import autocast, setup_compute, synchronize
+from utils.device import autocast, matmul_flops, setup_compute, synchronize
 from utils.estimate import check_tokenizing_fits
 from utils.runs import RunStatus
 from utils.signals import NeverStop
@@ -97,23 +97,6 @@ def check_args(args) -> list[int]:
     return sizes
 
 
-def _matmul_flops(n: int, layout: str, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) matmul over `repeats` timed calls after one warm-up call.
-    layout "x @ W.T" is nn.Linear's (the forward's matmuls); "x @ W" the plain one (some of backward's)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    w = b.t() if layout == "x @ W.T" else b
-    a @ w  # warm-up: kernel selection, allocation, packing buffers
-    best = 0.0
-    for _ in range(repeats):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ w
-        synchronize(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, sizes: list[int], repeats: int = 2,
                        max_call_s: float = 2.0) -> tuple[float, int, str]:
     """(best FLOP/s, its size, its layout) of large square matmuls in this dtype on this device: the
@@ -125,11 +108,11 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, sizes: list[int
     """
     best = (0.0, sizes[0], "x @ W.T")
     for layout in ("x @ W.T", "x @ W"):
-        rate = _matmul_flops(512, layout, device, dtype, repeats=1)
+        rate = matmul_flops(512, layout, device, dtype, repeats=1)
         for n in sorted(sizes):
             if 2 * n**3 / rate > max_call_s and not (n == min(sizes) and best[0] == 0.0):
                 continue
-            flops = _matmul_flops(n, layout, device, dtype, repeats)
+            flops = matmul_flops(n, layout, device, dtype, repeats)
             best = max(best, (flops, n, layout))
     return best
 
@@ -383,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     n, layout = min(peak_sizes), peaks[0][2]  # the smallest size: a round may be short
 
     def sample_peak() -> None:
-        peaks.append((_matmul_flops(n, layout, device, dtype, repeats=1), n, layout))
+        peaks.append((matmul_flops(n, layout, device, dtype, repeats=1), n, layout))
 
     train_figs, prof, top = measure_training(cfg, args, tokenizer, splits, raw_model, model, optimizer, device,
                                              dtype, after_round=sample_peak)

@@ -29,7 +29,7 @@ import safetensors.torch
 import torch
 
 from utils.files import atomic_write_json, sha256_file
-from utils.run_state import run_state
+from utils.run_state import RunState, run_state
 from utils.runs import find_runs, resolve_run
 
 PREFIX = "step_"
@@ -278,7 +278,7 @@ def find_resume(spec: str, runs_dir: str | Path) -> tuple[Path, Checkpoint, list
         if not ckpt:
             raise FileNotFoundError(f"run '{run_dir}' has no usable checkpoint to resume from"
                                     + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
-        return run_dir, ckpt, [*skipped, *_state_note(run_dir)]
+        return run_dir, ckpt, [*skipped, *_state_note(run_dir, run_state(run_dir))]
     newer: list[str] = []
     for run_dir in reversed(find_runs(runs_dir)):
         state = run_state(run_dir)
@@ -290,11 +290,10 @@ def find_resume(spec: str, runs_dir: str | Path) -> tuple[Path, Checkpoint, list
         if ckpt:
             picked = [f"--resume latest picked {run_dir.name}, the newest run with a checkpoint; newer runs "
                       f"without one: {', '.join(newer)}"] if newer else []
-            return run_dir, ckpt, [*picked, *skipped, *_state_note(run_dir)]
+            return run_dir, ckpt, [*picked, *skipped, *_state_note(run_dir, state)]
         newer.append(f"{run_dir.name} ({state.state})")
     raise FileNotFoundError(f"no run with a checkpoint in '{runs_dir}/': nothing to resume")
 
 
-def _state_note(run_dir: Path) -> list[str]:
-    state = run_state(run_dir)
+def _state_note(run_dir: Path, state: RunState) -> list[str]:
     return [f"{run_dir.name} was {state.state}: {state.detail}"] if state.state in ("killed", "stale") else []

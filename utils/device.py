@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import ContextManager
 
 import torch
 
-from utils.cpu_probe import probe_half_precision
+from utils.cpu_probe import HalfPrecision, probe_half_precision
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dtype auto picks bfloat16 on a CPU only where its matmuls measured at least this much faster than
@@ -89,7 +90,7 @@ def cpu_half_precision_note(name: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def _apply_cap(probe) -> str:
+def _apply_cap(probe: HalfPrecision) -> str:
     """Set the oneDNN ISA cap the probe needed, before this process runs its first half-precision op
     (oneDNN reads it once, at its first use)."""
     if not probe.isa_cap:
@@ -132,3 +133,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def matmul_flops(n: int, layout: str, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) matmul over `repeats` timed calls after one warm-up call.
+    layout "x @ W.T" is nn.Linear's (the forward's matmuls); "x @ W" the plain one (some of backward's)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    w = b.t() if layout == "x @ W.T" else b
+    a @ w  # warm-up: kernel selection, allocation, packing buffers
+    best = 0.0
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ w
+        synchronize(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best

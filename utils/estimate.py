@@ -17,7 +17,6 @@ the loop's measured ETA replaces after its first log line.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from data import tokenizing_bytes
 from parameters import ModelConfig
 from utils.console import format_duration
-from utils.device import synchronize
+from utils.device import matmul_flops
 
 # Utilization of the measured matmul rate that a training step reaches: the default recipe measured
 # 49% and shakespeare_char 74-76% on a 2-core EPYC (README); on CUDA nanoGPT-sized models without
@@ -96,22 +95,6 @@ def host_memory() -> tuple[int, int]:
     return total, available
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Best FLOP/s of two square matmuls in this dtype, after a warm-up one: tens of ms on a CPU."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    w = torch.randn(n, n, device=device).to(dtype).t()
-    a @ w
-    best = float("inf")
-    for _ in range(2):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ w
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype,
                  world_size: int = 1, done_iters: int = 0) -> Estimate:
     params = count_params(cfg, vocab_size)
@@ -120,7 +103,9 @@ def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype:
     total, available = device_memory(device)
     if device.type != "cuda":  # the ranks of a CPU run share the host's memory
         state, acts = state * world_size, acts * world_size
-    rate = matmul_rate(device, dtype) * UTILIZATION.get(device.type, 0.3)
+    # One square matmul in nn.Linear's layout, best of two: tens of ms on a CPU.
+    rate = matmul_flops(4096 if device.type == "cuda" else 1024, "x @ W.T", device, dtype, repeats=2)
+    rate *= UTILIZATION.get(device.type, 0.3)
     step = flops_per_token(cfg, vocab_size) * cfg.tokens_per_step / rate
     eval_seconds = 2 * cfg.eval_iters * flops_per_token(cfg, vocab_size) / 3 * cfg.batch_size * cfg.block_size / rate
     steps = max(0, cfg.max_iters - done_iters)

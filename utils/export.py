@@ -23,7 +23,7 @@ from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
-from utils.checkpoint import load_weights, verify
+from utils.checkpoint import verify
 from utils.files import atomic_write_json, sha256_file
 
 WEIGHTS = "model.safetensors"
@@ -67,29 +67,31 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[L
     if not weights.is_file():
         raise FileNotFoundError(f"'{export_dir}' has no {WEIGHTS}: point at a run directory with an export")
     verify_export(export_dir)
-    raw_config = read_json(export_dir / "config.json")
+    return _build(read_json(export_dir / "config.json"), read_json(export_dir / "tokenizer.json"),
+                  export_dir / "config.json", "config.json and tokenizer.json", weights, device)
+
+
+def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+    """(model in eval mode, tokenizer, config) from a training checkpoint, verified as resume verifies it."""
+    meta = verify(path)
+    return _build(meta["config"], meta["tokenizer"], path / "meta.json", "meta.json", path / WEIGHTS, device)
+
+
+def _build(raw_config: object, raw_tokenizer: object, config_file: Path, described_by: str, weights: Path,
+           device: torch.device | str) -> tuple[LanguageModel, object, ModelConfig]:
+    """The model a config and tokenizer describe, with `weights` loaded strictly; one-line errors."""
     if not isinstance(raw_config, dict):
-        raise ValueError(f"{export_dir / 'config.json'}: expected a mapping of config keys, got {type(raw_config).__name__}")
-    config = ModelConfig(**check_values(ModelConfig, raw_config, str(export_dir / "config.json"))).validate()
-    tokenizer = tokenizer_from_dict(read_json(export_dir / "tokenizer.json"))
+        raise ValueError(f"{config_file}: expected a mapping of config keys, got {type(raw_config).__name__}")
+    config = ModelConfig(**check_values(ModelConfig, raw_config, str(config_file))).validate()
+    tokenizer = tokenizer_from_dict(raw_tokenizer)
     model = LanguageModel(config, tokenizer.vocab_size)
     try:
         safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
     except (OSError, safetensors.SafetensorError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
     except RuntimeError as e:  # names or shapes that are not this config's model
-        raise ValueError(f"{weights} does not fit config.json and tokenizer.json (vocab {tokenizer.vocab_size}): "
+        raise ValueError(f"{weights} does not fit {described_by} (vocab {tokenizer.vocab_size}): "
                          f"{' '.join(str(e).split())[:300]}") from None
-    return model.to(device).eval(), tokenizer, config
-
-
-def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
-    """(model in eval mode, tokenizer, config) from a training checkpoint, verified as resume verifies it."""
-    meta = verify(path)
-    config = ModelConfig(**check_values(ModelConfig, meta["config"], str(path / "meta.json"))).validate()
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
-    model = LanguageModel(config, tokenizer.vocab_size)
-    load_weights(path, model, torch.device(device))
     return model.to(device).eval(), tokenizer, config
 
 
