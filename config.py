@@ -264,8 +264,20 @@ def load_config(argv: list[str] | None = None, description: str = "", config_dir
     parsed = parse(ModelConfig, argv, description, config_dir=config_dir, add_stage_args=add_stage_args,
                    validate=False)
     if not getattr(parsed.args, "resume", None):
-        parsed.config.validate()
+        check_registered(parsed.config.validate())
     return parsed
+
+
+def check_registered(cfg: ModelConfig) -> ModelConfig:
+    """The keys that name a registered class (arch, tokenizer, optimizer, lr_schedule) must name one; a
+    user's own registration counts, so this is checked against the registries, not a fixed list."""
+    from architectures import ARCHITECTURES
+    from tokenizer import TOKENIZERS
+    from training import OPTIMIZERS, SCHEDULES
+
+    for registry in (ARCHITECTURES, TOKENIZERS, OPTIMIZERS, SCHEDULES):
+        registry.lookup(getattr(cfg, registry.key))
+    return cfg
 
 
 def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) -> ModelConfig:
@@ -281,7 +293,7 @@ def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) ->
     values = {**recorded, **cli}
     if values["max_iters"] != recorded["max_iters"] and not recorded["lr_decay_iters"]:
         values["lr_decay_iters"] = recorded["max_iters"]
-    return ModelConfig(**values).validate()
+    return check_registered(ModelConfig(**values).validate())
 
 
 def rescale_batch(cfg: ModelConfig, saved_world: int, world: int) -> tuple[ModelConfig, str]:

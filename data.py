@@ -14,12 +14,10 @@ it has passed its check (the SHA-256 of a download; the length and SHA-256 recor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
 import os
-import secrets
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +28,10 @@ import torch
 
 
 from parameters import ModelConfig
+from utils.files import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from tokenizer import CharTokenizer, Gpt2Tokenizer
+    from tokenizer import Tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -136,27 +135,14 @@ def _read_utf8(path: Path) -> str:
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write a data cache file so that a reader sees the old file or the whole new one: a temp file in
-    the same directory, fsynced, then os.replace. (data.py keeps this copy of utils/files.py's
-    atomic_write_bytes: the library modules import nothing from utils/.) Mode 0o666 lets the umask
-    decide, as for every file gptlab writes. A cache that cannot be written (read-only, a file in the
-    way, a full disk) is a one-line error naming it."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    """Write a data cache file atomically (utils/files.py); a cache that cannot be written (read-only,
+    a file in the way, a full disk) is a one-line error naming it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):  # nothing half-written stays (a file in the way: nothing was)
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise ValueError(f"cannot write the data cache '{path}': {e.strerror or e}; pass --data-dir with a "
-                             "writable directory that has room") from None
-        raise
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise ValueError(f"cannot write the data cache '{path}': {e.strerror or e}; pass --data-dir with a "
+                         "writable directory that has room") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -171,7 +157,7 @@ class CachedTokens:
     cache: str         # "hit", "written", or "rebuilt (why the cached ids were not trusted)"
 
 
-def tokenize_cached(text: str, tokenizer: CharTokenizer | Gpt2Tokenizer, data_dir: str | Path) -> CachedTokens:
+def tokenize_cached(text: str, tokenizer: Tokenizer, data_dir: str | Path) -> CachedTokens:
     """Token ids of `text`, memory-mapped read-only from <data_dir>/tokens/.
 
     The file name is sha256(text hash + tokenizer fingerprint) plus the dtype, so a changed text or
@@ -221,7 +207,7 @@ def _cache_problem(path: Path, dtype: np.dtype) -> str:
 class Corpus:
     """What training reads: the text's source, its tokenizer, the train/val splits of its ids."""
     source: TextSource
-    tokenizer: CharTokenizer | Gpt2Tokenizer
+    tokenizer: Tokenizer
     splits: dict[str, np.ndarray]
     text_sha256: str
     cache: str  # the token cache: "hit", "written" or "rebuilt (...)"
@@ -232,7 +218,7 @@ class Corpus:
         return {"source": self.source.name, "sha256": self.text_sha256}
 
 
-def prepare_corpus(cfg: ModelConfig, tokenizer: CharTokenizer | Gpt2Tokenizer | None = None) -> Corpus:
+def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Corpus:
     """Text -> tokenizer (built from the text unless given) -> cached ids -> train/val splits."""
     from tokenizer import build_tokenizer
 

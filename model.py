@@ -1,23 +1,24 @@
-"""LanguageModel: a decoder-only, pre-LayerNorm GPT-2 style transformer, and its sampler.
+"""LanguageModel: a decoder-only transformer of any registered block family, and its sampler.
 
-    model = LanguageModel(cfg, vocab_size=65)
+    model = LanguageModel(cfg, vocab_size=65)            # cfg.arch: gpt2 (default), llama, or your own
     logits, loss = model(x, y)                           # x, y: (B, T) int64, T <= cfg.block_size
     out = model.eval().generate(prompt, max_new_tokens=100, temperature=0.8, top_k=200)
 
-Architecture: token embedding (wte) + learned position embedding (wpe), dropout, n_layer blocks of
-[LayerNorm -> causal self-attention -> residual; LayerNorm -> MLP -> residual], final LayerNorm, and an
-lm_head that shares its weight with wte. Attention goes through F.scaled_dot_product_attention so the
-device's flash / memory-efficient kernels are used; on CPU, dropout masks are drawn by dropout()
-below, so a seed gives the same weights on every CPU and in every run. Init follows GPT-2: N(0, 0.02) everywhere and
-N(0, 0.02 / sqrt(2 * n_layer)) on the residual projections, so the residual stream's variance does
-not grow with depth (GPT-2 paper, section 2.3).
+Layout, shared by every family: token embedding (wte) [+ learned position embedding (wpe) where the
+family asks for one], dropout, n_layer blocks from architectures/ (gpt2: LayerNorm, GELU, biases;
+llama: RMSNorm, rotary, SwiGLU, grouped-query attention), the family's final norm, and an lm_head
+that shares its weight with wte unless tie_embeddings is off. Init follows GPT-2 for every family:
+N(0, 0.02) for every Linear and Embedding, N(0, 0.02 / sqrt(2 * n_layer)) on the residual
+projections (Linear layers named c_proj), so the residual stream's variance does not grow with depth
+(GPT-2 paper, section 2.3).
 
 Generation uses a KV cache allocated per call (nothing is kept on the module between calls): the
 prompt is prefilled in one forward, then each new token costs one position.
 
-Context window past block_size. The position embeddings are absolute, so a full cache cannot slide
-by one token: every cached key was computed at its old position. The rule, identical with and
-without the cache, is:
+Context window past block_size. Positions are absolute (a learned table, or rotary angles that
+the cached keys already carry), so a full cache cannot slide by one token: every cached key was
+computed at its old position. The rule, the same for every family and identical with and without
+the cache, is:
 - the window is tokens[window_start:]; the next token is predicted from the window alone;
 - the first window is the whole prompt, or its last block_size tokens if it is longer;
 - when appending a token would make the window longer than block_size, window_start jumps forward
@@ -37,135 +38,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from architectures import ARCHITECTURES, LayerKV, dropout
 from parameters import ModelConfig
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """F.dropout(x, p, training), with a mask that is the same on every CPU and every run.
-
-    On CPU, torch's dropout draws its mask with `bernoulli_(float)`, whose kernel takes a different
-    path by CPU vendor: on Intel it fills the mask with MKL's VSL generator from parallel chunks
-    (aten/src/ATen/native/cpu/DistributionKernels.cpp), and on a 2-core Sapphire Rapids that gave
-    different weights in about 1 run in 10 with the same seed (issue 8). `bernoulli_(Tensor)` has
-    one serial kernel on every CPU, so the mask is a pure function of the RNG state. CUDA and MPS
-    keep torch's own fused dropout. Eval mode and p = 0 return x untouched and draw nothing.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    keep = 1.0 - p
-    mask = torch.empty_like(x).bernoulli_(torch.full((), keep))  # 1 with probability keep, else 0
-    return x * mask.div_(keep)
-
-
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool) -> Tensor:
-    """softmax(q k^T / sqrt(hd)) v over (B, nh, T, hd) tensors, with dropout on the probabilities.
-
-    Without dropout this is F.scaled_dot_product_attention (flash kernels where the device has
-    them). With dropout on CPU, SDPA would draw its mask inside torch (see dropout() above), so the
-    same math is written out here with our mask; SDPA's CPU flash kernel has no dropout anyway, so
-    torch would take this unfused path too.
-    """
-    if dropout_p == 0.0 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
-    assert is_causal and q.size(2) == k.size(2), "training attends within one block"
-    T = q.size(2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (T, T)
-    att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)  # (B, nh, T, T)
-    return dropout(att, dropout_p, True) @ v  # (B, nh, T, hd)
-
-
-class LayerKV:
-    """One layer's keys and values for one generate call, preallocated at the first write."""
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, T, hd) at positions pos..pos+T-1; return what the queries attend to.
-
-        A prefill (pos == 0) attends among its own tokens, so it gets k, v back unchanged; a later
-        step gets the cached keys and values of positions 0..pos+T-1.
-        """
-        if self.k is None:
-            B, nh, _, hd = k.shape
-            # dtype of k, not of the parameters: under autocast the keys are bf16/fp16.
-            self.k = k.new_empty(B, nh, self.block_size, hd)  # (B, nh, block_size, hd)
-            self.v = v.new_empty(B, nh, self.block_size, hd)  # (B, nh, block_size, hd)
-        T = k.size(2)
-        self.k[:, :, pos:pos + T] = k
-        self.v[:, :, pos:pos + T] = v
-        if pos == 0:
-            return k, v
-        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nh, pos + T, hd)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with one fused q/k/v projection."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
-        B, T, C = x.shape
-        hd = C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        assert pos == 0 or T == 1, "a cached step feeds one token at a time"
-        if kv is not None:
-            k, v = kv.update(k, v, pos)  # (B, nh, pos + T, hd)
-        # Only a block starting at position 0 needs the causal mask; a single later query may see
-        # every cached position. (is_causal aligns the mask top-left, wrong for T < key length.)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, is_causal=pos == 0)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return dropout(self.c_proj(y), self.dropout, self.training)  # (B, T, C)
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward: C -> 4C -> GELU (exact erf form, not GPT-2's tanh) -> C."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: Tensor) -> Tensor:
-        # F.gelu rather than an nn.GELU module: the same kernel without a module call per step.
-        # The tanh form would change the numbers, and on AVX2 CPUs it is ~3x slower than erf.
-        return dropout(self.c_proj(F.gelu(self.c_fc(x))), self.dropout, self.training)  # (B, T, C)
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv, pos)  # (B, T, C)
-        return x + self.mlp(self.ln_2(x))  # (B, T, C)
-
-
 class LanguageModel(nn.Module):
-    """GPT-2 style language model; reads only the architecture fields of the config."""
+    """Embedding -> n_layer blocks of the cfg.arch family -> final norm -> LM head; reads only the
+    architecture fields of the config."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
+        block = ARCHITECTURES.lookup(cfg.arch)
         self.block_size = cfg.block_size
         self.n_layer = cfg.n_layer
         self.n_embd = cfg.n_embd
@@ -173,14 +56,15 @@ class LanguageModel(nn.Module):
         self.dropout = cfg.dropout
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            **({"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)} if block.learned_positions else {}),
+            h=nn.ModuleList(block(cfg, i) for i in range(cfg.n_layer)),
+            ln_f=block.final_norm(cfg),
         ))
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017). Tied by attribute, so load_state_dict copies into the one
-        # shared tensor and a state_dict holding only transformer.wte.weight restores both.
-        self.lm_head.weight = self.transformer.wte.weight
+        if cfg.tie_embeddings:
+            # Weight tying (Press & Wolf 2017). Tied by attribute, so load_state_dict copies into the one
+            # shared tensor and a state_dict holding only transformer.wte.weight restores both.
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, p in self.named_parameters():
@@ -212,22 +96,28 @@ class LanguageModel(nn.Module):
     def _hidden(self, idx: Tensor, cache: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
         """Final-LayerNorm hidden states (B, T, C) of idx (B, T) placed at positions pos..pos+T-1."""
         T = idx.size(1)
-        tok = self.transformer.wte(idx)  # (B, T, C)
-        # A slice of the table is the embedding of positions pos..pos+T-1, without an arange per call.
-        x = dropout(tok + self.transformer.wpe.weight[pos:pos + T], self.dropout, self.training)  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            # A slice of the table is the embedding of positions pos..pos+T-1, without an arange per call.
+            x = x + self.transformer.wpe.weight[pos:pos + T]  # (B, T, C)
+        x = dropout(x, self.dropout, self.training)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; the tied wte/lm_head weight counts once.
+        """Parameter count; a tied wte/lm_head weight counts once.
 
-        non_embedding=True leaves out the position embedding (the token embedding stays: it is also
-        the lm_head's weight), as in nanoGPT and the GPT-2/Kaplan scaling-law counts.
+        non_embedding=True leaves out the lookup tables: the position embedding, and the token
+        embedding unless it is also the lm_head's weight; as in nanoGPT and the GPT-2/Kaplan
+        scaling-law counts.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if self.lm_head.weight is not self.transformer.wte.weight:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self) -> int:
@@ -235,9 +125,10 @@ class LanguageModel(nn.Module):
 
             6 * N_matmul + 12 * n_layer * n_embd * block_size
 
-        N_matmul counts the weights of every matmul: per layer 12 * n_embd**2 (c_attn 3C*C, attn
-        c_proj C*C, c_fc 4C*C, mlp c_proj 4C*C), plus the lm_head's vocab * n_embd. Each weight costs
-        2 FLOPs forward and 4 backward; the second term is attention's QK^T and AV matmuls.
+        N_matmul counts the weights of every Linear, whatever the block family (for gpt2, per layer
+        12 * n_embd**2: c_attn 3C*C, attn c_proj C*C, c_fc 4C*C, mlp c_proj 4C*C), plus the lm_head's
+        vocab * n_embd. Each weight costs 2 FLOPs forward and 4 backward; the second term is
+        attention's QK^T and AV matmuls (n_head * head_dim = n_embd, with or without grouped keys).
         Convention of PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's estimate_mfu; biases,
         LayerNorms, softmax and embedding lookups are left out.
         """

@@ -57,29 +57,44 @@ class ModelConfig(Validated):
         "shakespeare", "dataset name (shakespeare, pydoc) or a path to a UTF-8 .txt file or a directory of them"
     )
     data_dir: str = knob("data", "cache for downloaded corpora and tokenized ids")
-    tokenizer: str = knob("char", "char (vocabulary = the corpus' characters) or gpt2 (tiktoken BPE)",
-                          choices=("char", "gpt2"))
+    tokenizer: str = knob("char", "a registered tokenizer: char (vocabulary = the corpus' characters) or gpt2 "
+                                  "(tiktoken BPE)")
     val_fraction: float = knob(0.1, "fraction of the tokens (the tail) held out for validation")
 
     # --- model ---
+    arch: str = knob("gpt2", "a registered block family: gpt2 (LayerNorm, learned positions, GELU, biases) or llama "
+                             "(RMSNorm, rotary positions, SwiGLU, no biases); README: 'Add your own block'")
     n_layer: int = knob(4, "transformer blocks")
     n_head: int = knob(4, "attention heads per block; must divide n_embd")
     n_embd: int = knob(128, "width of the residual stream")
     block_size: int = knob(64, "context length in tokens")
     dropout: float = knob(0.0, "dropout probability in [0, 1); 0 for small data is rarely right, 0.2 is common")
-    bias: bool = knob(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    bias: bool = knob(True, "biases in Linear and LayerNorm layers (gpt2 has them; llama never does)")
+    n_kv_head: int = knob(0, "key/value heads (grouped-query attention); must divide n_head; 0 = n_head")
+    mlp_ratio: float = knob(4.0, "MLP hidden width as a multiple of n_embd (llama's SwiGLU commonly uses 8/3)")
+    norm_eps: float = knob(1e-5, "epsilon of the LayerNorm / RMSNorm layers")
+    tie_embeddings: bool = knob(True, "the LM head shares the token embedding's weight (Press & Wolf 2017)")
+    qk_norm: bool = knob(False, "RMS-normalize queries and keys per head before attention (steadier at high LR)")
+    rope_theta: float = knob(10000.0, "base of the rotary position embedding (llama)")
 
     # --- optimization ---
+    optimizer: str = knob("adamw", "a registered optimizer: adamw, muon (Muon for hidden matrices, AdamW for the "
+                                   "rest), adagrad or sgd")
     batch_size: int = knob(12, "sequences per micro-step (per process)")
     grad_accum_steps: int = knob(1, "micro-steps per optimizer step")
     max_iters: int = knob(2000, "optimizer steps")
     learning_rate: float = knob(1e-3, "peak learning rate, reached after warmup")
-    min_lr: float = knob(1e-4, "learning rate at the end of the cosine decay")
+    min_lr: float = knob(1e-4, "learning rate at the end of the decay (a fraction min_lr/learning_rate for Muon)")
+    lr_schedule: str = knob("cosine", "a registered schedule after warmup: cosine, linear, or wsd (stable, then a "
+                                      "linear decay over the last decay_fraction of the steps)")
     warmup_iters: int = knob(100, "linear warmup steps; must be < max_iters")
-    lr_decay_iters: int = knob(0, "steps of cosine decay; 0 means max_iters")
-    weight_decay: float = knob(0.1, "AdamW weight decay, applied to matrices only")
+    lr_decay_iters: int = knob(0, "the step at which the decay ends; 0 means max_iters")
+    decay_fraction: float = knob(0.2, "wsd: fraction of lr_decay_iters (at the end) spent decaying")
+    weight_decay: float = knob(0.1, "decoupled weight decay, applied to matrices only")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
+    muon_lr: float = knob(0.02, "Muon: peak learning rate of the hidden weight matrices")
+    momentum: float = knob(0.95, "momentum of Muon and SGD")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 disables")
 
     # --- evaluation, logging, output ---
@@ -93,6 +108,8 @@ class ModelConfig(Validated):
                                          "each new best val loss); 0: only those")
     keep_checkpoints: int = knob(3, "checkpoints kept (the newest ones), plus the best")
     early_stopping_patience: int = knob(0, "stop after this many evals without a better val loss; 0 disables")
+    target_val_loss: float = knob(0.0, "stop, export and record stop_reason target_reached once the val loss is "
+                                       "at or below this; 0 disables")
     init_from: str = knob("", "start from the weights (and tokenizer) of this run or export directory: fine-tuning")
     aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
     aim_repo: str = knob(".", "directory of the Aim repository (.aim is created inside it)")
@@ -116,6 +133,19 @@ class ModelConfig(Validated):
             p.append(("keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"))
         if self.n_head > 0 and self.n_embd % self.n_head:
             p.append(("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}"))
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            p.append(("n_kv_head", f"{self.n_kv_head} must be 0 (= n_head) or divide n_head={self.n_head}"))
+        if int(self.mlp_ratio * self.n_embd) < 1:
+            p.append(("mlp_ratio", f"{self.mlp_ratio} x n_embd={self.n_embd} leaves no hidden units"))
+        for name in ("norm_eps", "rope_theta", "muon_lr"):
+            if getattr(self, name) <= 0:
+                p.append((name, f"must be > 0, got {getattr(self, name)}"))
+        if not 0.0 <= self.momentum < 1.0:
+            p.append(("momentum", f"must be in [0, 1), got {self.momentum}"))
+        if not 0.0 < self.decay_fraction <= 1.0:
+            p.append(("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"))
+        if self.target_val_loss < 0:
+            p.append(("target_val_loss", f"must be >= 0 (0 disables), got {self.target_val_loss}"))
         if not 0.0 <= self.dropout < 1.0:
             p.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
         if not 0.0 < self.val_fraction < 1.0:
@@ -148,6 +178,16 @@ class ModelConfig(Validated):
         return self.lr_decay_iters or self.max_iters
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of the MLP."""
+        return int(self.mlp_ratio * self.n_embd)
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step of one process."""
         return self.batch_size * self.grad_accum_steps * self.block_size
@@ -156,11 +196,14 @@ class ModelConfig(Validated):
 # A run directory's name is <YYYYMMDD_HHMMSS>_<tag>[-N]: this keeps it under the usual 255-byte limit.
 MAX_TAG_BYTES = 200
 # Fields that define the network's shape: what an export needs to rebuild the model.
-ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+# Exports and checkpoints written before a key existed load with its default, which is the old model.
+ARCHITECTURE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "bias", "n_kv_head", "mlp_ratio", "norm_eps",
+                     "tie_embeddings", "qk_norm", "rope_theta")
 # Fields a resumed run may change: they leave everything trained so far valid. (max_iters extends a
 # run; the LR schedule keeps the length it was recorded with.)
 RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_interval", "histogram_interval",
-                  "keep_checkpoints", "sample_length", "aim_logging", "device", "torch_compile", "runs_dir")
+                  "keep_checkpoints", "sample_length", "aim_logging", "device", "torch_compile", "runs_dir",
+                  "target_val_loss", "early_stopping_patience")
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Tokenizers: CharTokenizer and Gpt2Tokenizer behind one interface, saved and loaded as JSON.
+"""Tokenizers: the Tokenizer protocol, its registry (char, gpt2), saved and loaded as JSON.
 
-Both offer encode (list of ids), encode_array (numpy, for a whole corpus), decode, to_dict (what an
-export stores) and fingerprint (a short stable hash for cache keys).
+Every tokenizer offers encode (list of ids), encode_array (numpy, for a whole corpus), decode,
+to_dict (what an export stores) and fingerprint (a short stable hash for cache keys), and is built
+by its class from a corpus (`build`) or from its to_dict (`from_dict`). Adding one is a class plus
+`@TOKENIZERS.register("name")`.
 
     tok = build_tokenizer("char", text)             # or "gpt2"
     tok2 = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
@@ -18,9 +20,11 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from utils.registry import Registry
 
 # The hashes tiktoken pins for GPT-2's files in tiktoken_ext/openai_public.py, function gpt2().
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -32,6 +36,25 @@ ENCODE_CHUNK = 1 << 22  # characters per step of CharTokenizer.encode_array
 
 # surrogatepass: every Python str, even one holding a lone surrogate, maps to code points and back.
 _UTF32 = ("utf-32-le", "surrogatepass")
+
+
+class Tokenizer(Protocol):
+    name: str
+
+    @property
+    def vocab_size(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_array(self, text: str) -> np.ndarray: ...
+    def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str: ...
+    def to_dict(self) -> dict: ...
+    def fingerprint(self) -> str: ...
+    @classmethod
+    def build(cls, text: str) -> "Tokenizer": ...
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer": ...
+
+
+TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer")
 
 
 def _ids_array(ids: Iterable[int] | np.ndarray | Any) -> np.ndarray:
@@ -51,6 +74,7 @@ def _check_id_range(arr: np.ndarray, vocab_size: int) -> None:
                          "the ids were not produced by this tokenizer")
 
 
+@TOKENIZERS.register("char")
 class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of the training corpus' characters."""
 
@@ -76,6 +100,16 @@ class CharTokenizer:
         if not text:
             raise ValueError("cannot build a char vocabulary from an empty text; pass a non-empty corpus")
         return cls(sorted(set(text)))
+
+    @classmethod
+    def build(cls, text: str) -> "CharTokenizer":
+        return cls.from_text(text)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CharTokenizer":
+        if not isinstance(d.get("chars"), list):
+            raise ValueError("a char tokenizer description needs 'chars': a list of characters")
+        return cls(d["chars"])
 
     @property
     def vocab_size(self) -> int:
@@ -190,6 +224,7 @@ def gpt2_encoding() -> Any:
     )
 
 
+@TOKENIZERS.register("gpt2")
 class Gpt2Tokenizer:
     """GPT-2's byte-level BPE (tiktoken); "<|endoftext|>" in a text encodes to the separator 50256."""
 
@@ -212,29 +247,33 @@ class Gpt2Tokenizer:
     def to_dict(self) -> dict:
         return {"type": self.name}
 
+    @classmethod
+    def build(cls, text: str) -> "Gpt2Tokenizer":
+        return cls()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Gpt2Tokenizer":
+        return cls()
+
     def fingerprint(self) -> str:
         digest = hashlib.sha256(f"{VOCAB_BPE_SHA256}:{ENCODER_JSON_SHA256}:{ENDOFTEXT}".encode()).hexdigest()
         return f"gpt2-{digest[:16]}"
 
 
-TOKENIZER_NAMES = ("char", "gpt2")
+def build_tokenizer(name: str, text: str) -> Tokenizer:
+    """The registered tokenizer `name` for a corpus; `text` is the source of a vocabulary built from it."""
+    return TOKENIZERS.lookup(name).build(text)
 
 
-def build_tokenizer(name: str, text: str) -> CharTokenizer | Gpt2Tokenizer:
-    """The tokenizer `name` for a corpus; `text` is the char vocabulary's source (gpt2 ignores it)."""
-    if name == "char":
-        return CharTokenizer.from_text(text)
-    if name == "gpt2":
-        return Gpt2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}; use one of: {', '.join(TOKENIZER_NAMES)}")
-
-
-def tokenizer_from_dict(d: dict) -> CharTokenizer | Gpt2Tokenizer:
+def tokenizer_from_dict(d: dict) -> Tokenizer:
     """Inverse of to_dict: rebuild a tokenizer from what an export saved."""
     kind = d.get("type") if isinstance(d, dict) else None
-    if kind == "gpt2":
-        return Gpt2Tokenizer()
-    if kind == "char" and isinstance(d.get("chars"), list):
-        return CharTokenizer(d["chars"])
-    raise ValueError(f"not a tokenizer description: {str(d)[:80]!r}; expected {{'type': 'char', 'chars': [...]}} "
-                     "or {'type': 'gpt2'}, as written by to_dict (re-export the model if tokenizer.json is damaged)")
+    try:
+        if isinstance(kind, str) and kind in TOKENIZERS:
+            return TOKENIZERS.lookup(kind).from_dict(d)
+        problem = "no registered 'type'"
+    except ValueError as e:
+        problem = str(e)
+    raise ValueError(f"not a tokenizer description: {str(d)[:80]!r} ({problem}); expected one written by "
+                     f"to_dict, of type {', '.join(TOKENIZERS.names())} (re-export the model if tokenizer.json "
+                     "is damaged)")

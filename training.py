@@ -32,11 +32,17 @@ from utils.device import autocast
 from utils.distributed import Dist
 from utils.runs import RunStatus
 from utils.signals import GracefulStop
+from utils.registry import Registry
 from utils.tracking import Tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
 
 
+SCHEDULES: Registry = Registry("lr_schedule")
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+@SCHEDULES.register("cosine")
 def get_lr(step: int, cfg: ModelConfig) -> float:
     """Linear warmup to learning_rate, cosine decay to min_lr over decay_iters, then min_lr."""
     if step < cfg.warmup_iters:
@@ -47,6 +53,7 @@ def get_lr(step: int, cfg: ModelConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+@OPTIMIZERS.register("adamw")
 def build_optimizer(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (Linear, Embedding) only, never on biases or LayerNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -42,6 +42,18 @@ def test_precedence_defaults_files_presets_cli(config_dir: Path, tmp_path: Path)
     assert cfg.n_layer == 2  # CLI beats every file
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--tokenizer", "bpe"], "tokenizer: 'bpe' is not registered; choose one of char, gpt2"),
+    (["--arch", "lama"], "arch: 'lama' is not registered (did you mean 'llama'?); choose one of gpt2, llama"),
+    (["--optimizer", "adam"], "optimizer: 'adam' is not registered (did you mean 'adamw'?)"),
+    (["--lr-schedule", "cos"], "lr_schedule: 'cos' is not registered"),
+])
+def test_names_must_be_registered(argv, message, tmp_path: Path):
+    with pytest.raises(ValueError) as e:
+        load_config(argv, config_dir=tmp_path)
+    assert message in str(e.value)
+
+
 def test_legacy_config_json_only_where_configs_absent(tmp_path: Path):
     write(tmp_path / "config.json", json.dumps({"n_layer": 7, "learning_rate": 0.002}))
     parsed = load_config([], config_dir=tmp_path / "configs")
@@ -138,7 +150,9 @@ def test_cli_type_error_names_the_command_line(tmp_path: Path):
     ({"histogram_interval": -5}, "histogram_interval: must be >= 0"),
     ({"device": "tpu"}, "device: 'tpu' is not auto, cpu, cuda, cuda:N or mps"),
     ({"dtype": "fp8"}, "dtype: 'fp8' is not one of auto, float32, bfloat16, float16"),
-    ({"tokenizer": "bpe"}, "tokenizer: 'bpe' is not one of char, gpt2"),
+    ({"n_kv_head": 3}, "n_kv_head: 3 must be 0 (= n_head) or divide n_head=4"),
+    ({"decay_fraction": 0.0}, "decay_fraction: must be in (0, 1]"),
+    ({"mlp_ratio": 0.001}, "mlp_ratio: 0.001 x n_embd=128 leaves no hidden units"),
     ({"run_tag": "a/b"}, "run_tag: 'a/b' must be non-empty"),
     ({"run_tag": ""}, "run_tag: '' must be non-empty"),
 ])

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from model import LanguageModel, LayerKV, causal_attention, dropout, sample_next
+from architectures import LayerKV, causal_attention, dropout
+from model import LanguageModel, sample_next
 from parameters import ModelConfig
 
 VOCAB = 65

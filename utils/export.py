@@ -11,7 +11,6 @@ No pickles: an export someone hands you cannot run code when loaded.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
 from utils.checkpoint import verify
-from utils.files import atomic_write_json, sha256_file
+from utils.files import atomic_path, atomic_write_json, sha256_file
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "export.json"
@@ -39,16 +38,10 @@ def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenize
     (export_dir / MANIFEST).unlink(missing_ok=True)  # a stale manifest must never vouch for new files
     atomic_write_json(export_dir / "config.json", config)
     atomic_write_json(export_dir / "tokenizer.json", tokenizer)
-    tmp = export_dir / f".{WEIGHTS}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(export_dir / WEIGHTS) as tmp:
         # save_model drops the tied lm_head.weight (it aliases wte.weight); load_model restores the tie.
         metadata = {"format": "pt", "gptlab": FORMAT, "config": json.dumps(config), "tokenizer": json.dumps(tokenizer)}
         safetensors.torch.save_model(model, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, export_dir / WEIGHTS)
-    finally:
-        tmp.unlink(missing_ok=True)
     atomic_write_json(export_dir / MANIFEST, {"format": FORMAT,
                                               "sha256": {name: sha256_file(export_dir / name) for name in HASHED}})
 

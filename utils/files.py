@@ -7,31 +7,39 @@ swapped in with `os.replace`, which is atomic on POSIX and Windows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
+    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
     path = Path(path)
-    # Same directory as the target: os.replace is only atomic within one filesystem. Not mkstemp:
-    # its 0600 mode would make every export unreadable to other users; 0o666 lets the umask decide.
+    # Same directory as the target: os.replace is only atomic within one filesystem.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        # BaseException too: a Ctrl-C mid-write must not leave .tmp litter behind.
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
+    with atomic_path(path) as tmp:
+        # Not mkstemp: its 0600 mode would make exports and caches unreadable to other users; 0o666
+        # lets the umask decide.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,0 +1,170 @@
+"""The parts every block family is built from, the Block base class, and the ARCHITECTURES registry.
+
+    @ARCHITECTURES.register("mine")
+    class MyBlock(Block):
+        def __init__(self, cfg: ModelConfig, layer: int) -> None: ...
+        def forward(self, x, kv=None, pos=0): ...      # (B, T, C) -> (B, T, C)
+
+LanguageModel (model.py) wraps any registered Block in the same embedding, final norm, LM head, init,
+KV-cached generation and FLOPs count, so a new block family gets training, resume, DDP, compile,
+export and inference without a line changed elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from parameters import ModelConfig
+from utils.registry import Registry
+
+ARCHITECTURES: Registry[type["Block"]] = Registry("arch")
+
+
+class Block(nn.Module):
+    """One transformer block of a family; forward(x (B, T, C), kv: LayerKV | None, pos: int) -> (B, T, C).
+
+    pos is the position of x's first token (0 in training, later in cached generation); kv is this
+    layer's cache during generation, None otherwise. Linear layers named c_proj are residual
+    projections and get GPT-2's scaled init.
+    """
+    learned_positions: ClassVar[bool] = False  # add a learned position embedding (wpe) to the token embedding
+
+    @classmethod
+    def final_norm(cls, cfg: ModelConfig) -> nn.Module:
+        """The norm between the last block and the LM head."""
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout(x, p, training), with a mask that is the same on every CPU and every run.
+
+    On CPU, torch's dropout draws its mask with `bernoulli_(float)`, whose kernel takes a different
+    path by CPU vendor: on Intel it fills the mask with MKL's VSL generator from parallel chunks
+    (aten/src/ATen/native/cpu/DistributionKernels.cpp), and on a 2-core Sapphire Rapids that gave
+    different weights in about 1 run in 10 with the same seed (issue 8). `bernoulli_(Tensor)` has
+    one serial kernel on every CPU, so the mask is a pure function of the RNG state. CUDA and MPS
+    keep torch's own fused dropout. Eval mode and p = 0 return x untouched and draw nothing.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    keep = 1.0 - p
+    mask = torch.empty_like(x).bernoulli_(torch.full((), keep))  # 1 with probability keep, else 0
+    return x * mask.div_(keep)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v over (B, nh, T, hd) tensors, with dropout on the probabilities.
+
+    Without dropout this is F.scaled_dot_product_attention (flash kernels where the device has
+    them). With dropout on CPU, SDPA would draw its mask inside torch (see dropout() above), so the
+    same math is written out here with our mask; SDPA's CPU flash kernel has no dropout anyway, so
+    torch would take this unfused path too.
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    assert is_causal and q.size(2) == k.size(2), "training attends within one block"
+    T = q.size(2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (T, T)
+    att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)  # (B, nh, T, T)
+    return dropout(att, dropout_p, True) @ v  # (B, nh, T, hd)
+
+
+class LayerKV:
+    """One layer's keys and values for one generate call, preallocated at the first write."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nkv, T, hd) at positions pos..pos+T-1; return what the queries attend to.
+
+        A prefill (pos == 0) attends among its own tokens, so it gets k, v back unchanged; a later
+        step gets the cached keys and values of positions 0..pos+T-1.
+        """
+        if self.k is None:
+            B, nkv, _, hd = k.shape
+            # dtype of k, not of the parameters: under autocast the keys are bf16/fp16.
+            self.k = k.new_empty(B, nkv, self.block_size, hd)  # (B, nkv, block_size, hd)
+            self.v = v.new_empty(B, nkv, self.block_size, hd)  # (B, nkv, block_size, hd)
+        T = k.size(2)
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        if pos == 0:
+            return k, v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nkv, pos + T, hd)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), in the half-split layout Hugging Face Llama uses:
+    the pair rotated together is (x[i], x[i + hd/2]). cos/sin for every position up to block_size
+    are computed once, in float32, as a buffer that is not saved (it follows from the config)."""
+
+    def __init__(self, head_dim: int, block_size: int, theta: float) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head size, got n_embd/n_head = {head_dim}; "
+                             "change n_embd or n_head")
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)  # (block_size, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (block_size, hd)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, pos: int) -> Tensor:
+        """x (B, nh, T, hd) at positions pos..pos+T-1, rotated."""
+        T, half = x.size(2), x.size(-1) // 2
+        cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)  # (T, hd)
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, nh, T, hd)
+        return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with one fused q/k/v projection (rows: n_head query heads, then
+    n_kv_head key and n_kv_head value heads); optional grouped-query heads, QK-norm and rotary."""
+
+    def __init__(self, cfg: ModelConfig, bias: bool, rotary: bool) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if rotary else None
+
+    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
+        B, T, C = x.shape
+        hd, nkv = self.head_dim, self.n_kv_head
+        q, k, v = self.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)  # (B, T, C), 2 x (B, T, nkv * hd)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        assert pos == 0 or T == 1, "a cached step feeds one token at a time"
+        if kv is not None:
+            k, v = kv.update(k, v, pos)  # (B, nkv, pos + T, hd)
+        if nkv != self.n_head:  # query head i reads key/value head i // (n_head / nkv), as in HF's repeat_kv
+            k = k.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, pos + T, hd)
+            v = v.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, pos + T, hd)
+        # Only a block starting at position 0 needs the causal mask; a single later query may see
+        # every cached position. (is_causal aligns the mask top-left, wrong for T < key length.)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, is_causal=pos == 0)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return dropout(self.c_proj(y), self.dropout, self.training)  # (B, T, C)
