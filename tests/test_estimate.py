@@ -18,7 +18,8 @@ from utils.estimate import (Estimate, activation_bytes, check_fits, count_params
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("changes", [{}, {"bias": False}, {"n_layer": 3, "n_embd": 48, "n_head": 3, "block_size": 40}])
+@pytest.mark.parametrize("changes", [{}, {"bias": False}, {"n_layer": 3, "n_embd": 48, "n_head": 3, "block_size": 40},
+                                     {"arch": "llama", "n_kv_head": 1, "tie_embeddings": False}])
 def test_parameter_and_flop_counts_equal_the_model(tiny_cfg: ModelConfig, changes: dict):
     cfg = dataclasses.replace(tiny_cfg, **changes)
     model = LanguageModel(cfg, 77)

@@ -1,4 +1,8 @@
-"""Tests of model.py: causality, init, loss, KV cache against full recompute, sampling, FLOPs."""
+"""Tests of model.py: causality, init, loss, KV cache against full recompute, sampling, FLOPs.
+
+The behaviour every architecture must have runs once per registered architecture (the `cfg`
+fixture), plus llama with grouped-query attention, QK-norm and an untied head.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,20 @@ import math
 import pytest
 import torch
 
-from architectures import LayerKV, causal_attention, dropout
+from architectures import ARCHITECTURES, LayerKV, causal_attention, dropout
 from model import LanguageModel, sample_next
 from parameters import ModelConfig
 
 VOCAB = 65
+VARIANTS = {name: {"arch": name} for name in ARCHITECTURES.names()} | {
+    "llama-gqa": {"arch": "llama", "n_kv_head": 1, "qk_norm": True, "tie_embeddings": False, "mlp_ratio": 8 / 3},
+}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def cfg(request: pytest.FixtureRequest, tiny_cfg: ModelConfig) -> ModelConfig:
+    """tiny_cfg in each registered architecture."""
+    return dataclasses.replace(tiny_cfg, **VARIANTS[request.param]).validate()
 
 
 def make_model(cfg: ModelConfig, seed: int = 0, vocab: int = VOCAB) -> LanguageModel:
@@ -34,11 +47,11 @@ def scrambled_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
     return model
 
 
-def test_causal_mask(tiny_cfg: ModelConfig) -> None:
-    model = make_model(tiny_cfg)
-    idx = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+def test_causal_mask(cfg: ModelConfig) -> None:
+    model = make_model(cfg)
+    idx = torch.randint(0, VOCAB, (2, cfg.block_size))
     logits, _ = model(idx)
-    for t in (0, 5, tiny_cfg.block_size - 1):
+    for t in (0, 5, cfg.block_size - 1):
         changed = idx.clone()
         changed[:, t] = (changed[:, t] + 1) % VOCAB
         logits2, _ = model(changed)
@@ -46,17 +59,17 @@ def test_causal_mask(tiny_cfg: ModelConfig) -> None:
         assert not torch.equal(logits[:, t], logits2[:, t])
 
 
-def test_initial_loss_near_ln_vocab(tiny_cfg: ModelConfig) -> None:
-    model = make_model(tiny_cfg)
-    idx = torch.randint(0, VOCAB, (8, tiny_cfg.block_size))
-    targets = torch.randint(0, VOCAB, (8, tiny_cfg.block_size))
+def test_initial_loss_near_ln_vocab(cfg: ModelConfig) -> None:
+    model = make_model(cfg)
+    idx = torch.randint(0, VOCAB, (8, cfg.block_size))
+    targets = torch.randint(0, VOCAB, (8, cfg.block_size))
     logits, loss = model(idx, targets)
-    assert logits.shape == (8, tiny_cfg.block_size, VOCAB)
+    assert logits.shape == (8, cfg.block_size, VOCAB)
     assert abs(loss.item() - math.log(VOCAB)) < 0.2
 
 
-def test_ignore_index_leaves_positions_out(tiny_cfg: ModelConfig) -> None:
-    model = make_model(tiny_cfg)
+def test_ignore_index_leaves_positions_out(cfg: ModelConfig) -> None:
+    model = make_model(cfg)
     idx = torch.randint(0, VOCAB, (2, 8))
     targets = torch.randint(0, VOCAB, (2, 8))
     masked = targets.clone()
@@ -98,10 +111,10 @@ def test_no_bias(tiny_cfg: ModelConfig) -> None:
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
 
 
-def test_too_long_sequence_raises(tiny_cfg: ModelConfig) -> None:
-    model = make_model(tiny_cfg)
+def test_too_long_sequence_raises(cfg: ModelConfig) -> None:
+    model = make_model(cfg)
     with pytest.raises(ValueError, match="block_size"):
-        model(torch.zeros(1, tiny_cfg.block_size + 1, dtype=torch.long))
+        model(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))
 
 
 def test_num_params_and_flops(tiny_cfg: ModelConfig) -> None:
@@ -114,11 +127,39 @@ def test_num_params_and_flops(tiny_cfg: ModelConfig) -> None:
     assert model.flops_per_token() == 6 * n_matmul + 12 * L * C * T
 
 
+def test_llama_shapes_params_and_flops(tiny_cfg: ModelConfig) -> None:
+    """Grouped-query attention shrinks k/v; SwiGLU has two input matrices; an untied head counts."""
+    cfg = dataclasses.replace(tiny_cfg, arch="llama", n_head=4, n_kv_head=2, mlp_ratio=3.0, tie_embeddings=False)
+    model = make_model(cfg.validate())
+    C, L, T, hd, H = cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.n_embd // 4, int(3.0 * cfg.n_embd)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (C + 2 * 2 * hd, C)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (2 * H, C)
+    assert "wpe" not in model.transformer and not any(n.endswith("bias") for n, _ in model.named_parameters())
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    n_matmul = L * ((C + 4 * hd) * C + C * C + 3 * H * C) + VOCAB * C
+    assert model.flops_per_token() == 6 * n_matmul + 12 * L * C * T
+    assert model.num_params(non_embedding=True) == model.num_params() - VOCAB * C
+    per_layer = (C + 4 * hd) * C + C * C + 3 * H * C + 2 * C
+    assert model.num_params() == L * per_layer + 2 * VOCAB * C + C
+
+
+def test_rotary_positions_are_relative(tiny_cfg: ModelConfig) -> None:
+    """With rotary embeddings, q.k depends on the distance between positions only."""
+    from architectures.layers import Rotary
+    rot = Rotary(8, 32, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dots = [(rot(q, p + 3) * rot(k, p)).sum() for p in (0, 5, 20)]
+    torch.testing.assert_close(dots[1], dots[0])
+    torch.testing.assert_close(dots[2], dots[0])
+    with pytest.raises(ValueError, match="even head size"):
+        Rotary(7, 32, 10000.0)
+
+
 @pytest.mark.parametrize("prompt_len", [3, 20])  # 20 > block_size: the prompt itself is cut
-def test_kv_cache_matches_full_recompute_greedy(tiny_cfg: ModelConfig, prompt_len: int) -> None:
-    model = scrambled_model(tiny_cfg)
+def test_kv_cache_matches_full_recompute_greedy(cfg: ModelConfig, prompt_len: int) -> None:
+    model = scrambled_model(cfg)
     prompt = torch.randint(0, VOCAB, (2, prompt_len))
-    n_new = 3 * tiny_cfg.block_size  # crosses the window boundary several times
+    n_new = 3 * cfg.block_size  # crosses the window boundary several times
     cached = model.generate(prompt, n_new, temperature=0, use_cache=True)
     full = model.generate(prompt, n_new, temperature=0, use_cache=False)
     assert cached.shape == (2, prompt_len + n_new)
@@ -127,10 +168,10 @@ def test_kv_cache_matches_full_recompute_greedy(tiny_cfg: ModelConfig, prompt_le
     assert len(cached[0, prompt_len:].unique()) > 3  # not a degenerate repeat of one token
 
 
-def test_window_rule_past_block_size(tiny_cfg: ModelConfig) -> None:
+def test_window_rule_past_block_size(cfg: ModelConfig) -> None:
     """A long prompt starts from its last block_size tokens; a full window keeps its last half."""
-    model = scrambled_model(tiny_cfg)
-    bs, half = tiny_cfg.block_size, tiny_cfg.block_size // 2
+    model = scrambled_model(cfg)
+    bs, half = cfg.block_size, cfg.block_size // 2
     prompt = torch.randint(0, VOCAB, (2, bs + 4))
     out = model.generate(prompt, 2 * bs, temperature=0)
     assert torch.equal(model.generate(prompt[:, -bs:], 2 * bs, temperature=0)[:, bs:], out[:, bs + 4:])
@@ -141,30 +182,30 @@ def test_window_rule_past_block_size(tiny_cfg: ModelConfig) -> None:
     assert torch.equal(again[:, half:], out[:, cut:])
 
 
-def test_kv_cache_matches_full_recompute_sampled(tiny_cfg: ModelConfig) -> None:
-    model = scrambled_model(tiny_cfg)
+def test_kv_cache_matches_full_recompute_sampled(cfg: ModelConfig) -> None:
+    model = scrambled_model(cfg)
     prompt = torch.randint(0, VOCAB, (2, 3))
     outs = [
-        model.generate(prompt, 3 * tiny_cfg.block_size, temperature=1.0, top_k=20, top_p=0.9,
+        model.generate(prompt, 3 * cfg.block_size, temperature=1.0, top_k=20, top_p=0.9,
                        generator=torch.Generator().manual_seed(7), use_cache=use_cache)
         for use_cache in (True, False)
     ]
     assert torch.equal(outs[0], outs[1])
 
 
-def test_cached_step_logits_match_forward(tiny_cfg: ModelConfig) -> None:
+def test_cached_step_logits_match_forward(cfg: ModelConfig) -> None:
     """The logits behind the sampled tokens, not only their argmax, agree with a full forward."""
-    model = make_model(tiny_cfg)
-    seq = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+    model = make_model(cfg)
+    seq = torch.randint(0, VOCAB, (2, cfg.block_size))
     full, _ = model(seq)
     cache = [LayerKV(model.block_size) for _ in range(model.n_layer)]
     steps = [model._last_logits(seq[:, :3], cache, 0)]
-    steps += [model._last_logits(seq[:, p:p + 1], cache, p) for p in range(3, tiny_cfg.block_size)]
+    steps += [model._last_logits(seq[:, p:p + 1], cache, p) for p in range(3, cfg.block_size)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=0)
 
 
-def test_top_k_1_and_tiny_top_p_are_greedy(tiny_cfg: ModelConfig) -> None:
-    model = scrambled_model(tiny_cfg)
+def test_top_k_1_and_tiny_top_p_are_greedy(cfg: ModelConfig) -> None:
+    model = scrambled_model(cfg)
     prompt = torch.randint(0, VOCAB, (2, 3))
     greedy = model.generate(prompt, 20, temperature=0)
     top_k = model.generate(prompt, 20, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1))
@@ -180,8 +221,8 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert set(draws.flatten().tolist()) == {1, 2}  # 0.5 < 0.75 <= 0.5 + 0.3
 
 
-def test_generate_stream_yields_each_token(tiny_cfg: ModelConfig) -> None:
-    model = make_model(tiny_cfg)
+def test_generate_stream_yields_each_token(cfg: ModelConfig) -> None:
+    model = make_model(cfg)
     prompt = torch.randint(0, VOCAB, (3, 2))
     new = list(model.generate_stream(prompt, 7, temperature=0.8, generator=torch.Generator().manual_seed(0)))
     assert len(new) == 7
@@ -197,9 +238,9 @@ def test_generate_rejects_bad_arguments(tiny_cfg: ModelConfig) -> None:
             model.generate(prompt, 1, **kwargs)
 
 
-def test_dropout_active_only_in_train_mode(tiny_cfg: ModelConfig) -> None:
-    model = make_model(dataclasses.replace(tiny_cfg, dropout=0.2))
-    idx = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+def test_dropout_active_only_in_train_mode(cfg: ModelConfig) -> None:
+    model = make_model(dataclasses.replace(cfg, dropout=0.2))
+    idx = torch.randint(0, VOCAB, (2, cfg.block_size))
     model.train()
     assert not torch.equal(model(idx)[0], model(idx)[0])
     model.eval()
@@ -229,7 +270,7 @@ def test_attention_dropout_drops_probabilities_not_outputs() -> None:
     torch.testing.assert_close(got, (probs * mask / 0.75) @ v, rtol=0, atol=1e-6)
 
 
-def test_cpu_training_never_draws_from_the_vendor_dependent_kernel(tiny_cfg: ModelConfig) -> None:
+def test_cpu_training_never_draws_from_the_vendor_dependent_kernel(cfg: ModelConfig) -> None:
     """torch's CPU bernoulli_(float) (and so F.dropout and SDPA's dropout) is MKL's parallel VSL
     on Intel and a serial kernel elsewhere; runs with dropout on an Intel Xeon differed from run to
     run (issue 8). The step must only use kernels that are the same on every CPU."""
@@ -244,8 +285,8 @@ def test_cpu_training_never_draws_from_the_vendor_dependent_kernel(tiny_cfg: Mod
             self.names.add(str(func))
             return func(*args, **(kwargs or {}))
 
-    model = make_model(dataclasses.replace(tiny_cfg, dropout=0.1)).train()
-    x = torch.randint(0, VOCAB, (2, tiny_cfg.block_size))
+    model = make_model(dataclasses.replace(cfg, dropout=0.1)).train()
+    x = torch.randint(0, VOCAB, (2, cfg.block_size))
     with Ops() as ops:
         model(x, x)[1].backward()
     assert "aten.bernoulli_.Tensor" in ops.names  # dropout did draw masks
@@ -253,10 +294,10 @@ def test_cpu_training_never_draws_from_the_vendor_dependent_kernel(tiny_cfg: Mod
                 or "dropout" in n}, ops.names
 
 
-def test_overfits_one_batch(tiny_cfg: ModelConfig) -> None:
-    model = make_model(tiny_cfg).train()
-    x = torch.randint(0, VOCAB, (4, tiny_cfg.block_size))
-    y = torch.randint(0, VOCAB, (4, tiny_cfg.block_size))
+def test_overfits_one_batch(cfg: ModelConfig) -> None:
+    model = make_model(cfg).train()
+    x = torch.randint(0, VOCAB, (4, cfg.block_size))
+    y = torch.randint(0, VOCAB, (4, cfg.block_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(60):
         _, loss = model(x, y)

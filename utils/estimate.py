@@ -16,13 +16,16 @@ the loop's measured ETA replaces after its first log line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from data import tokenizing_bytes
+from model import LanguageModel
 from parameters import ModelConfig
 from utils.console import format_duration
 from utils.device import matmul_flops
@@ -52,17 +55,23 @@ class Estimate:
         return self.state_bytes + self.activation_bytes
 
 
+def _linear_in_layers(cfg: ModelConfig, vocab_size: int, measure: Callable[[LanguageModel], int]) -> int:
+    """measure(LanguageModel(cfg, vocab_size)) for any architecture, without allocating it: the
+    model is built on the meta device with 1 and 2 layers and extrapolated, since parameter and
+    FLOP counts grow linearly with n_layer (and a million meta layers would still take minutes)."""
+    with torch.device("meta"):
+        one, two = (measure(LanguageModel(dataclasses.replace(cfg, n_layer=n), vocab_size)) for n in (1, 2))
+    return one + (cfg.n_layer - 1) * (two - one)
+
+
 def count_params(cfg: ModelConfig, vocab_size: int) -> int:
-    """LanguageModel(cfg, vocab_size).num_params(), without building it."""
-    C, b = cfg.n_embd, int(cfg.bias)
-    per_layer = 12 * C * C + b * (3 * C + C + 4 * C + C) + 2 * C * (1 + b)  # c_attn, c_proj, c_fc, c_proj, 2 LN
-    return cfg.n_layer * per_layer + vocab_size * C + cfg.block_size * C + C * (1 + b)
+    """LanguageModel(cfg, vocab_size).num_params()."""
+    return _linear_in_layers(cfg, vocab_size, LanguageModel.num_params)
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
-    """LanguageModel.flops_per_token(), without building it: 6 N_matmul + 12 L C T."""
-    n_matmul = 12 * cfg.n_layer * cfg.n_embd ** 2 + vocab_size * cfg.n_embd
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    """LanguageModel(cfg, vocab_size).flops_per_token()."""
+    return _linear_in_layers(cfg, vocab_size, LanguageModel.flops_per_token)
 
 
 def activation_bytes(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype) -> int:
