@@ -273,7 +273,7 @@ def check_registered(cfg: ModelConfig) -> ModelConfig:
     user's own registration counts, so this is checked against the registries, not a fixed list."""
     from architectures import ARCHITECTURES
     from tokenizer import TOKENIZERS
-    from training import OPTIMIZERS, SCHEDULES
+    from optimization import OPTIMIZERS, SCHEDULES
 
     for registry in (ARCHITECTURES, TOKENIZERS, OPTIMIZERS, SCHEDULES):
         registry.lookup(getattr(cfg, registry.key))
@@ -282,8 +282,9 @@ def check_registered(cfg: ModelConfig) -> ModelConfig:
 
 def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) -> ModelConfig:
     """The config of a resumed run: the recorded one, with CLI changes only where they keep the
-    past valid. An extended max_iters keeps the LR schedule the run was recorded with."""
-    recorded = check_values(ModelConfig, recorded, source)
+    past valid. An extended max_iters keeps the LR schedule the run was recorded with. A key recorded
+    before it existed takes its default, which is what that run did (e.g. optimizer adamw)."""
+    recorded = {**ModelConfig().to_dict(), **check_values(ModelConfig, recorded, source)}
     changed = sorted(k for k, v in cli.items() if recorded.get(k) != v and k not in RESUMABLE_KEYS)
     if changed:
         key = changed[0]

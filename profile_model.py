@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from config import add_config_arg, load_config
 from data import prepare_corpus
 from model import LanguageModel
-from training import Trainer, build_optimizer, compile_model, train_step
+from training import Trainer, build_optimizer, compile_model, describe_optimizer, train_step
 from utils.cli import run_main
 from utils.device import autocast, matmul_flops, setup_compute, synchronize
 from utils.estimate import check_tokenizing_fits
@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile of {args.steps} steps ({raw_model.num_params() / 1e6:.2f}M parameters, batch "
           f"{cfg.batch_size} x {cfg.block_size}, {device}, {figures['dtype']}, {figures['threads']} threads) "
           f"-> {out_dir}")
+    print(describe_optimizer(optimizer, cfg))
     print(report)
     if warning := noise_warning(figures["spread"]):
         print(warning, file=sys.stderr)

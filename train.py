@@ -28,13 +28,13 @@ from data import Corpus, check_same_corpus, prepare_corpus
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
-from training import (Trainer, build_optimizer, check_sample_prompt, compile_model, restore_best, sample_text,
-                      summary)
+from training import (Trainer, build_optimizer, check_sample_prompt, compile_model, describe_optimizer, restore_best,
+                      sample_text, summary)
 from utils.checkpoint import Checkpoint, find_resume
 from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
-from utils.console import setup_console_log
+from utils.console import format_duration, setup_console_log
 from utils.device import Compute, setup_compute
 from utils.export import load_export, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
@@ -207,6 +207,7 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
           f"| compile {'on' if compiled else 'off'}{' (auto)' if cfg.torch_compile == 'auto' else ''} "
           f"| {cfg.tokens_per_step * d.world_size:,} tokens/step"
           + (f" ({d.world_size} ranks)" if d.enabled else ""))
+    print(describe_optimizer(optimizer, cfg))
     if d.is_main:
         extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
         trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
@@ -218,18 +219,25 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
 
 
 def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
-    """Export (the best weights if early stopping ended the run), sample, and close the status."""
+    """Export (the best weights if early stopping ended the run), sample, and close the status; a run that
+    reached target_val_loss completes there, recording when (target_reached_at)."""
     run_dir, cfg = trainer.run_dir, trainer.cfg
     if not trainer.d.is_main:  # rank 0 writes the export and the status
         return stop.exit_code if reason == "interrupted" else 0
     if reason == "early_stopping":
         print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; "
               + restore_best(trainer))
+    if reason == "target_reached":
+        at = trainer.target_reached_at
+        print(f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss {cfg.target_val_loss:g} at step "
+              f"{at['step']}, after {format_duration(at['seconds'])} and {at['tokens']:,} tokens")
     save_export(run_dir / "artifacts" / "export", trainer.raw_model, cfg.to_dict(), trainer.tokenizer.to_dict())
     print(f"exported to {run_dir / 'artifacts' / 'export'}")
     if cfg.sample_length and reason != "interrupted":
         print("sample:\n" + sample_text(trainer.raw_model, trainer.tokenizer, cfg, trainer.device))
     metrics = {"iteration": trainer.iteration, "best_val_loss": trainer.best_val_loss, "stop_reason": reason}
+    if reason == "target_reached":
+        metrics["target_reached_at"] = trainer.target_reached_at
     if reason == "interrupted":
         trainer.status.finish("interrupted", **metrics)
         print(f"interrupted at iteration {trainer.iteration}; continue with: python train.py --resume {run_dir}")

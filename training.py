@@ -1,9 +1,10 @@
-"""The training loop as a library: schedule, optimizer, one step, evaluation, sampling, and Trainer.
+"""The training loop as a library: one step, evaluation, sampling, and Trainer (schedules and
+optimizers are optimization.py's, re-exported here).
 
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device)   # the one cfg.optimizer names
     loss, grad_norm = train_step(model, optimizer, scaler, tokens, cfg, step, device, ctx)
     trainer = Trainer(cfg, raw_model, model, optimizer, splits, tokenizer, device, dtype, run_dir, tracker, status)
-    reason = trainer.run(stop)          # "completed", "early_stopping" or "interrupted"
+    reason = trainer.run(stop)          # "completed", "early_stopping", "target_reached" or "interrupted"
 
 train.py is the stage that builds these parts from a config and a run directory; profile_model.py
 times the very same step and loop. Nothing here parses arguments or creates run directories.
@@ -23,6 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Corpus, get_batch
 from model import LanguageModel
+# The schedules and optimizers live in optimization.py; the loop's callers import them from here too.
+from optimization import (OPTIMIZERS, SCHEDULES, build_optimizer, describe_optimizer, get_lr,  # noqa: F401
+                          set_lrs)
 from parameters import ModelConfig
 from utils import distributed
 from utils.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
@@ -32,37 +36,9 @@ from utils.device import autocast
 from utils.distributed import Dist
 from utils.runs import RunStatus
 from utils.signals import GracefulStop
-from utils.registry import Registry
 from utils.tracking import Tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
-
-
-SCHEDULES: Registry = Registry("lr_schedule")
-OPTIMIZERS: Registry = Registry("optimizer")
-
-
-@SCHEDULES.register("cosine")
-def get_lr(step: int, cfg: ModelConfig) -> float:
-    """Linear warmup to learning_rate, cosine decay to min_lr over decay_iters, then min_lr."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= cfg.decay_iters:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-@OPTIMIZERS.register("adamw")
-def build_optimizer(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (Linear, Embedding) only, never on biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device.type == "cuda"  # one kernel for the whole update instead of one per tensor
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -155,7 +131,7 @@ class Trainer:
     cfg: ModelConfig
     raw_model: LanguageModel
     model: torch.nn.Module          # raw_model, or its compiled wrapper
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer
     splits: dict
     tokenizer: object
     device: torch.device
@@ -174,6 +150,8 @@ class Trainer:
     best_step: int = 0
     sec_per_step: float | None = None  # a moving average over log windows: the ETA's pace
     eval_seconds: float = 0.0          # the last eval's duration, for the ETA
+    seconds_before: float = 0.0        # wall time of the sessions before a resume, up to their checkpoint
+    target_reached_at: dict | None = None  # step, val_loss, seconds, tokens of the eval that reached target_val_loss
 
     def __post_init__(self) -> None:
         self.started = time.perf_counter()
@@ -182,14 +160,14 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "artifacts" / "checkpoints"
 
     def run(self, stop: GracefulStop) -> str:
-        """Train to max_iters; returns why it stopped: completed, early_stopping or interrupted."""
+        """Train to max_iters; returns why it stopped: completed, early_stopping, target_reached or
+        interrupted."""
         cfg, reason = self.cfg, "completed"
         clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
         self.first_iteration = self.iteration
         while self.iteration < cfg.max_iters:
-            lr = get_lr(self.iteration, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = get_lr(self.iteration, cfg)  # learning_rate's groups: what is logged
+            set_lrs(self.optimizer, self.iteration, cfg)  # each group scaled to its own peak (Muon's: muon_lr)
             loss, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.splits["train"], cfg,
                                          self.iteration, self.device, self.ctx, self.d)
             self.iteration += 1
@@ -211,7 +189,9 @@ class Trainer:
                 clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
             if it % cfg.eval_interval == 0 or last:
                 self.evaluate()
-                if cfg.early_stopping_patience and self.evals_since_best >= cfg.early_stopping_patience:
+                if self.target_reached_at:  # every rank saw the same val loss (estimate_loss), so all stop here
+                    reason = "target_reached"
+                elif cfg.early_stopping_patience and self.evals_since_best >= cfg.early_stopping_patience:
                     reason = "early_stopping"
                 clock = time.perf_counter()  # eval time is not training time
             if distributed.any_rank(self.d, stop.requested):  # all ranks stop at the same step
@@ -222,6 +202,11 @@ class Trainer:
             if reason != "completed":
                 break
         return reason
+
+    def elapsed(self) -> float:
+        """Wall time the run has taken: this session's, plus the earlier sessions' up to the checkpoint
+        it resumed from."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def window_losses(self) -> list[float]:
         """The losses since the last log line, as floats (one device sync); a NaN or inf stops the run
@@ -265,6 +250,9 @@ class Trainer:
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
         if self.cfg.sample_length and self.d.is_main:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
+        if self.cfg.target_val_loss and losses["val"] <= self.cfg.target_val_loss:
+            self.target_reached_at = {"step": it, "val_loss": losses["val"], "seconds": round(self.elapsed(), 3),
+                                      "tokens": it * self.cfg.tokens_per_step * self.d.world_size}
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss, self.evals_since_best, self.best_step = losses["val"], 0, it
@@ -288,7 +276,7 @@ class Trainer:
                 return path
             meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best, "loss_window": window,
-                    "aim_run_hash": self.aim_run_hash, "world_size": self.d.world_size,
+                    "aim_run_hash": self.aim_run_hash, "world_size": self.d.world_size, "seconds": self.elapsed(),
                     "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "data": self.data}
             t0 = time.perf_counter()
             path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta,
@@ -312,7 +300,7 @@ class Trainer:
         meta = ckpt.meta
         self.iteration, self.best_val_loss = meta["iteration"], meta["best_val_loss"]
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
-        self.best_step = meta.get("best_step", 0)
+        self.best_step, self.seconds_before = meta.get("best_step", 0), meta.get("seconds", 0.0)
         self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
 
 

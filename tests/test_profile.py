@@ -46,6 +46,7 @@ def test_profile_debug_preset(tmp_path: Path, tiny_corpus: Path):
     assert "share of step time" in (out / "report.txt").read_text()
     for word in ("forward", "backward", "optimizer", "attention", "linear/matmul", "MFU", "loop", "KV cache"):
         assert word in res.stdout
+    assert "optimizer adamw, cosine schedule: AdamW lr" in res.stdout  # the groups, as train.py prints them
 
 
 def test_bad_steps_is_one_line_exit_2(tmp_path: Path):

@@ -1,5 +1,6 @@
 """Training state that survives anything: exact resume after SIGINT/SIGTERM/SIGKILL, double Ctrl-C,
-non-finite loss, early stopping, resume rules, fine-tuning, gradient accumulation, mixed precision."""
+non-finite loss, early stopping, target_val_loss, resume rules (Muon's too), fine-tuning, gradient
+accumulation, mixed precision."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ import safetensors.torch
 import torch
 
 import train
-from conftest import TINY_TEXT, call_main, resume_target, start_cli, user_error, wait_for_line
+from conftest import TINY_TEXT, call_main, resume_target, run_cli, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
 from training import train_step
-from utils.checkpoint import find_checkpoints, latest_good, verify
+from utils.checkpoint import _digest as checkpoint_digest, find_checkpoints, latest_good, verify
 from utils.cpu_probe import probe_half_precision
 from utils.device import autocast
 from utils.signals import GracefulStop
@@ -282,3 +283,54 @@ def test_resume_continues_the_same_aim_run(tiny_corpus, tmp_path):
     assert list(steps) == list(range(10, target + 1, 10))  # evals before the kill and after, in one Aim run
     steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
     assert list(steps) == list(range(1, target + 1))
+
+
+def test_target_val_loss_stops_exports_and_records_when(tiny_corpus, tmp_path):
+    res = call_main(train.main, *base_args(tiny_corpus, tmp_path, max_iters=200), "--learning-rate", "0.01",
+                    "--warmup-iters", "0", "--eval-interval", "5", "--target-val-loss", "2.8")
+    assert res.returncode == 0, res.stderr
+    run_dir = only_run(tmp_path)
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    at = status["target_reached_at"]
+    assert status["state"] == "completed" and status["stop_reason"] == "target_reached"
+    assert status["iteration"] == at["step"] < 200 and at["step"] % 5 == 0 and at["val_loss"] <= 2.8
+    assert at["tokens"] == at["step"] * 8 * 32 and at["seconds"] > 0  # debug preset: batch 8 x block 32
+    assert (run_dir / "artifacts" / "export" / "model.safetensors").is_file()
+    assert latest_good(run_dir / "artifacts" / "checkpoints")[0].iteration == at["step"]
+    assert f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss 2.8 at step {at['step']}" in res.stdout
+
+
+def test_muon_resumes_bit_identical_and_refuses_another_optimizer(tiny_corpus, tmp_path):
+    args = [*base_args(tiny_corpus, tmp_path / "straight", max_iters=8), "--optimizer", "muon", "--lr-decay-iters", "8",
+            "--warmup-iters", "2", "--eval-interval", "4", "--checkpoint-interval", "4"]
+    assert call_main(train.main, *args).returncode == 0
+    halves = [a if a != str(tmp_path / "straight" / "runs") else str(tmp_path / "halves" / "runs") for a in args]
+    first = call_main(train.main, *halves, "--max-iters", "4")
+    assert first.returncode == 0, first.stderr
+    assert "optimizer muon, cosine schedule: Muon lr 0.02 on 8 hidden matrices" in first.stdout
+    run_dir = only_run(tmp_path / "halves")
+    res = call_main(train.main, "--resume", str(run_dir), "--max-iters", "8")
+    assert res.returncode == 0, res.stderr
+    straight, resumed = weights(only_run(tmp_path / "straight")), weights(run_dir)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with user_error("--optimizer cannot change when resuming", "optimizer='muon'", "start a new run"):
+        train.main(["--resume", str(run_dir), "--max-iters", "12", "--optimizer", "adamw"])
+    cli = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "12", "--optimizer", "adamw")
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    assert "--optimizer cannot change when resuming" in cli.stderr
+
+
+def test_a_checkpoint_from_before_optimizers_resumes_as_adamw(trained_run, tmp_path):
+    run_dir = tmp_path / trained_run.name
+    shutil.copytree(trained_run, run_dir)
+    ckpt = latest_good(run_dir / "artifacts" / "checkpoints")[0]
+    meta = json.loads((ckpt.path / "meta.json").read_text())
+    del meta["meta_sha256"]
+    for key in ("optimizer", "lr_schedule", "decay_fraction", "muon_lr", "momentum", "target_val_loss"):
+        del meta["config"][key]  # as written before these knobs existed
+    (ckpt.path / "meta.json").write_text(json.dumps({**meta, "meta_sha256": checkpoint_digest(meta)}))
+    res = call_main(train.main, "--resume", str(run_dir), "--max-iters", str(ckpt.iteration + 2), "--optimizer",
+                    "adamw")
+    assert res.returncode == 0, res.stderr
+    assert "optimizer adamw, cosine schedule: AdamW lr" in res.stdout
+    assert json.loads((run_dir / "meta" / "full_config.json").read_text())["optimizer"] == "adamw"

@@ -1,0 +1,188 @@
+"""Learning-rate schedules and optimizers, each a registry entry that a config value names.
+
+    optimizer = build_optimizer(model, cfg, device)   # cfg.optimizer: adamw, muon, adagrad or sgd
+    set_lrs(optimizer, step, cfg)                     # every group at the schedule's value for its own peak
+    print(describe_optimizer(optimizer, cfg))         # one line: the groups and their learning rates
+
+An optimizer is one function (model, cfg, device) -> torch optimizer whose param groups carry "peak_lr"
+(the learning rate the schedule scales) and "label" (what the group holds, for the start-up line),
+registered with @OPTIMIZERS.register("name"). A schedule is one pure function (step, cfg, peak, floor)
+-> lr for the steps after warmup, registered with @SCHEDULES.register("name"). The loop, gradient
+clipping, GradScaler and checkpoints need nothing else. training.py re-exports what it uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from parameters import ModelConfig
+from utils.registry import Registry
+
+SCHEDULES: Registry = Registry("lr_schedule")
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+def get_lr(step: int, cfg: ModelConfig, peak: float | None = None) -> float:
+    """The configured schedule's learning rate at step for a group peaking at `peak` (default
+    learning_rate): linear warmup to peak over warmup_iters, then the schedule down to a floor that is
+    the same fraction min_lr/learning_rate of every group's peak."""
+    peak = cfg.learning_rate if peak is None else peak
+    if step < cfg.warmup_iters:
+        return peak * (step + 1) / (cfg.warmup_iters + 1)
+    # min_lr itself for the learning_rate groups: (min_lr / lr) * lr need not round back to min_lr.
+    floor = cfg.min_lr if peak == cfg.learning_rate else peak * (cfg.min_lr / cfg.learning_rate)
+    return SCHEDULES.lookup(cfg.lr_schedule)(step, cfg, peak, floor)
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, step: int, cfg: ModelConfig) -> None:
+    """Every param group at the schedule's value for its own peak. Groups restored from a checkpoint
+    written before groups carried peak_lr were all AdamW's, at learning_rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, cfg, group.get("peak_lr", cfg.learning_rate))
+
+
+@SCHEDULES.register("cosine")
+def cosine_lr(step: int, cfg: ModelConfig, peak: float, floor: float) -> float:
+    """Cosine decay from peak to floor between warmup_iters and decay_iters, then floor."""
+    if step >= cfg.decay_iters:
+        return floor
+    progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+@SCHEDULES.register("linear")
+def linear_lr(step: int, cfg: ModelConfig, peak: float, floor: float) -> float:
+    """Linear decay from peak to floor between warmup_iters and decay_iters, then floor."""
+    if step >= cfg.decay_iters:
+        return floor
+    progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
+    return peak + progress * (floor - peak)
+
+
+@SCHEDULES.register("wsd")
+def wsd_lr(step: int, cfg: ModelConfig, peak: float, floor: float) -> float:
+    """Warmup-stable-decay (Hu et al. 2024, MiniCPM): peak until the last decay_fraction of
+    decay_iters, a linear decay to floor over it, then floor. A run stopped before the decay can be
+    extended from a checkpoint of its stable phase."""
+    if step >= cfg.decay_iters:
+        return floor
+    start = max(cfg.warmup_iters, cfg.decay_iters * (1.0 - cfg.decay_fraction))
+    if step < start:
+        return peak
+    return peak + (step - start) / max(1.0, cfg.decay_iters - start) * (floor - peak)
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def decay_groups(params: list[torch.nn.Parameter], cfg: ModelConfig) -> list[dict]:
+    """Weight decay on matrices (Linear, Embedding) only, never on biases or norm gains; both at
+    learning_rate. An empty group is left out."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+         "peak_lr": cfg.learning_rate, "label": "matrices"},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
+         "peak_lr": cfg.learning_rate, "label": "vectors"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(params: list[torch.nn.Parameter], cfg: ModelConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"  # one kernel for the whole update instead of one per tensor
+    return torch.optim.AdamW(decay_groups(params, cfg), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=fused)
+
+
+@OPTIMIZERS.register("adamw")
+def build_adamw(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019), fused on CUDA."""
+    return adamw([p for _, p in trainable(model)], cfg, device)
+
+
+@OPTIMIZERS.register("adagrad")
+def build_adagrad(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.Adagrad:
+    """Adagrad; its weight decay is L2 (added to the gradient), not decoupled."""
+    return torch.optim.Adagrad(decay_groups([p for _, p in trainable(model)], cfg), lr=cfg.learning_rate)
+
+
+@OPTIMIZERS.register("sgd")
+def build_sgd(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.SGD:
+    """SGD with momentum; L2 weight decay. It wants a far higher learning_rate than AdamW (0.1 to 1)."""
+    return torch.optim.SGD(decay_groups([p for _, p in trainable(model)], cfg), lr=cfg.learning_rate,
+                           momentum=cfg.momentum)
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """The weights Muon orthogonalizes: matrices inside the transformer blocks. Embeddings and the LM
+    head are not hidden layers (modded-nanogpt and nanochat keep them on AdamW), and Muon takes only 2-D."""
+    return name.startswith("transformer.h.") and p.dim() == 2
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the hidden matrices and AdamW for the rest, as one optimizer: param_groups holds both
+    parts' groups (the very same dicts, Muon's first) and both share one state, so the loop, gradient
+    clipping, GradScaler and checkpoints (torch's own state_dict format) see a single optimizer."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.parts = (muon, adamw)
+        super().__init__([g for part in self.parts for g in part.param_groups], {})
+        self._link()
+
+    def _link(self) -> None:
+        """Point each part at its slice of param_groups and at the shared state (again after a load,
+        which replaces both)."""
+        at = 0
+        for part in self.parts:
+            n = len(part.param_groups)
+            part.param_groups, part.state = self.param_groups[at:at + n], self.state
+            at += n
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+
+@OPTIMIZERS.register("muon")
+def build_muon(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> MuonWithAdamW:
+    """Muon (Jordan et al. 2024) at muon_lr with momentum for the hidden matrices, with decoupled weight
+    decay; AdamW at learning_rate for embeddings, the LM head, norms and biases."""
+    named = trainable(model)
+    hidden = [p for name, p in named if is_hidden_matrix(name, p)]
+    if not hidden:
+        raise ValueError("optimizer muon found no 2-D weights under transformer.h. to orthogonalize; "
+                         "use --optimizer adamw")
+    muon = torch.optim.Muon([{"params": hidden, "peak_lr": cfg.muon_lr, "label": "hidden matrices"}],
+                            lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return MuonWithAdamW(muon, adamw([p for name, p in named if not is_hidden_matrix(name, p)], cfg, device))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer cfg.optimizer names, over the model's trainable parameters."""
+    return OPTIMIZERS.lookup(cfg.optimizer)(model, cfg, device)
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer, cfg: ModelConfig) -> str:
+    """One line for the start-up: the optimizer, the schedule, and per group its class, peak learning
+    rate, tensors and parameters."""
+    parts = []
+    for part in getattr(optimizer, "parts", (optimizer,)):
+        for g in part.param_groups:
+            n = sum(p.numel() for p in g["params"])
+            size = f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
+            decay = f", weight decay {g['weight_decay']:g}" if g.get("weight_decay") else ""
+            parts.append(f"{type(part).__name__} lr {g.get('peak_lr', cfg.learning_rate):g} on "
+                         f"{len(g['params'])} {g.get('label', 'tensors')} ({size} params{decay})")
+    return f"optimizer {cfg.optimizer}, {cfg.lr_schedule} schedule: " + "; ".join(parts)

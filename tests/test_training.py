@@ -1,0 +1,150 @@
+"""optimization.py and the loop's use of it: schedule values, every optimizer trains, Muon's grouping,
+its state round trip and GradScaler, the start-up description."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_TEXT
+from model import LanguageModel
+from optimization import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer, describe_optimizer, get_lr, set_lrs
+from parameters import ModelConfig
+from training import train_step
+
+CPU = torch.device("cpu")
+VOCAB = sorted(set(TINY_TEXT))
+TOKENS = torch.tensor([VOCAB.index(c) for c in TINY_TEXT]).numpy()
+
+
+def schedule_cfg(name: str) -> ModelConfig:
+    """Numbers whose schedule values are exact in binary: peak 1, floor 0.5, decay from 4 to 12."""
+    return ModelConfig(lr_schedule=name, learning_rate=1.0, min_lr=0.5, warmup_iters=4, lr_decay_iters=12,
+                       max_iters=20, decay_fraction=0.5).validate()
+
+
+@pytest.mark.parametrize("name,values", [
+    ("cosine", {4: 1.0, 12: 0.5, 19: 0.5}),
+    ("linear", {4: 1.0, 6: 0.875, 8: 0.75, 10: 0.625, 12: 0.5, 19: 0.5}),
+    ("wsd", {4: 1.0, 5: 1.0, 6: 1.0, 9: 0.75, 12: 0.5, 19: 0.5}),  # stable to 12 * (1 - 0.5) = 6, then linear
+])
+def test_schedule_values_at_key_steps(name, values):
+    cfg = schedule_cfg(name)
+    assert [get_lr(s, cfg) for s in range(4)] == [1 / 5, 2 / 5, 3 / 5, 4 / 5]  # the shared linear warmup
+    assert {s: get_lr(s, cfg) for s in values} == values
+    lrs = [get_lr(s, cfg) for s in range(4, 20)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never rises after warmup
+    # Another group's peak (Muon's): the same curve scaled, down to the same fraction min_lr/learning_rate.
+    assert [get_lr(s, cfg, peak=0.02) for s in range(20)] == pytest.approx([0.02 * v for v in
+                                                                            [get_lr(s, cfg) for s in range(20)]])
+
+
+def test_cosine_midpoint_and_the_default_config_are_bit_identical_to_the_old_formula():
+    cfg = schedule_cfg("cosine")
+    assert get_lr(8, cfg) == pytest.approx(0.75)
+
+    def old(step: int, cfg: ModelConfig) -> float:  # get_lr before schedules were a registry
+        if step < cfg.warmup_iters:
+            return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+        if step >= cfg.decay_iters:
+            return cfg.min_lr
+        progress = (step - cfg.warmup_iters) / max(1, cfg.decay_iters - cfg.warmup_iters)
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+    default = ModelConfig()
+    assert all(get_lr(s, default) == old(s, default) for s in range(default.max_iters + 10))
+
+
+def test_the_registries_name_every_choice():
+    assert SCHEDULES.names() == ["cosine", "linear", "wsd"]
+    assert OPTIMIZERS.names() == ["adamw", "adagrad", "sgd", "muon"]
+
+
+@pytest.mark.parametrize("name,lr", [("adamw", 1e-2), ("muon", 1e-2), ("adagrad", 5e-2), ("sgd", 0.5)])
+def test_each_optimizer_lowers_the_loss(tiny_cfg, name, lr):
+    cfg = dataclasses.replace(tiny_cfg, optimizer=name, learning_rate=lr, min_lr=lr / 10, max_iters=30)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg, len(VOCAB))
+    optimizer = build_optimizer(model, cfg, CPU)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for step in range(cfg.max_iters):
+        set_lrs(optimizer, step, cfg)
+        loss, _ = train_step(model, optimizer, scaler, TOKENS, cfg, step, CPU, contextlib.nullcontext())
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.15, losses
+
+
+@pytest.mark.parametrize("arch,tie", [("gpt2", True), ("llama", False)])
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_cfg, arch, tie):
+    cfg = dataclasses.replace(tiny_cfg, optimizer="muon", arch=arch, tie_embeddings=tie, bias=arch == "gpt2")
+    model = LanguageModel(cfg, 30)
+    optimizer = build_optimizer(model, cfg, CPU)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, adamw = optimizer.parts
+    (hidden,) = muon.param_groups
+    muon_names = {names[id(p)] for p in hidden["params"]}
+    adamw_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert muon_names == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert muon_names.isdisjoint(adamw_names) and muon_names | adamw_names == set(names.values())
+    assert "transformer.wte.weight" in adamw_names and ("lm_head.weight" in adamw_names) == (not tie)
+    assert ("transformer.wpe.weight" in adamw_names) == (arch == "gpt2")  # llama has no learned positions
+    assert all(".ln_" in n or n.endswith((".bias", "norm.weight")) or "ln_f" in n
+               for n in adamw_names if model.get_parameter(n).dim() < 2)
+    assert optimizer.param_groups == [hidden, *adamw.param_groups]  # one list, Muon's first, the same dicts
+    assert hidden["peak_lr"] == cfg.muon_lr and all(g["peak_lr"] == cfg.learning_rate for g in adamw.param_groups)
+    set_lrs(optimizer, 1, cfg)  # within warmup: each group at its own peak's fraction
+    assert hidden["lr"] == cfg.muon_lr * 2 / 3 and adamw.param_groups[0]["lr"] == cfg.learning_rate * 2 / 3
+    text = describe_optimizer(optimizer, cfg)
+    assert text.startswith("optimizer muon, cosine schedule: Muon lr 0.02 on 8 hidden matrices (") and "\n" not in text
+    assert "; AdamW lr 0.001 on " in text
+
+
+def muon_steps(cfg: ModelConfig, model: LanguageModel, optimizer: MuonWithAdamW, steps: range,
+               scaler: torch.amp.GradScaler) -> None:
+    for step in steps:
+        set_lrs(optimizer, step, cfg)
+        train_step(model, optimizer, scaler, TOKENS, cfg, step, CPU, contextlib.nullcontext())
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_muon_state_round_trips_through_a_weights_only_load_exactly(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, optimizer="muon")
+    torch.manual_seed(0)
+    straight = LanguageModel(cfg, len(VOCAB))
+    opt = build_optimizer(straight, cfg, CPU)
+    no_scaling = torch.amp.GradScaler("cpu", enabled=False)
+    muon_steps(cfg, straight, opt, range(3), no_scaling)
+    buffer = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "model": straight.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # what utils/checkpoint.py does: no pickled code
+    resumed = LanguageModel(cfg, len(VOCAB))
+    resumed.load_state_dict(saved["model"])
+    opt2 = build_optimizer(resumed, cfg, CPU)
+    opt2.load_state_dict(saved["optimizer"])
+    assert opt2.parts[0].state is opt2.state and opt2.parts[1].param_groups[0] is opt2.param_groups[1]
+    muon_steps(cfg, straight, opt, range(3, 6), no_scaling)
+    muon_steps(cfg, resumed, opt2, range(3, 6), no_scaling)
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
+def test_muon_steps_through_a_grad_scaler(tiny_cfg):
+    """float16 runs go through GradScaler.unscale_ and .step: a power-of-two scale and its removal are exact,
+    so the scaled step equals the plain one (here on float32, which any CPU can run)."""
+    cfg = dataclasses.replace(tiny_cfg, optimizer="muon")
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = LanguageModel(cfg, len(VOCAB))
+        scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        muon_steps(cfg, model, build_optimizer(model, cfg, CPU), range(3), scaler)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for plain, scaled in zip(*results):
+        torch.testing.assert_close(plain, scaled, rtol=0, atol=1e-6)
