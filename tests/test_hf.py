@@ -231,3 +231,18 @@ def test_pickles_and_foreign_tokenizers_are_refused(tmp_path: Path):
     shutil.move(hf_dir / "model.safetensors", hf_dir / "pytorch_model.bin")
     with user_error("pytorch_model.bin, a pickle"):
         load_init_source(hf_dir)
+
+
+def test_the_readme_snippet_runs(trained_run: Path, monkeypatch, capsys):
+    """README's "Use an export with Hugging Face transformers", run as it says, on a run's hf/ folder."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Use an export with Hugging Face transformers"):]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start:section.index("\n```", start)].replace('"ROMEO:"', '"All:"')  # the corpus' characters
+    monkeypatch.setattr("sys.argv", ["use_hf.py", str(trained_run / "artifacts" / "export" / "hf")])
+    exec(compile(snippet, "use_hf.py", "exec"), {"__name__": "__main__"})
+    greedy = call_main(inference.main, "--run", str(trained_run), "--prompt", "All:", "--temperature", "0",
+                       "--max-new-tokens", "20", "--device", "cpu")
+    assert capsys.readouterr().out == greedy.stdout
