@@ -185,6 +185,11 @@ def _read_verified(name: str, expected_sha256: str) -> bytes:
     return data
 
 
+def gpt2_bpe_files() -> tuple[bytes, bytes]:
+    """GPT-2's encoder.json and vocab.bpe as shipped (hash-checked): Hugging Face's vocab.json and merges.txt."""
+    return _read_verified("encoder.json", ENCODER_JSON_SHA256), _read_verified("vocab.bpe", VOCAB_BPE_SHA256)
+
+
 def _data_gym_bytes() -> tuple[list[int], dict[str, int]]:
     """GPT-2's single-byte rank order and its printable-character -> byte table, as tiktoken.load has them."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]

@@ -36,7 +36,7 @@ from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import Compute, setup_compute
-from utils.export import load_export, record_init_source, save_export
+from utils.export import load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, writable_dir
 from utils.run_state import RunLock
@@ -74,7 +74,7 @@ class Start:
     notes: list[str]
     run_dir: Path | None = None          # the run being resumed
     resume: Checkpoint | None = None
-    init: tuple | None = None            # load_export's (model, tokenizer, config)
+    init: tuple | None = None            # load_init_source's (model, tokenizer, config)
 
 
 def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> Start | None:
@@ -91,7 +91,7 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack)
         cfg, note = rescale_batch(cfg, resume.meta.get("world_size", 1), d.world_size)
         notes.append(note)
     elif cfg.init_from:
-        init = load_export(cfg.init_from, "cpu")
+        init = load_init_source(cfg.init_from, "cpu")
         cfg = init_config(cfg, init[2], parsed.cli)
     compute = setup_compute(device_name if d.enabled else cfg.device, cfg.dtype, cfg.torch_compile)
     given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None

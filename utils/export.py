@@ -4,6 +4,8 @@ artifacts/export/ holds model.safetensors (weights of the uncompiled model; the 
 tokenizer also ride in its metadata, so the file stands alone), config.json, tokenizer.json, and
 export.json: the SHA-256 of the other three, written last. Loading checks every hash, so a flipped
 byte in the weights or an edited tokenizer is refused with a line naming the file, never used.
+Beside them, hf/ holds the same model in Hugging Face transformers' layout (utils/hf.py), written
+after the manifest; a model with no such layout gets a one-line note instead.
 Exports written before export.json existed load with a note that they are unverified.
 No pickles: an export someone hands you cannot run code when loaded.
 """
@@ -24,6 +26,7 @@ from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
 from utils.checkpoint import verify
 from utils.files import atomic_path, atomic_write_json, sha256_file
+from utils.hf import is_hf_model_dir, load_hf_model, remove_hf_export, write_hf_export
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "export.json"
@@ -33,9 +36,11 @@ MAX_JSON_BYTES = 64 << 20  # a tokenizer.json of GPT-2's size is 1 MB; anything 
 
 
 def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenizer: dict) -> None:
-    """Write the export; the manifest goes last, so a complete, checkable export is one with export.json."""
+    """Write the export; the manifest goes last, so a complete, checkable export is one with export.json.
+    Then hf/, the Hugging Face view of it (or a note on stderr saying why there is none)."""
     export_dir.mkdir(parents=True, exist_ok=True)
     (export_dir / MANIFEST).unlink(missing_ok=True)  # a stale manifest must never vouch for new files
+    remove_hf_export(export_dir)  # nor a stale hf/ stand beside new weights
     atomic_write_json(export_dir / "config.json", config)
     atomic_write_json(export_dir / "tokenizer.json", tokenizer)
     with atomic_path(export_dir / WEIGHTS) as tmp:
@@ -44,6 +49,8 @@ def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenize
         safetensors.torch.save_model(model, str(tmp), metadata=metadata)
     atomic_write_json(export_dir / MANIFEST, {"format": FORMAT,
                                               "sha256": {name: sha256_file(export_dir / name) for name in HASHED}})
+    if note := write_hf_export(export_dir, model, config, tokenizer):
+        print(note, file=sys.stderr)
 
 
 def export_dir_of(path: str | Path) -> Path:
@@ -62,6 +69,12 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[L
     verify_export(export_dir)
     return _build(read_json(export_dir / "config.json"), read_json(export_dir / "tokenizer.json"),
                   export_dir / "config.json", "config.json and tokenizer.json", weights, device)
+
+
+def load_init_source(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+    """--init-from's start, as load_export returns it: a gptlab run or export directory, or a local
+    Hugging Face transformers model folder (config.json with a model_type, model.safetensors)."""
+    return load_hf_model(path, device) if is_hf_model_dir(path) else load_export(path, device)
 
 
 def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
