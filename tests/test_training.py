@@ -148,3 +148,35 @@ def test_muon_steps_through_a_grad_scaler(tiny_cfg):
         results.append([p.detach().clone() for p in model.parameters()])
     for plain, scaled in zip(*results):
         torch.testing.assert_close(plain, scaled, rtol=0, atol=1e-6)
+
+
+def muon_updates(optimizer_cls: type, shapes: list[tuple[int, int]], steps: int = 3) -> list[torch.Tensor]:
+    """Weights after `steps` Muon updates from fixed gradients, for a tall, a wide and a square matrix."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    opt = optimizer_cls(params, lr=0.02, weight_decay=0.1, momentum=0.95)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+SHAPES = [(48, 16), (16, 48), (32, 32)]
+
+
+def test_muon_is_torchs_update_with_float32_newton_schulz(monkeypatch):
+    """With bfloat16 Newton-Schulz, gptlab's Muon is torch.optim.Muon bit for bit; in float32 (its CPU
+    default) it differs from it by bfloat16's rounding only."""
+    from optimization import Muon
+    from utils.cpu_probe import probe_half_precision
+
+    probe = probe_half_precision("bfloat16")
+    if not probe.usable:
+        pytest.skip(f"bfloat16 cannot run on this CPU: {probe.problem}")
+    reference = muon_updates(torch.optim.Muon, SHAPES)
+    ours = muon_updates(Muon, SHAPES)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 has 8 bits of mantissa
+    monkeypatch.setattr(Muon, "ns_dtype", torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(muon_updates(Muon, SHAPES), reference))
