@@ -59,6 +59,7 @@ CONFIGS = {
     "gpt2-no-bias-untied": {"bias": False, "tie_embeddings": False, "mlp_ratio": 3.0, "norm_eps": 1e-6},
     "llama": {"arch": "llama", "mlp_ratio": 8 / 3},
     "llama-gqa-untied": {"arch": "llama", "n_head": 4, "n_kv_head": 2, "tie_embeddings": False, "rope_theta": 500.0},
+    "llama-qk-norm-as-qwen3": {"arch": "llama", "qk_norm": True, "n_head": 4, "n_kv_head": 2, "mlp_ratio": 3.0},
 }
 
 
@@ -68,7 +69,8 @@ def test_transformers_computes_the_export_as_gptlab_does(overrides: dict, tmp_pa
     model, hf_dir = exported(cfg, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    assert type(hf_model).__name__ == ("GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM")
+    expected = "GPT2LMHeadModel" if cfg.arch == "gpt2" else "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
+    assert type(hf_model).__name__ == expected
     ids = hf_tok(TEXT)["input_ids"]
     assert ids == CHARS.encode(TEXT) and len(ids) <= cfg.block_size
     x = torch.tensor([ids])
@@ -113,7 +115,7 @@ def test_the_gpt2_tokenizer_is_gpt2s(tmp_path: Path):
 
 @pytest.mark.parametrize("overrides, note", [
     ({"arch": "toy_hf"}, "no Hugging Face layout for arch 'toy_hf'"),
-    ({"qk_norm": True}, "with qk_norm"),
+    ({"qk_norm": True}, "arch 'gpt2' with qk_norm"),
     ({"n_kv_head": 1}, "arch 'gpt2' with n_kv_head=1"),
 ])
 def test_a_model_without_a_hugging_face_layout_gets_a_note_and_no_hf_folder(overrides, note, tmp_path, capsys):
@@ -172,7 +174,22 @@ def llama_hf_dir(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     return tmp_path / "llama", model
 
 
-@pytest.mark.parametrize("make", [gpt2_hf_dir, llama_hf_dir], ids=["gpt2", "llama"])
+def qwen3_hf_dir(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny Qwen3 (Llama with QK-norm), with the char tokenizer: it loads as gptlab's llama with qk_norm."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+                                      vocab_size=CHARS.vocab_size)
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "qwen3")
+    (tmp_path / "qwen3" / "tokenizer.json").write_text(json.dumps(char_tokenizer_json(CHARS.chars)))
+    return tmp_path / "qwen3", model
+
+
+@pytest.mark.parametrize("make", [gpt2_hf_dir, llama_hf_dir, qwen3_hf_dir], ids=["gpt2", "llama", "qwen3"])
 def test_init_from_a_transformers_folder_starts_from_its_logits_and_trains(make, tmp_path: Path):
     hf_dir, hf_model = make(tmp_path)
     model, tokenizer, cfg = load_init_source(hf_dir)
@@ -201,7 +218,8 @@ def test_gpt2s_own_tanh_gelu_loads_with_a_note(tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize("edit, fragments", [
-    (lambda c: c | {"model_type": "mistral"}, ["model_type 'mistral'", "gpt2 and llama"]),
+    (lambda c: c | {"model_type": "mistral"}, ["model_type 'mistral'", "gpt2, llama and qwen3"]),
+    (lambda c: c | {"model_type": "qwen3", "use_sliding_window": True}, ["use_sliding_window=true"]),
     (lambda c: c | {"attention_bias": True}, ["attention_bias=True", "no counterpart"]),
     (lambda c: c | {"mlp_bias": True}, ["mlp_bias=True"]),
     (lambda c: c | {"head_dim": 16}, ["head_dim=16"]),

@@ -87,6 +87,9 @@ def _llama_links(cfg: ModelConfig) -> list[Link]:
                  sizes=(cfg.mlp_hidden, cfg.mlp_hidden)),
             Link(ours + "mlp.c_proj.weight", (mlp + "down_proj.weight",)),
         ]
+        if cfg.qk_norm:  # Qwen3's layout: RMSNorm over each head's queries and keys, before rotary
+            links += [Link(ours + "attn.q_norm.weight", (attn + "q_norm.weight",)),
+                      Link(ours + "attn.k_norm.weight", (attn + "k_norm.weight",))]
     return links + ([] if cfg.tie_embeddings else [Link("lm_head.weight", ("lm_head.weight",))])
 
 
@@ -99,8 +102,8 @@ def layout_problem(cfg: ModelConfig, state: dict[str, Tensor]) -> str | None:
     """What keeps this model out of transformers' GPT2/Llama classes (one phrase), or None."""
     if cfg.arch not in LINKS:
         return f"arch '{cfg.arch}'"
-    if cfg.qk_norm:
-        return f"arch '{cfg.arch}' with qk_norm (transformers' GPT2 and Llama do not normalize queries and keys)"
+    if cfg.qk_norm and cfg.arch == "gpt2":
+        return "arch 'gpt2' with qk_norm (transformers' GPT2 does not normalize queries and keys)"
     if cfg.arch == "gpt2" and cfg.kv_heads != cfg.n_head:
         return f"arch 'gpt2' with n_kv_head={cfg.n_kv_head} (transformers' GPT2 has no grouped-query attention)"
     covered = {link.ours for link in LINKS[cfg.arch](cfg)}
@@ -136,7 +139,11 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos: int | None) -> dict:
                 "n_inner": cfg.mlp_hidden, "activation_function": "gelu", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "scale_attn_weights": True, **common}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
+    # llama with qk_norm is transformers' Qwen3: Llama's block with q_norm/k_norm (and no sliding window).
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+             "sliding_window": None, "max_window_layers": cfg.n_layer}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **(qwen3 if cfg.qk_norm else {}),
+            "hidden_size": cfg.n_embd,
             "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.n_embd // cfg.n_head, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
@@ -255,7 +262,12 @@ def gptlab_architecture(raw: dict, where: str) -> tuple[dict, list[str]]:
         return _gpt2_architecture(raw, where)
     if kind == "llama":
         return _llama_architecture(raw, where), []
-    raise ValueError(f"{where}: model_type '{kind}' is not one gptlab can start from; it maps gpt2 and llama")
+    if kind == "qwen3":  # llama with qk_norm
+        if raw.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=true has no counterpart in gptlab's llama block")
+        return {**_llama_architecture(raw, where), "qk_norm": True}, []
+    raise ValueError(f"{where}: model_type '{kind}' is not one gptlab can start from; it maps gpt2, llama and "
+                     "qwen3 (llama with qk_norm)")
 
 
 def _gpt2_architecture(raw: dict, where: str) -> tuple[dict, list[str]]:
