@@ -108,7 +108,7 @@ class LayerKV:
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021), in the half-split layout Hugging Face Llama uses:
     the pair rotated together is (x[i], x[i + hd/2]). cos/sin for every position up to block_size
-    are computed once, in float32, as a buffer that is not saved (it follows from the config)."""
+    are computed once, in float32, as buffers that are not saved (they follow from the config)."""
 
     def __init__(self, head_dim: int, block_size: int, theta: float) -> None:
         super().__init__()
@@ -117,16 +117,16 @@ class Rotary(nn.Module):
                              "change n_embd or n_head")
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
         angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)  # (block_size, hd/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (block_size, hd)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", angles.cos().float()[:, None, :], persistent=False)  # (block_size, 1, hd/2)
+        self.register_buffer("sin", angles.sin().float()[:, None, :], persistent=False)  # (block_size, 1, hd/2)
 
     def forward(self, x: Tensor, pos: int) -> Tensor:
-        """x (B, nh, T, hd) at positions pos..pos+T-1, rotated."""
-        T, half = x.size(2), x.size(-1) // 2
-        cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)  # (T, hd)
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, nh, T, hd)
-        return x * cos + rotated * sin
+        """x (B, T, nh, hd) at positions pos..pos+T-1, rotated: HF's x * cos + rotate_half(x) * sin,
+        written per half, which gives the same numbers without building rotate_half(x) (a copy of x)."""
+        T, half = x.size(1), x.size(-1) // 2
+        cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)  # (T, 1, hd/2)
+        x1, x2 = x[..., :half], x[..., half:]  # (B, T, nh, hd/2) each
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, T, nh, hd)
 
 
 class CausalSelfAttention(nn.Module):
@@ -150,13 +150,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         hd, nkv = self.head_dim, self.n_kv_head
         q, k, v = self.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)  # (B, T, C), 2 x (B, T, nkv * hd)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = q.view(B, T, self.n_head, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
+        if self.rotary is not None:  # on (B, T, h, hd), before the transpose: elementwise work on dense rows
             q, k = self.rotary(q, pos), self.rotary(k, pos)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd), 2 x (B, nkv, T, hd)
         assert pos == 0 or T == 1, "a cached step feeds one token at a time"
         if kv is not None:
             k, v = kv.update(k, v, pos)  # (B, nkv, pos + T, hd)

@@ -147,7 +147,7 @@ def test_rotary_positions_are_relative(tiny_cfg: ModelConfig) -> None:
     """With rotary embeddings, q.k depends on the distance between positions only."""
     from architectures.layers import Rotary
     rot = Rotary(8, 32, 10000.0)
-    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)  # (B, T, nh, hd)
     dots = [(rot(q, p + 3) * rot(k, p)).sum() for p in (0, 5, 20)]
     torch.testing.assert_close(dots[1], dots[0])
     torch.testing.assert_close(dots[2], dots[0])
