@@ -276,7 +276,7 @@ def measure_training(cfg, args, tokenizer, splits, raw_model, model, optimizer, 
     ctx = autocast(device, dtype)
 
     def run_step(step: int) -> None:
-        train_step(model, optimizer, scaler, splits["train"], cfg, step, device, ctx)
+        train_step(model, optimizer, splits["train"], step, cfg, scaler=scaler, ctx=ctx, device=device)
         optimizer.zero_grad(set_to_none=True)
 
     for i in range(args.warmup_steps):

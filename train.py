@@ -36,7 +36,7 @@ from utils import distributed
 from utils.cli import run_main
 from utils.console import format_duration, setup_console_log
 from utils.device import Compute, setup_compute
-from utils.export import load_init_source, record_init_source, save_export
+from utils.export import Export, load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, writable_dir
 from utils.run_state import RunLock
@@ -74,7 +74,7 @@ class Start:
     notes: list[str]
     run_dir: Path | None = None          # the run being resumed
     resume: Checkpoint | None = None
-    init: tuple | None = None            # load_init_source's (model, tokenizer, config)
+    init: Export | None = None           # the model, tokenizer and config --init-from starts from
 
 
 def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> Start | None:
@@ -92,9 +92,9 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack)
         notes.append(note)
     elif cfg.init_from:
         init = load_init_source(cfg.init_from, "cpu")
-        cfg = init_config(cfg, init[2], parsed.cli)
+        cfg = init_config(cfg, init.config, parsed.cli)
     compute = setup_compute(device_name if d.enabled else cfg.device, cfg.dtype, cfg.torch_compile)
-    given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init[1] if init else None
+    given = tokenizer_from_dict(resume.meta["tokenizer"]) if resume else init.tokenizer if init else None
     if not d.is_main:
         distributed.barrier(d)  # rank 0 tokenizes and fills the cache first; the others then hit it
     if cfg.aim_logging and d.is_main:
@@ -178,13 +178,13 @@ def close_quietly(tracker: Tracker) -> None:
 
 
 def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: Path, status: RunStatus,
-                  d: Dist, resume: Checkpoint | None, init) -> Trainer:
+                  d: Dist, resume: Checkpoint | None, init: Export | None) -> Trainer:
     """Model (fresh, fine-tuned or resumed), optimizer, DDP and compile wrappers, and (rank 0) tracking."""
     device, dtype, compiled = compute.device, compute.dtype, compute.compiled
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = LanguageModel(cfg, corpus.tokenizer.vocab_size).to(device)
     if init:
-        raw_model.load_state_dict(init[0].state_dict())
+        raw_model.load_state_dict(init.model.state_dict())
         if d.is_main:
             source = record_init_source(run_dir, cfg.init_from)
             status.update(init_from=source)

@@ -2,7 +2,7 @@
 optimizers are optimization.py's, re-exported here).
 
     optimizer = build_optimizer(model, cfg, device)   # the one cfg.optimizer names
-    loss, grad_norm = train_step(model, optimizer, scaler, tokens, cfg, step, device, ctx)
+    loss, grad_norm = train_step(model, optimizer, tokens, step, cfg, scaler=scaler, ctx=ctx, device=device)
     trainer = Trainer(cfg, raw_model, model, optimizer, splits, tokenizer, device, dtype, run_dir, tracker, status)
     reason = trainer.run(stop)          # "completed", "early_stopping", "target_reached" or "interrupted"
 
@@ -46,7 +46,8 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
 
 
-def train_step(model, optimizer, scaler, tokens, cfg: ModelConfig, step: int, device, ctx, d: Dist = Dist()):
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens, step: int, cfg: ModelConfig, *,
+               scaler: torch.amp.GradScaler, ctx, device: torch.device, d: Dist = Dist()):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
     tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging).
     Under DDP each rank takes its slice of the step's global batch, and gradients are all-reduced
@@ -168,8 +169,8 @@ class Trainer:
         while self.iteration < cfg.max_iters:
             lr = get_lr(self.iteration, cfg)  # learning_rate's groups: what is logged
             set_lrs(self.optimizer, self.iteration, cfg)  # each group scaled to its own peak (Muon's: muon_lr)
-            loss, grad_norm = train_step(self.model, self.optimizer, self.scaler, self.splits["train"], cfg,
-                                         self.iteration, self.device, self.ctx, self.d)
+            loss, grad_norm = train_step(self.model, self.optimizer, self.splits["train"], self.iteration, cfg,
+                                         scaler=self.scaler, ctx=self.ctx, device=self.device, d=self.d)
             self.iteration += 1
             steps_timed += 1
             it = self.iteration

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal step
         model, optimizer, _ = runs[name]
         t0 = time.perf_counter()
-        train_step(model, optimizer, scaler, splits["train"], cfg, step, device, ctx)
+        train_step(model, optimizer, splits["train"], step, cfg, scaler=scaler, ctx=ctx, device=device)
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         step += 1

@@ -101,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
         optimizer.register_step_pre_hook(lambda *_: setattr(rec, "phase", "optimizer"))
         for step in range(args.steps):
             rec.step, rec.phase = step, "data"
-            train_step(model, optimizer, scaler, tokens, cfg, step, device, contextlib.nullcontext())
+            train_step(model, optimizer, tokens, step, cfg, scaler=scaler, ctx=contextlib.nullcontext(), device=device)
             optimizer.zero_grad(set_to_none=True)
     with open(args.child, "a") as f:
         f.write(json.dumps({"weights": weights_hash(model), "threads": torch.get_num_threads(),

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         model, optimizer, _ = runs[name]
         with torch_masks() if name == "torch" else contextlib.nullcontext():
             t0 = time.perf_counter()
-            train_step(model, optimizer, scaler, splits["train"], cfg, step, compute.device, ctx)
+            train_step(model, optimizer, splits["train"], step, cfg, scaler=scaler, ctx=ctx, device=compute.device)
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
         step += 1

@@ -237,7 +237,8 @@ def one_update(cfg: ModelConfig, dtype=torch.float32) -> list[torch.Tensor]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tokens = (torch.arange(3000) * 7 % 30).numpy()
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
-    loss, _ = train_step(model, opt, scaler, tokens, cfg, 0, torch.device("cpu"), autocast(torch.device("cpu"), dtype))
+    loss, _ = train_step(model, opt, tokens, 0, cfg, scaler=scaler, ctx=autocast(torch.device("cpu"), dtype),
+                          device=torch.device("cpu"))
     assert torch.isfinite(loss)
     return [p.detach().clone() for p in model.parameters()]
 

@@ -75,7 +75,7 @@ def test_each_optimizer_lowers_the_loss(tiny_cfg, name, lr):
     losses = []
     for step in range(cfg.max_iters):
         set_lrs(optimizer, step, cfg)
-        loss, _ = train_step(model, optimizer, scaler, TOKENS, cfg, step, CPU, contextlib.nullcontext())
+        loss, _ = train_step(model, optimizer, TOKENS, step, cfg, scaler=scaler, ctx=contextlib.nullcontext(), device=CPU)
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.15, losses
@@ -110,7 +110,7 @@ def muon_steps(cfg: ModelConfig, model: LanguageModel, optimizer: MuonWithAdamW,
                scaler: torch.amp.GradScaler) -> None:
     for step in steps:
         set_lrs(optimizer, step, cfg)
-        train_step(model, optimizer, scaler, TOKENS, cfg, step, CPU, contextlib.nullcontext())
+        train_step(model, optimizer, TOKENS, step, cfg, scaler=scaler, ctx=contextlib.nullcontext(), device=CPU)
         optimizer.zero_grad(set_to_none=True)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
@@ -23,7 +24,7 @@ import torch
 from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
-from tokenizer import tokenizer_from_dict
+from tokenizer import Tokenizer, tokenizer_from_dict
 from utils.checkpoint import verify
 from utils.files import atomic_path, atomic_write_json, sha256_file
 from utils.hf import is_hf_model_dir, load_hf_model, remove_hf_export, write_hf_export
@@ -59,7 +60,14 @@ def export_dir_of(path: str | Path) -> Path:
     return path / "artifacts" / "export" if (path / "artifacts").is_dir() else path
 
 
-def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+class Export(NamedTuple):
+    """A loaded model with what it needs to be used: unpacks as (model, tokenizer, config)."""
+    model: LanguageModel  # in eval mode, on the device asked for
+    tokenizer: Tokenizer
+    config: ModelConfig
+
+
+def load_export(path: str | Path, device: torch.device | str = "cpu") -> Export:
     """(model in eval mode on device, tokenizer, config) from a run directory or an export directory.
     Every way an export can be damaged is a ValueError/FileNotFoundError naming the file."""
     export_dir = export_dir_of(path)
@@ -71,20 +79,20 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> tuple[L
                   export_dir / "config.json", "config.json and tokenizer.json", weights, device)
 
 
-def load_init_source(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+def load_init_source(path: str | Path, device: torch.device | str = "cpu") -> Export:
     """--init-from's start, as load_export returns it: a gptlab run or export directory, or a local
     Hugging Face transformers model folder (config.json with a model_type, model.safetensors)."""
-    return load_hf_model(path, device) if is_hf_model_dir(path) else load_export(path, device)
+    return Export(*load_hf_model(path, device)) if is_hf_model_dir(path) else load_export(path, device)
 
 
-def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> Export:
     """(model in eval mode, tokenizer, config) from a training checkpoint, verified as resume verifies it."""
     meta = verify(path)
     return _build(meta["config"], meta["tokenizer"], path / "meta.json", "meta.json", path / WEIGHTS, device)
 
 
 def _build(raw_config: object, raw_tokenizer: object, config_file: Path, described_by: str, weights: Path,
-           device: torch.device | str) -> tuple[LanguageModel, object, ModelConfig]:
+           device: torch.device | str) -> Export:
     """The model a config and tokenizer describe, with `weights` loaded strictly; one-line errors."""
     if not isinstance(raw_config, dict):
         raise ValueError(f"{config_file}: expected a mapping of config keys, got {type(raw_config).__name__}")
@@ -98,7 +106,7 @@ def _build(raw_config: object, raw_tokenizer: object, config_file: Path, describ
     except RuntimeError as e:  # names or shapes that are not this config's model
         raise ValueError(f"{weights} does not fit {described_by} (vocab {tokenizer.vocab_size}): "
                          f"{' '.join(str(e).split())[:300]}") from None
-    return model.to(device).eval(), tokenizer, config
+    return Export(model.to(device).eval(), tokenizer, config)
 
 
 def verify_export(export_dir: Path) -> None:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from model import LanguageModel
 from parameters import ModelConfig
-from tokenizer import CharTokenizer, Gpt2Tokenizer, gpt2_bpe_files
+from tokenizer import CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files
 from utils.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 HF_DIR = "hf"
@@ -228,7 +228,7 @@ def is_hf_model_dir(path: str | Path) -> bool:
     return isinstance(raw, dict) and "model_type" in raw
 
 
-def load_hf_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, object, ModelConfig]:
+def load_hf_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, Tokenizer, ModelConfig]:
     """(model in eval mode on device, tokenizer, config) from a local transformers GPT2/Llama folder
     (config.json + model.safetensors + GPT-2's or gptlab's char tokenizer), as load_export returns them.
     What gptlab's blocks cannot compute exactly is refused in one line, never approximated silently."""
