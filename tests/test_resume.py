@@ -301,9 +301,9 @@ def test_target_val_loss_stops_exports_and_records_when(tiny_corpus, tmp_path):
     assert f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss 2.8 at step {at['step']}" in res.stdout
 
 
-def test_muon_resumes_bit_identical_and_refuses_another_optimizer(tiny_corpus, tmp_path):
-    args = [*base_args(tiny_corpus, tmp_path / "straight", max_iters=8), "--optimizer", "muon", "--lr-decay-iters", "8",
-            "--warmup-iters", "2", "--eval-interval", "4", "--checkpoint-interval", "4"]
+def test_llama_with_muon_resumes_bit_identical_and_refuses_another_optimizer(tiny_corpus, tmp_path):
+    args = [*base_args(tiny_corpus, tmp_path / "straight", max_iters=8), "--arch", "llama", "--optimizer", "muon",
+            "--lr-decay-iters", "8", "--warmup-iters", "2", "--eval-interval", "4", "--checkpoint-interval", "4"]
     assert call_main(train.main, *args).returncode == 0
     halves = [a if a != str(tmp_path / "straight" / "runs") else str(tmp_path / "halves" / "runs") for a in args]
     first = call_main(train.main, *halves, "--max-iters", "4")
