@@ -1,4 +1,4 @@
-"""utils/hf.py: exports load in Hugging Face transformers with the same logits, greedy text and char ids;
+"""utils/hf.py and utils/hf_import.py: exports load in Hugging Face transformers with the same logits, greedy text and char ids;
 transformers' own GPT2/Llama folders start a fine-tuning run; what has no counterpart is said in one line.
 transformers makes the models here (tiny, seeded); nothing is downloaded."""
 

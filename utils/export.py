@@ -27,7 +27,8 @@ from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils.checkpoint import verify
 from utils.files import atomic_path, atomic_write_json, sha256_file
-from utils.hf import is_hf_model_dir, load_hf_model, remove_hf_export, write_hf_export
+from utils.hf import remove_hf_export, write_hf_export
+from utils.hf_import import is_hf_model_dir, load_hf_model
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "export.json"
