@@ -14,21 +14,22 @@ it has passed its check (the SHA-256 of a download; the length and SHA-256 recor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
+import secrets
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 
 from parameters import ModelConfig
-from utils.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from tokenizer import Tokenizer
@@ -132,6 +133,32 @@ def _read_utf8(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"data file '{path}' is not valid UTF-8 (byte {e.start}: {e.reason}); convert it, "
                          f"e.g. iconv -f latin1 -t utf-8 '{path}' > converted.txt") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
+    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
+    path = Path(path)
+    # Same directory as the target: os.replace is only atomic within one filesystem.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
+    with atomic_path(path) as tmp:
+        # Not mkstemp: its 0600 mode would make caches and exports unreadable to other users; 0o666
+        # lets the umask decide.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:

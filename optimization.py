@@ -17,8 +17,7 @@ import math
 
 import torch
 
-from parameters import ModelConfig
-from utils.registry import Registry
+from parameters import ModelConfig, Registry
 
 SCHEDULES: Registry = Registry("lr_schedule")
 OPTIMIZERS: Registry = Registry("optimizer")

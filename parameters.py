@@ -3,15 +3,55 @@
 Each field has a default, a type and a one-line help text; config.py builds `--help`, YAML
 checking and `--print-config` from these fields, so a knob is declared here and nowhere else.
 Cross-field rules live in `ModelConfig.validate()`, which reports every problem at once.
-GenerateConfig holds the knobs of inference.py the same way.
+GenerateConfig holds the knobs of inference.py the same way. Registry maps the values of the keys
+that name a class (arch, tokenizer, optimizer, lr_schedule) to the classes registered under them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """name -> class (or function) for what a user adds by writing one: architectures, tokenizers,
+    optimizers, schedules. `key` is the config key whose value names an entry; an unknown name is a
+    one-line error listing the registered names and the closest one.
+
+        @ARCHITECTURES.register("mine")
+        class MyBlock(Block): ...
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: add the class (or function) under name; a name is taken once."""
+        def add(entry: T) -> T:
+            if name in self._entries and self._entries[name] is not entry:
+                raise ValueError(f"{self.key} '{name}' is already registered ({self._entries[name]!r})")
+            self._entries[name] = entry
+            return entry
+        return add
+
+    def lookup(self, name: str) -> T:
+        if name not in self._entries:
+            match = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.6)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise ValueError(f"{self.key}: '{name}' is not registered{hint}; choose one of {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
 
 def knob(default: Any, help: str, choices: tuple | None = None) -> Any:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from utils.registry import Registry
+from parameters import Registry
 
 # The hashes tiktoken pins for GPT-2's files in tiktoken_ext/openai_public.py, function gpt2().
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"

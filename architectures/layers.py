@@ -20,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from parameters import ModelConfig
-from utils.registry import Registry
+from parameters import ModelConfig, Registry
 
 ARCHITECTURES: Registry[type["Block"]] = Registry("arch")
 
