@@ -235,5 +235,12 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, cfg: ModelConfig) -> st
             size = f"{n / 1e6:.2f}M" if n >= 10_000 else f"{n:,}"
             decay = f", weight decay {g['weight_decay']:g}" if g.get("weight_decay") else ""
             parts.append(f"{type(part).__name__} lr {g.get('peak_lr', cfg.learning_rate):g} on "
-                         f"{len(g['params'])} {g.get('label', 'tensors')} ({size} params{decay})")
+                         f"{_count(len(g['params']), g.get('label', 'tensors'))} ({size} params{decay})")
     return f"optimizer {cfg.optimizer}, {cfg.lr_schedule} schedule: " + "; ".join(parts)
+
+
+def _count(n: int, plural: str) -> str:
+    """'3 matrices', '1 matrix', '1 vector'."""
+    if n != 1:
+        return f"{n} {plural}"
+    return f"1 {plural[:-3] + 'x' if plural.endswith('ices') else plural.removesuffix('s')}"
