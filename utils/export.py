@@ -26,7 +26,8 @@ from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
 from utils.checkpoint import verify
-from utils.files import atomic_path, atomic_write_json, sha256_file
+from utils import files
+from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
 from utils.hf import remove_hf_export, write_hf_export
 from utils.hf_import import is_hf_model_dir, load_hf_model
 
@@ -34,7 +35,6 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "export.json"
 HASHED = (WEIGHTS, "config.json", "tokenizer.json")
 FORMAT = "gptlab-export-1"  # in the weights' metadata: such an export must have its manifest
-MAX_JSON_BYTES = 64 << 20  # a tokenizer.json of GPT-2's size is 1 MB; anything this big is not ours
 
 
 def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenizer: dict) -> None:
@@ -141,19 +141,11 @@ def _format_of(weights: Path) -> str | None:
 
 
 def read_json(path: Path) -> object:
-    """Parsed JSON of an export or run file, with one-line errors naming the file; bounded in size and depth."""
+    """Parsed JSON of an export or run file (utils/files.read_json); a missing one means an incomplete export."""
     try:
-        size = path.stat().st_size
+        return files.read_json(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise FileNotFoundError(f"export file '{path}' is missing; the export is incomplete") from None
-    if size > MAX_JSON_BYTES:
-        raise ValueError(f"{path} is {size / 1e6:.0f} MB, more than any file gptlab writes ({MAX_JSON_BYTES >> 20} MB)")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    except RecursionError:
-        raise ValueError(f"{path} nests too deeply to be a file gptlab wrote") from None
 
 
 def record_init_source(run_dir: Path, source: str | Path) -> str:

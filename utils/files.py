@@ -37,6 +37,27 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+MAX_JSON_BYTES = 64 << 20  # a tokenizer.json of GPT-2's size is 1 MB; anything this big is not a file of ours
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> object:
+    """Parsed JSON of a file someone may have handed us, bounded in size and depth, with one-line
+    errors naming the file (FileNotFoundError if it is missing, ValueError otherwise)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"'{path}' is missing") from None
+    if size > max_bytes:
+        raise ValueError(f"{path} is {size / 1e6:.0f} MB, more than any file gptlab writes ({max_bytes >> 20} MB)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests too deeply to be a file gptlab wrote") from None
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in chunks so large checkpoints do not fill memory."""
     h = hashlib.sha256()

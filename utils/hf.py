@@ -38,7 +38,6 @@ from utils.files import atomic_path, atomic_write_bytes, atomic_write_json
 HF_DIR = "hf"
 WEIGHTS = "model.safetensors"
 ENDOFTEXT_ID = 50256
-MAX_JSON_BYTES = 64 << 20
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # GPT-2's own activation, the tanh approximation
 # Tensors some Hugging Face files carry that are buffers, not weights: causal masks, rotary frequencies.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")

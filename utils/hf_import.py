@@ -22,7 +22,8 @@ from torch import Tensor
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files
-from utils.hf import BUFFER_SUFFIXES, LINKS, MAX_JSON_BYTES, TANH_GELUS, WEIGHTS, char_tokenizer_json
+from utils.files import read_json
+from utils.hf import BUFFER_SUFFIXES, LINKS, TANH_GELUS, WEIGHTS, char_tokenizer_json
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -207,14 +208,7 @@ def _is_gpt2(vocab: object, merges: object) -> bool:
 
 def _read_json(path: Path) -> dict:
     """A JSON object file of a Hugging Face folder, with one-line errors naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"'{path}' is missing")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB; not a config or tokenizer file")
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    value = read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
