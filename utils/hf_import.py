@@ -29,8 +29,8 @@ from utils.hf import BUFFER_SUFFIXES, LINKS, TANH_GELUS, WEIGHTS, char_tokenizer
 def is_hf_model_dir(path: str | Path) -> bool:
     """A folder whose config.json names a transformers model_type (gptlab's own exports never do)."""
     try:
-        raw = json.loads((Path(path) / "config.json").read_bytes())
-    except (OSError, ValueError):
+        raw = read_json(Path(path) / "config.json")
+    except (OSError, ValueError):  # no such file, or not JSON: not a Hugging Face folder
         return False
     return isinstance(raw, dict) and "model_type" in raw
 
