@@ -1,9 +1,10 @@
 """Tokenizers: the Tokenizer protocol, its registry (char, gpt2), saved and loaded as JSON.
 
-Every tokenizer offers encode (list of ids), encode_array (numpy, for a whole corpus), decode,
-to_dict (what an export stores) and fingerprint (a short stable hash for cache keys), and is built
-by its class from a corpus (`build`) or from its to_dict (`from_dict`). Adding one is a class plus
-`@TOKENIZERS.register("name")`.
+Every tokenizer offers encode (list of ids), encode_array (numpy, for a whole corpus),
+encode_ordinary_array (the same, "<|endoftext|>" in the text being plain text), decode, eot_id (the
+id that ends a document, or None), to_dict (what an export stores) and fingerprint (a short stable
+hash for cache keys), and is built by its class from a stream of documents (`build`) or from its
+to_dict (`from_dict`). Adding one is a class plus `@TOKENIZERS.register("name")`.
 
     tok = build_tokenizer("char", text)             # or "gpt2"
     tok2 = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
@@ -30,6 +31,7 @@ from parameters import Registry
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 ENDOFTEXT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
 
 MAX_NAMED_CHARS = 20  # unknown characters named in one error line; the rest are counted
 ENCODE_CHUNK = 1 << 22  # characters per step of CharTokenizer.encode_array
@@ -40,16 +42,18 @@ _UTF32 = ("utf-32-le", "surrogatepass")
 
 class Tokenizer(Protocol):
     name: str
+    eot_id: int | None  # the id that ends every document; None: this tokenizer has none
 
     @property
     def vocab_size(self) -> int: ...
     def encode(self, text: str) -> list[int]: ...
     def encode_array(self, text: str) -> np.ndarray: ...
+    def encode_ordinary_array(self, text: str) -> np.ndarray: ...
     def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str: ...
     def to_dict(self) -> dict: ...
     def fingerprint(self) -> str: ...
     @classmethod
-    def build(cls, text: str) -> "Tokenizer": ...
+    def build(cls, texts: Iterable[str], *, vocab_size: int, end_of_text: bool) -> "Tokenizer": ...
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer": ...
 
@@ -67,6 +71,16 @@ def _ids_array(ids: Iterable[int] | np.ndarray | Any) -> np.ndarray:
     return arr
 
 
+def _documents(texts: str | Iterable[str]) -> Iterable[str]:
+    """The documents of `texts`: a plain str is one document, never a stream of characters."""
+    return [texts] if isinstance(texts, str) else texts
+
+
+def _replace_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (which UTF-8 cannot hold) as U+FFFD, as tiktoken's encode does."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _check_id_range(arr: np.ndarray, vocab_size: int) -> None:
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
@@ -76,11 +90,13 @@ def _check_id_range(arr: np.ndarray, vocab_size: int) -> None:
 
 @TOKENIZERS.register("char")
 class CharTokenizer:
-    """One token per character; the vocabulary is the sorted set of the training corpus' characters."""
+    """One token per character; the vocabulary is the sorted set of the training corpus' characters.
+    With end_of_text, one more id (len(chars)) ends a document: decode writes it as "<|endoftext|>",
+    and encode never produces it (that text in a corpus is its characters)."""
 
     name = "char"
 
-    def __init__(self, chars: Sequence[str]):
+    def __init__(self, chars: Sequence[str], end_of_text: bool = False):
         chars = list(chars)
         if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
             raise ValueError("a char vocabulary must be a non-empty list of single characters; "
@@ -88,7 +104,11 @@ class CharTokenizer:
         if len(set(chars)) != len(chars):
             raise ValueError("a char vocabulary must not repeat a character; "
                              "rebuild the tokenizer from the corpus with CharTokenizer.from_text")
+        if not isinstance(end_of_text, bool):
+            raise ValueError(f"a char tokenizer's end_of_text must be true or false, not {end_of_text!r}")
         self.chars = chars
+        self.end_of_text = end_of_text
+        self.eot_id = len(chars) if end_of_text else None
         self._codepoints = np.frombuffer("".join(chars).encode(*_UTF32), dtype=np.uint32)  # id -> code point
         # Sorted code points and their ids, so encode_array is one searchsorted over the corpus.
         self._order = np.argsort(self._codepoints, kind="stable")
@@ -97,23 +117,28 @@ class CharTokenizer:
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
         """The tokenizer whose vocabulary is every character of `text`, sorted."""
-        if not text:
-            raise ValueError("cannot build a char vocabulary from an empty text; pass a non-empty corpus")
-        return cls(sorted(set(text)))
+        return cls.build([text])
 
     @classmethod
-    def build(cls, text: str) -> "CharTokenizer":
-        return cls.from_text(text)
+    def build(cls, texts: Iterable[str], *, vocab_size: int = 0, end_of_text: bool = False) -> "CharTokenizer":
+        """The sorted characters of every document, read once, one at a time (vocab_size is not used:
+        the corpus decides it)."""
+        seen: set[str] = set()
+        for text in _documents(texts):
+            seen.update(text)
+        if not seen:
+            raise ValueError("cannot build a char vocabulary from an empty text; pass a non-empty corpus")
+        return cls(sorted(seen), end_of_text=end_of_text)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CharTokenizer":
         if not isinstance(d.get("chars"), list):
             raise ValueError("a char tokenizer description needs 'chars': a list of characters")
-        return cls(d["chars"])
+        return cls(d["chars"], end_of_text=d.get("end_of_text", False))
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + int(self.end_of_text)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a character outside the vocabulary is a ValueError naming it."""
@@ -138,6 +163,10 @@ class CharTokenizer:
             self._raise_unknown(text, np.unique(np.concatenate(unknown)), first)
         return out
 
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
+        """encode_array: a char tokenizer never reads "<|endoftext|>" in a text as its end-of-text id."""
+        return self.encode_array(text)
+
     def _raise_unknown(self, text: str, codes: np.ndarray, first: int) -> None:
         """One line naming every character the vocabulary lacks (the most frequent first), with counts."""
         counts = np.array([text.count(chr(c)) for c in codes])
@@ -146,22 +175,32 @@ class CharTokenizer:
         more = f" and {len(codes) - MAX_NAMED_CHARS} more" if len(codes) > MAX_NAMED_CHARS else ""
         raise ValueError(
             f"{len(codes)} character{'s' if len(codes) > 1 else ''} not in the vocabulary: {shown}{more} (the first "
-            f"at position {first}); this model's vocabulary has {self.vocab_size} characters from its training "
+            f"at position {first}); this model's vocabulary has {len(self.chars)} characters from its training "
             "corpus: remove them from the text, or train on a corpus that contains them")
 
     def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
-        """The text of a 1-D sequence of ids (list, numpy array or torch tensor)."""
+        """The text of a 1-D sequence of ids (list, numpy array or torch tensor); the end-of-text id
+        is written "<|endoftext|>"."""
         arr = _ids_array(ids)
         _check_id_range(arr, self.vocab_size)
+        if self.eot_id is None:
+            return self._text(arr)
+        first, *rest = np.split(arr, np.flatnonzero(arr == self.eot_id))  # each of rest starts with the eot id
+        return ENDOFTEXT.join([self._text(first), *(self._text(piece[1:]) for piece in rest)])
+
+    def _text(self, arr: np.ndarray) -> str:
         return self._codepoints[arr].tobytes().decode(*_UTF32)
 
     def to_dict(self) -> dict:
-        """JSON-serializable description; the characters are a list so any character survives JSON."""
-        return {"type": self.name, "chars": list(self.chars)}
+        """JSON-serializable description; the characters are a list so any character survives JSON.
+        "end_of_text" is written only when true, so older descriptions stay as they were."""
+        return {"type": self.name, "chars": list(self.chars)} | ({"end_of_text": True} if self.end_of_text else {})
 
     def fingerprint(self) -> str:
-        """Short stable hash of the vocabulary (its characters in id order)."""
-        digest = hashlib.sha256(json.dumps(self.chars, ensure_ascii=True).encode()).hexdigest()
+        """Short stable hash of the vocabulary (its characters in id order, and the end-of-text id if any);
+        without end_of_text it is the hash of the characters alone, as before end_of_text existed."""
+        described: object = {"chars": self.chars, "end_of_text": ENDOFTEXT} if self.end_of_text else self.chars
+        digest = hashlib.sha256(json.dumps(described, ensure_ascii=True).encode()).hexdigest()
         return f"char-{digest[:16]}"
 
 
@@ -225,8 +264,18 @@ def gpt2_encoding() -> Any:
 
     return tiktoken.Encoding(
         name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=gpt2_mergeable_ranks(),
-        special_tokens={ENDOFTEXT: 50256}, explicit_n_vocab=50257,
+        special_tokens={ENDOFTEXT: GPT2_EOT_ID}, explicit_n_vocab=50257,
     )
+
+
+def _gpt2_ids(text: str, allowed_special: set[str]) -> np.ndarray:
+    """tiktoken's ids as a uint32 array (no list of Python ints in between); a lone surrogate becomes
+    U+FFFD, as tiktoken's encode and encode_ordinary make it."""
+    try:
+        return gpt2_encoding().encode_to_numpy(text, allowed_special=allowed_special, disallowed_special=())
+    except UnicodeEncodeError:
+        return gpt2_encoding().encode_to_numpy(_replace_surrogates(text), allowed_special=allowed_special,
+                                               disallowed_special=())
 
 
 @TOKENIZERS.register("gpt2")
@@ -235,13 +284,18 @@ class Gpt2Tokenizer:
 
     name = "gpt2"
     vocab_size = 50257
+    eot_id = GPT2_EOT_ID
 
     def encode(self, text: str) -> list[int]:
         return gpt2_encoding().encode(text, allowed_special={ENDOFTEXT})
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Token ids as a uint32 array, straight from tiktoken (no list of Python ints in between)."""
-        return gpt2_encoding().encode_to_numpy(text, allowed_special={ENDOFTEXT})
+        """Token ids as a uint32 array, straight from tiktoken."""
+        return _gpt2_ids(text, {ENDOFTEXT})
+
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
+        """Token ids as a uint32 array, "<|endoftext|>" in the text being text (tiktoken's encode_ordinary)."""
+        return _gpt2_ids(text, set())
 
     def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
         """The text of a 1-D sequence of ids; bytes that are not valid UTF-8 become U+FFFD."""
@@ -253,7 +307,8 @@ class Gpt2Tokenizer:
         return {"type": self.name}
 
     @classmethod
-    def build(cls, text: str) -> "Gpt2Tokenizer":
+    def build(cls, texts: Iterable[str] = (), *, vocab_size: int = 0, end_of_text: bool = True) -> "Gpt2Tokenizer":
+        """GPT-2's fixed vocabulary: the documents and arguments are not used (nor read)."""
         return cls()
 
     @classmethod
@@ -265,9 +320,12 @@ class Gpt2Tokenizer:
         return f"gpt2-{digest[:16]}"
 
 
-def build_tokenizer(name: str, text: str) -> Tokenizer:
-    """The registered tokenizer `name` for a corpus; `text` is the source of a vocabulary built from it."""
-    return TOKENIZERS.lookup(name).build(text)
+def build_tokenizer(name: str, texts: str | Iterable[str], *, vocab_size: int = 8192,
+                    end_of_text: bool = False) -> Tokenizer:
+    """The registered tokenizer `name` built from a corpus: `texts` is one text or a stream of documents
+    (read once), the source of a vocabulary built from it. vocab_size is for a tokenizer that takes one;
+    end_of_text gives char an end-of-text id (gpt2 always has one)."""
+    return TOKENIZERS.lookup(name).build(_documents(texts), vocab_size=vocab_size, end_of_text=end_of_text)
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:

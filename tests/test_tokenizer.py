@@ -1,4 +1,4 @@
-"""Tests for tokenizer.py: exact round trips, clear errors, JSON save/load, offline GPT-2 ids."""
+"""Tests for tokenizer.py: exact round trips, clear errors, JSON save/load, offline GPT-2 ids, end-of-text ids."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tokenizer as tk
-from tokenizer import CharTokenizer, Gpt2Tokenizer, build_tokenizer, tokenizer_from_dict
+from tokenizer import ENDOFTEXT, CharTokenizer, Gpt2Tokenizer, build_tokenizer, tokenizer_from_dict
 
 UNICODE_TEXT = "café naïve 日本語 🙂👍🏽 \t\n\r\x00 \ud800"  # accents, CJK, emoji + modifier, controls, a lone surrogate
 
@@ -97,19 +97,24 @@ def test_bad_ids_and_vocabularies_are_errors(tiny_text: str) -> None:
         CharTokenizer(["ab"])
 
 
-@pytest.mark.parametrize("tok", [CharTokenizer.from_text(UNICODE_TEXT), Gpt2Tokenizer()], ids=["char", "gpt2"])
+@pytest.mark.parametrize("tok", [CharTokenizer.from_text(UNICODE_TEXT),
+                                 CharTokenizer.build([UNICODE_TEXT], end_of_text=True), Gpt2Tokenizer()],
+                         ids=["char", "char-eot", "gpt2"])
 def test_json_round_trip(tok) -> None:
     d = tok.to_dict()
     assert d["type"] == tok.name
     tok2 = tokenizer_from_dict(json.loads(json.dumps(d)))
     assert type(tok2) is type(tok)
     assert tok2.vocab_size == tok.vocab_size and tok2.fingerprint() == tok.fingerprint()
+    assert tok2.eot_id == tok.eot_id
     ids = tok.encode(UNICODE_TEXT[:-1])  # GPT-2 cannot encode a lone surrogate
     assert tok2.encode(UNICODE_TEXT[:-1]) == ids
     assert tok2.decode(ids) == tok.decode(ids)
 
 
-@pytest.mark.parametrize("bad", [{}, {"type": "bpe"}, {"type": "char"}, {"type": "char", "chars": "abc"}, None, []])
+@pytest.mark.parametrize("bad", [{}, {"type": "bpe"}, {"type": "char"},
+                                 {"type": "char", "chars": "abc"}, {"type": "char", "chars": ["a"], "end_of_text": 1},
+                                 None, []])
 def test_tokenizer_from_bad_dict(bad) -> None:
     with pytest.raises(ValueError, match="not a tokenizer description"):
         tokenizer_from_dict(bad)
@@ -125,10 +130,58 @@ def test_fingerprint_is_stable_and_vocabulary_specific(tiny_text: str) -> None:
 
 
 def test_build_tokenizer(tiny_text: str) -> None:
-    assert isinstance(build_tokenizer("char", tiny_text), CharTokenizer)
+    char = build_tokenizer("char", tiny_text)
+    assert isinstance(char, CharTokenizer) and char.eot_id is None
+    assert char.to_dict() == CharTokenizer.from_text(tiny_text).to_dict() == {"type": "char", "chars": char.chars}
     assert isinstance(build_tokenizer("gpt2", tiny_text), Gpt2Tokenizer)
     with pytest.raises(ValueError, match="char, gpt2"):
         build_tokenizer("bpe", tiny_text)
+
+
+# --- end-of-text ids ------------------------------------------------------------------------------------
+
+def test_char_fingerprint_without_end_of_text_is_unchanged() -> None:
+    """Cached datasets and exports are keyed by it: the values the code gave before end_of_text existed."""
+    assert CharTokenizer(list("\n !,.:?ABCabc")).fingerprint() == "char-eca54d24c730f8d3"
+    assert CharTokenizer(sorted(set("café 日本語 🙂\n"))).fingerprint() == "char-61fbdd8ec5f09efc"
+    assert CharTokenizer(list("\n !,.:?ABCabc"), end_of_text=True).fingerprint() != "char-eca54d24c730f8d3"
+
+
+def test_char_end_of_text(tiny_text: str) -> None:
+    tok = CharTokenizer.build([tiny_text + ENDOFTEXT], end_of_text=True)  # its characters are in the corpus
+    n = len(set(tiny_text + ENDOFTEXT))
+    assert (len(tok.chars), tok.vocab_size, tok.eot_id) == (n, n + 1, n)
+    ids = tok.encode("All:" + ENDOFTEXT)
+    assert tok.eot_id not in ids and tok.decode(ids) == "All:" + ENDOFTEXT  # encode never makes the eot id
+    assert tok.encode_ordinary_array("a" + ENDOFTEXT).tolist() == tok.encode("a" + ENDOFTEXT)
+    doc = tok.encode("Speak.")
+    assert tok.decode([n, *doc, n, n, *doc, n]) == f"{ENDOFTEXT}Speak.{ENDOFTEXT}{ENDOFTEXT}Speak.{ENDOFTEXT}"
+    assert tok.to_dict() == {"type": "char", "chars": tok.chars, "end_of_text": True}
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([n + 1])
+
+
+def test_char_build_streams_documents(tiny_text: str) -> None:
+    docs = tiny_text.split("\n\n")
+    stream = iter(docs)
+    tok = CharTokenizer.build(stream, end_of_text=False)
+    assert next(stream, None) is None  # read to the end, once
+    assert tok.chars == CharTokenizer.from_text("\n\n".join(docs)).chars == sorted(set("".join(docs)))
+    assert build_tokenizer("char", iter(docs), end_of_text=True).eot_id == len(tok.chars)
+    with pytest.raises(ValueError, match="empty text"):
+        build_tokenizer("char", iter(["", ""]))
+
+
+def test_gpt2_end_of_text() -> None:
+    tok = Gpt2Tokenizer()
+    assert tok.eot_id == 50256
+    text = "a<|endoftext|>b"
+    ordinary = tok.encode_ordinary_array(text)
+    assert ordinary.dtype == np.uint32 and 50256 not in ordinary.tolist()
+    assert ordinary.tolist() == tk.gpt2_encoding().encode_ordinary(text)
+    assert tok.decode(ordinary) == text
+    assert 50256 in tok.encode_array(text).tolist()
+    assert tok.encode_ordinary_array("x\ud800").tolist() == tk.gpt2_encoding().encode_ordinary("x\ud800")
 
 
 def test_gpt2_published_ids() -> None:
