@@ -1,4 +1,4 @@
-"""Tokenizers: the Tokenizer protocol, its registry (char, gpt2), saved and loaded as JSON.
+"""Tokenizers: the Tokenizer protocol, its registry (char, gpt2, bpe), saved and loaded as JSON.
 
 Every tokenizer offers encode (list of ids), encode_array (numpy, for a whole corpus),
 encode_ordinary_array (the same, "<|endoftext|>" in the text being plain text), decode, eot_id (the
@@ -6,7 +6,7 @@ id that ends a document, or None), to_dict (what an export stores) and fingerpri
 hash for cache keys), and is built by its class from a stream of documents (`build`) or from its
 to_dict (`from_dict`). Adding one is a class plus `@TOKENIZERS.register("name")`.
 
-    tok = build_tokenizer("char", text)             # or "gpt2"
+    tok = build_tokenizer("char", text)             # or "gpt2"; or "bpe", vocab_size=8192
     tok2 = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
     assert tok2.decode(tok2.encode(text)) == text
 
@@ -20,8 +20,9 @@ import functools
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -35,6 +36,10 @@ GPT2_EOT_ID = 50256
 
 MAX_NAMED_CHARS = 20  # unknown characters named in one error line; the rest are counted
 ENCODE_CHUNK = 1 << 22  # characters per step of CharTokenizer.encode_array
+BPE_CHUNK = 1 << 16  # characters per Hugging Face encode call of BpeTokenizer (about; see _safe_pieces)
+BPE_MIN_VOCAB = 257  # the 256 byte tokens and "<|endoftext|>"
+BPE_MAX_VOCAB = 2**32  # ids are stored as uint32
+_SAFE_CUT = re.compile(r"\S(?=[ \n])")  # a non-space before a space or newline: _safe_pieces cuts after it
 
 # surrogatepass: every Python str, even one holding a lone surrogate, maps to code points and back.
 _UTF32 = ("utf-32-le", "surrogatepass")
@@ -320,11 +325,166 @@ class Gpt2Tokenizer:
         return f"gpt2-{digest[:16]}"
 
 
+def _bpe_pipeline() -> Any:
+    """An untrained Hugging Face byte-level BPE: GPT-2's pre-tokenizer regex (no prefix space), a
+    ByteLevel decoder, no normalizer: every byte is a token, so no text is ever unknown."""
+    from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers
+
+    hf = HfTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _bpe_json_problem(spec: object) -> str | None:
+    """What makes `spec` other than a tokenizer.json BpeTokenizer writes (one phrase), or None."""
+    from tokenizers import pre_tokenizers
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        return "not a JSON object with a 'model'"
+    ours = json.loads(_bpe_pipeline().to_str())
+    for key in ("truncation", "padding", "normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if spec.get(key) != ours[key]:
+            return f"its {key} is not byte-level BPE's"
+    model, vocab = spec["model"], spec["model"].get("vocab")
+    if any(model.get(k) != v for k, v in ours["model"].items() if k not in ("vocab", "merges")):
+        return "its model is not a plain BPE"
+    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
+        return "its vocab ids are not 0..n-1"
+    eot = {"id": vocab.get(ENDOFTEXT), "content": ENDOFTEXT, "single_word": False, "lstrip": False,
+           "rstrip": False, "normalized": False, "special": True}
+    if spec.get("added_tokens") != [eot] or eot["id"] is None:
+        return f"its one added token is not {ENDOFTEXT}"
+    if missing := [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]:
+        return f"{len(missing)} of the 256 bytes are not in its vocab"
+    return None
+
+
+@TOKENIZERS.register("bpe")
+class BpeTokenizer:
+    """Byte-level BPE trained on the corpus with Hugging Face `tokenizers` (GPT-2's pre-tokenizer regex,
+    every byte a token, "<|endoftext|>" the one special token, encoded from a text as gpt2 does).
+    Its to_dict wraps the Hugging Face tokenizer.json (hf_json), which transformers loads as it is."""
+
+    name = "bpe"
+
+    def __init__(self, hf: Any):
+        self._hf = hf  # a tokenizers.Tokenizer; imported only where one is built, so `import tokenizer` stays cheap
+        self._ordinary: Any = None  # its twin that reads "<|endoftext|>" in a text as text, made when first asked
+        self.eot_id: int = hf.token_to_id(ENDOFTEXT)
+
+    @classmethod
+    def build(cls, texts: Iterable[str], *, vocab_size: int = 8192, end_of_text: bool = True) -> "BpeTokenizer":
+        """Train on the documents, read once as a stream (tokenizers counts words batch by batch).
+        A corpus too small for vocab_size stops short of it. end_of_text is not used: a bpe vocabulary
+        always holds "<|endoftext|>"."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+                or not BPE_MIN_VOCAB <= vocab_size <= BPE_MAX_VOCAB:
+            raise ValueError(f"vocab_size {vocab_size!r} is out of range for bpe; choose an integer from "
+                             f"{BPE_MIN_VOCAB} (the 256 bytes and {ENDOFTEXT}) to 2**32")
+        from tokenizers import pre_tokenizers, trainers
+
+        hf = _bpe_pipeline()
+        # The trainer is deterministic here (same documents -> byte-identical JSON in any process): its only
+        # hash-map-ordered ids are continuing-subword tokens (huggingface/tokenizers#1794), which byte-level
+        # BPE does not have; the alphabet is sorted, and ties between pair counts go to the smaller ids.
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(iter(_documents(texts)), trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def from_hf_json(cls, text: str) -> "BpeTokenizer":
+        """The tokenizer of a tokenizer.json that hf_json wrote; anything else is a ValueError."""
+        try:
+            spec = json.loads(text)
+        except (TypeError, ValueError):
+            spec = None
+        if problem := _bpe_json_problem(spec):
+            raise ValueError(f"not a gptlab bpe tokenizer.json: {problem}; rebuild it with BpeTokenizer.build")
+        from tokenizers import Tokenizer as HfTokenizer
+
+        try:
+            return cls(HfTokenizer.from_str(text))
+        except Exception as e:  # tokenizers raises a bare Exception for a JSON it cannot read
+            raise ValueError(f"not a readable bpe tokenizer.json ({' '.join(str(e).split())[:120]}); "
+                             "rebuild it with BpeTokenizer.build") from None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BpeTokenizer":
+        if not isinstance(d.get("tokenizer"), dict):
+            raise ValueError("a bpe tokenizer description needs 'tokenizer': a Hugging Face tokenizer.json object")
+        return cls.from_hf_json(json.dumps(d["tokenizer"]))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Token ids as a uint32 array; "<|endoftext|>" in the text is the end-of-text id."""
+        return _hf_ids(self._hf, text)
+
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
+        """Token ids as a uint32 array, "<|endoftext|>" in the text being text."""
+        if self._ordinary is None:
+            from tokenizers import Tokenizer as HfTokenizer
+
+            self._ordinary = HfTokenizer.from_str(self._hf.to_str())
+            self._ordinary.encode_special_tokens = True  # special tokens are not matched in the text
+        return _hf_ids(self._ordinary, text)
+
+    def decode(self, ids: Iterable[int] | np.ndarray | Any) -> str:
+        """The text of a 1-D sequence of ids; bytes that are not valid UTF-8 become U+FFFD."""
+        arr = _ids_array(ids)
+        _check_id_range(arr, self.vocab_size)
+        return self._hf.decode(arr.tolist(), skip_special_tokens=False)
+
+    def hf_json(self) -> str:
+        """The Hugging Face tokenizer.json (what is saved beside datasets and in exports)."""
+        return self._hf.to_str(pretty=True)
+
+    def to_dict(self) -> dict:
+        """The tokenizer.json wrapped: tokenizers' from_str refuses keys it does not know, such as 'type'."""
+        return {"type": self.name, "tokenizer": json.loads(self.hf_json())}
+
+    def fingerprint(self) -> str:
+        """Short stable hash of the tokenizer.json, canonical (sorted keys, no spaces)."""
+        canonical = json.dumps(json.loads(self.hf_json()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return f"bpe-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
+
+
+def _safe_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, cut only before a space or newline that follows a
+    non-space: GPT-2's pre-tokenizer regex never matches across such a point (nor does "<|endoftext|>"),
+    so the pieces encode to the ids of the whole text. Without such a point the rest is one piece."""
+    start = 0
+    while len(text) - start > size and (cut := _SAFE_CUT.search(text, start + size)):
+        yield text[start:cut.end()]
+        start = cut.end()
+    yield text[start:]
+
+
+def _hf_ids(hf: Any, text: str) -> np.ndarray:
+    """A tokenizers.Tokenizer's ids of `text` as uint32, encoded piece by piece: one encode keeps
+    offsets and token strings, about 170 bytes a character. A lone surrogate becomes U+FFFD, as in gpt2."""
+    out = []
+    for piece in _safe_pieces(text, BPE_CHUNK):
+        try:
+            ids = hf.encode(piece, add_special_tokens=False).ids
+        except TypeError:  # tokenizers' answer to a str that is not valid Unicode text (a lone surrogate)
+            ids = hf.encode(_replace_surrogates(piece), add_special_tokens=False).ids
+        out.append(np.array(ids, dtype=np.uint32))
+    return np.concatenate(out)
+
+
 def build_tokenizer(name: str, texts: str | Iterable[str], *, vocab_size: int = 8192,
                     end_of_text: bool = False) -> Tokenizer:
     """The registered tokenizer `name` built from a corpus: `texts` is one text or a stream of documents
-    (read once), the source of a vocabulary built from it. vocab_size is for a tokenizer that takes one;
-    end_of_text gives char an end-of-text id (gpt2 always has one)."""
+    (read once), the source of a vocabulary built from it. vocab_size is bpe's size; end_of_text gives
+    char an end-of-text id (gpt2 and bpe always have one)."""
     return TOKENIZERS.lookup(name).build(_documents(texts), vocab_size=vocab_size, end_of_text=end_of_text)
 
 

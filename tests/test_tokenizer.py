@@ -1,9 +1,14 @@
-"""Tests for tokenizer.py: exact round trips, clear errors, JSON save/load, offline GPT-2 ids, end-of-text ids."""
+"""Tests for tokenizer.py: exact round trips, clear errors, JSON save/load, offline GPT-2 ids, end-of-text
+ids, and a byte-level BPE trained here (deterministic across processes)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +16,30 @@ import pytest
 import torch
 
 import tokenizer as tk
-from tokenizer import ENDOFTEXT, CharTokenizer, Gpt2Tokenizer, build_tokenizer, tokenizer_from_dict
+from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, build_tokenizer, tokenizer_from_dict
+
+from conftest import REPO, TINY_TEXT
 
 UNICODE_TEXT = "café naïve 日本語 🙂👍🏽 \t\n\r\x00 \ud800"  # accents, CJK, emoji + modifier, controls, a lone surrogate
+# The script a second process runs to train the same BPE: its sha256 of hf_json must equal this process' own.
+TRAIN_BPE = """
+import hashlib, sys
+import tokenizer
+assert "tokenizers" not in sys.modules, "import tokenizer must not import tokenizers"
+from conftest import TINY_TEXT
+tok = tokenizer.build_tokenizer("bpe", (doc for doc in TINY_TEXT.split("\\n\\n")), vocab_size=300)
+print(hashlib.sha256(tok.hf_json().encode()).hexdigest())
+"""
+
+
+def train_bpe(vocab_size: int = 300) -> BpeTokenizer:
+    """A BPE trained on the tiny corpus, given as a stream of its paragraphs."""
+    tok = build_tokenizer("bpe", (doc for doc in TINY_TEXT.split("\n\n")), vocab_size=vocab_size)
+    assert isinstance(tok, BpeTokenizer)
+    return tok
+
+
+BPE = train_bpe()
 
 
 def test_char_round_trip_tiny_text(tiny_text: str) -> None:
@@ -98,8 +124,8 @@ def test_bad_ids_and_vocabularies_are_errors(tiny_text: str) -> None:
 
 
 @pytest.mark.parametrize("tok", [CharTokenizer.from_text(UNICODE_TEXT),
-                                 CharTokenizer.build([UNICODE_TEXT], end_of_text=True), Gpt2Tokenizer()],
-                         ids=["char", "char-eot", "gpt2"])
+                                 CharTokenizer.build([UNICODE_TEXT], end_of_text=True), Gpt2Tokenizer(), BPE],
+                         ids=["char", "char-eot", "gpt2", "bpe"])
 def test_json_round_trip(tok) -> None:
     d = tok.to_dict()
     assert d["type"] == tok.name
@@ -112,7 +138,7 @@ def test_json_round_trip(tok) -> None:
     assert tok2.decode(ids) == tok.decode(ids)
 
 
-@pytest.mark.parametrize("bad", [{}, {"type": "bpe"}, {"type": "char"},
+@pytest.mark.parametrize("bad", [{}, {"type": "bpe"}, {"type": "bpe", "tokenizer": {}}, {"type": "char"},
                                  {"type": "char", "chars": "abc"}, {"type": "char", "chars": ["a"], "end_of_text": 1},
                                  None, []])
 def test_tokenizer_from_bad_dict(bad) -> None:
@@ -134,8 +160,9 @@ def test_build_tokenizer(tiny_text: str) -> None:
     assert isinstance(char, CharTokenizer) and char.eot_id is None
     assert char.to_dict() == CharTokenizer.from_text(tiny_text).to_dict() == {"type": "char", "chars": char.chars}
     assert isinstance(build_tokenizer("gpt2", tiny_text), Gpt2Tokenizer)
-    with pytest.raises(ValueError, match="char, gpt2"):
-        build_tokenizer("bpe", tiny_text)
+    assert isinstance(build_tokenizer("bpe", tiny_text, vocab_size=300), BpeTokenizer)
+    with pytest.raises(ValueError, match="char, gpt2, bpe"):
+        build_tokenizer("bep", tiny_text)
 
 
 # --- end-of-text ids ------------------------------------------------------------------------------------
@@ -182,6 +209,89 @@ def test_gpt2_end_of_text() -> None:
     assert tok.decode(ordinary) == text
     assert 50256 in tok.encode_array(text).tolist()
     assert tok.encode_ordinary_array("x\ud800").tolist() == tk.gpt2_encoding().encode_ordinary("x\ud800")
+
+
+# --- bpe -----------------------------------------------------------------------------------------------
+
+def test_bpe_round_trips_any_text_exactly() -> None:
+    assert 257 < BPE.vocab_size <= 300 and BPE.eot_id is not None
+    every_byte_and_more = "".join(chr(c) for c in range(1, 400))  # no id means "unknown": every byte is a token
+    for text in (TINY_TEXT, UNICODE_TEXT[:-1], "🙂\n\n  \t x\r\n日本語  ", every_byte_and_more, ""):
+        ids = BPE.encode_array(text)
+        assert ids.dtype == np.uint32 and ids.tolist() == BPE.encode(text)
+        assert BPE.decode(ids) == text
+    assert len(BPE.encode(TINY_TEXT)) < len(TINY_TEXT.encode()) / 2  # merges were learned
+    assert BPE.decode(BPE.encode("a\ud800b")) == "a\ufffdb"  # a lone surrogate becomes U+FFFD, as in gpt2
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        BPE.decode([BPE.vocab_size])
+
+
+def test_bpe_end_of_text() -> None:
+    eot = BPE.eot_id
+    assert BPE.encode(ENDOFTEXT) == [eot] and BPE.decode([eot]) == ENDOFTEXT
+    ordinary = BPE.encode_ordinary_array("All:" + ENDOFTEXT + "Speak")
+    assert eot not in ordinary.tolist() and BPE.decode(ordinary) == "All:" + ENDOFTEXT + "Speak"
+    assert BPE.encode("All:" + ENDOFTEXT + "Speak") == [*BPE.encode("All:"), eot, *BPE.encode("Speak")]
+
+
+def test_bpe_pieces_encode_as_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_array cuts a long text where no pre-tokenizer piece spans the cut: the ids do not change.
+    Runs of spaces and newlines are tokens of this vocabulary, so a cut inside one would show."""
+    code = "def f(x):\n    return x\n\n\n" * 40 + "a  b   c\t\td \n \n\n" * 40
+    tok = build_tokenizer("bpe", [TINY_TEXT, code], vocab_size=400)
+    assert {"ĊĊ", "ĠĠ", "ĊĠĠĠ"} <= set(tok._hf.get_vocab())
+    text = code[:300] + TINY_TEXT[:300] + " it's" + ENDOFTEXT + " a\u3000 b \x1c c  \n\n\n  x" + UNICODE_TEXT[:-1]
+    whole = tok._hf.encode(text, add_special_tokens=False).ids
+    for size in (1, 2, 3, 7, 50):
+        monkeypatch.setattr(tk, "BPE_CHUNK", size)
+        assert tok.encode(text) == whole
+        assert tok.decode(tok.encode_ordinary_array(text)) == text
+    assert list(tk._safe_pieces("ab cd  ef", 1)) == ["ab", " cd", "  ef"]
+
+
+def test_bpe_to_dict_wraps_the_hugging_face_json() -> None:
+    d = BPE.to_dict()
+    assert set(d) == {"type", "tokenizer"} and d["tokenizer"] == json.loads(BPE.hf_json())
+    assert d["tokenizer"]["model"]["type"] == "BPE"
+    again = BpeTokenizer.from_hf_json(BPE.hf_json())
+    assert again.hf_json() == BPE.hf_json() and again.fingerprint() == BPE.fingerprint()
+    assert BPE.fingerprint().startswith("bpe-") and BPE.fingerprint() != train_bpe(280).fingerprint()
+
+
+def test_bpe_training_is_deterministic_across_processes() -> None:
+    ours = hashlib.sha256(BPE.hf_json().encode()).hexdigest()
+    for seed in ("1", "2"):  # Python's and Rust's hash seeds both differ from process to process
+        res = subprocess.run([sys.executable, "-c", TRAIN_BPE], cwd=REPO / "tests", capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed})
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == ours
+
+
+@pytest.mark.parametrize("size", [256, 2**32 + 1, 0, True, 300.0])
+def test_bpe_vocab_size_out_of_range(size) -> None:
+    with pytest.raises(ValueError, match=r"^vocab_size .* out of range for bpe; choose an integer from 257 .* 2\*\*32$"):
+        build_tokenizer("bpe", "some text", vocab_size=size)
+
+
+def test_bpe_damaged_descriptions_are_one_line_errors() -> None:
+    spec = BPE.to_dict()["tokenizer"]
+    damaged = [spec | {"normalizer": {"type": "NFC"}}, spec | {"added_tokens": []},
+               spec | {"model": spec["model"] | {"vocab": {"a": 0}}}, spec | {"model": {"type": "BPE"}}]
+    for bad in damaged:
+        with pytest.raises(ValueError, match="not a tokenizer description.*not a gptlab bpe tokenizer.json") as err:
+            tokenizer_from_dict({"type": "bpe", "tokenizer": bad})
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="not a gptlab bpe tokenizer.json"):
+        BpeTokenizer.from_hf_json("{not json")
+
+
+def test_bpe_from_a_corpus_of_shakespeare(shakespeare_path: Path) -> None:
+    """A real corpus reaches the asked size; its paragraphs are streamed, never joined."""
+    text = shakespeare_path.read_text(encoding="utf-8")
+    tok = build_tokenizer("bpe", iter(text.split("\n\n")), vocab_size=1000)
+    assert tok.vocab_size == 1000
+    assert tok.decode(tok.encode(text[:5000])) == text[:5000]
+    assert len(tok.encode(text[:5000])) < 5000 / 2
 
 
 def test_gpt2_published_ids() -> None:
