@@ -19,10 +19,11 @@ from architectures import ARCHITECTURES
 from architectures.gpt2 import GPT2Block
 from model import LanguageModel
 from parameters import ModelConfig
-from tokenizer import CharTokenizer, Gpt2Tokenizer, gpt2_bpe_files
+from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, gpt2_bpe_files
 from utils.export import load_init_source, save_export
 from utils.files import sha256_file
 from utils.hf import char_tokenizer_json
+from utils.hf_import import hf_tokenizer, load_hf_model
 
 from conftest import TINY_TEXT, call_main, user_error
 
@@ -31,6 +32,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
 CHARS = CharTokenizer.from_text(TINY_TEXT + "é😀")
+CHARS_EOT = CharTokenizer.build([TINY_TEXT, "é😀"], end_of_text=True)
+BPE = BpeTokenizer.build(TINY_TEXT.split("\n\n"), vocab_size=300)
 TEXT = "All:\n  Speak, speak.  é😀\n\n"
 
 
@@ -111,6 +114,65 @@ def test_the_gpt2_tokenizer_is_gpt2s(tmp_path: Path):
     assert hf_tok(text)["input_ids"] == Gpt2Tokenizer().encode(text)
     assert hf_tok.decode(Gpt2Tokenizer().encode(text)) == text
     assert json.loads((hf_dir / "config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_the_bpe_tokenizer_loads_in_transformers(tmp_path: Path):
+    _, hf_dir = exported(tiny(), tmp_path, BPE)
+    assert (hf_dir / "tokenizer.json").read_text(encoding="utf-8") == BPE.hf_json()  # its own file, as it is
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = TEXT + ENDOFTEXT + " it's 2 o'clock\t\n日本語 🙂\x00"
+    ids = hf_tok(text)["input_ids"]
+    assert ids == BPE.encode(text) and ids.count(BPE.eot_id) == 1
+    assert hf_tok.decode(ids) == text
+    assert len(hf_tok) == BPE.vocab_size
+    assert (hf_tok.eos_token, hf_tok.eos_token_id, hf_tok.bos_token_id) == (ENDOFTEXT, BPE.eot_id, BPE.eot_id)
+    for name in ("config.json", "generation_config.json"):
+        saved = json.loads((hf_dir / name).read_text())
+        assert saved["eos_token_id"] == saved["bos_token_id"] == BPE.eot_id
+
+
+def test_a_char_tokenizers_end_of_text_is_the_exports_eos(tmp_path: Path):
+    _, hf_dir = exported(tiny(), tmp_path, CHARS_EOT)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    eot = CHARS_EOT.eot_id
+    assert eot == len(CHARS_EOT.chars) and len(hf_tok) == CHARS_EOT.vocab_size
+    assert hf_tok(TEXT)["input_ids"] == CHARS_EOT.encode(TEXT)
+    ids = [*CHARS_EOT.encode("All:"), eot, *CHARS_EOT.encode("Speak")]
+    assert hf_tok.decode(ids) == CHARS_EOT.decode(ids) == f"All:{ENDOFTEXT}Speak"
+    assert (hf_tok.eos_token_id, hf_tok.bos_token_id) == (eot, eot)
+    assert json.loads((hf_dir / "config.json").read_text())["eos_token_id"] == eot
+    _, hf_dir = exported(tiny(), tmp_path, CHARS)  # without end_of_text: no eos at all, as before
+    assert json.loads((hf_dir / "config.json").read_text())["eos_token_id"] is None
+    assert "eos_token" not in json.loads((hf_dir / "tokenizer_config.json").read_text())
+
+
+@pytest.mark.parametrize("tok", [BPE, CHARS_EOT], ids=["bpe", "char-eot"])
+def test_a_bpe_or_end_of_text_export_loads_back_as_the_same_tokenizer(tok, tmp_path: Path):
+    model, hf_dir = exported(tiny(arch="llama"), tmp_path, tok)
+    loaded, tokenizer, cfg = load_hf_model(hf_dir)
+    assert type(tokenizer) is type(tok) and cfg.tokenizer == tok.name
+    assert (tokenizer.fingerprint(), tokenizer.eot_id, tokenizer.vocab_size) == (tok.fingerprint(), tok.eot_id,
+                                                                                  tok.vocab_size)
+    x = torch.tensor([tok.encode(TEXT)[:32]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0], atol=1e-5, rtol=0)
+    # transformers' save_pretrained adds an empty post-processor to tokenizer.json: still the same tokenizer
+    transformers.AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp_path / "resaved")
+    assert hf_tokenizer(tmp_path / "resaved").fingerprint() == tok.fingerprint()
+
+
+def test_a_bpe_tokenizer_that_is_not_gptlabs_is_refused(tmp_path: Path):
+    _, hf_dir = exported(tiny(), tmp_path, BPE)
+    spec = json.loads((hf_dir / "tokenizer.json").read_text())
+    prepend_bos = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": ENDOFTEXT, "type_id": 0}},
+                                                            {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {ENDOFTEXT: {"id": ENDOFTEXT, "ids": [BPE.eot_id], "tokens": [ENDOFTEXT]}}}
+    for edit in ({"normalizer": {"type": "NFC"}}, {"post_processor": prepend_bos}):
+        (hf_dir / "tokenizer.json").write_text(json.dumps(spec | edit))
+        assert transformers.AutoTokenizer.from_pretrained(hf_dir)  # a valid tokenizer.json, but not gptlab's
+        with user_error("neither GPT-2's nor a char or bpe tokenizer.json"):
+            load_hf_model(hf_dir)
 
 
 @pytest.mark.parametrize("overrides, note", [
@@ -243,7 +305,7 @@ def test_pickles_and_foreign_tokenizers_are_refused(tmp_path: Path):
         load_init_source(hf_dir)
     (hf_dir / "config.json").write_text(json.dumps(config))
     (hf_dir / "merges.txt").write_text("#version: 0.2\nx y\n")
-    with user_error("neither GPT-2's nor a char tokenizer.json"):
+    with user_error("neither GPT-2's nor a char or bpe tokenizer.json"):
         load_init_source(hf_dir)
     (hf_dir / "merges.txt").write_bytes(gpt2_bpe_files()[1])
     shutil.move(hf_dir / "model.safetensors", hf_dir / "pytorch_model.bin")

@@ -14,7 +14,9 @@ transposed); llama's fused q/k/v rows split into q_proj, k_proj, v_proj and its 
 gate_proj, up_proj. A char tokenizer becomes a `tokenizers` WordLevel tokenizer.json that splits text
 into single code points and joins them back without spaces. A character outside the vocabulary makes
 the Hugging Face tokenizer raise ("Missing [UNK] token"), as gptlab refuses it: no id of this model
-means "unknown", and a silent substitute would feed the model text it was never given.
+means "unknown", and a silent substitute would feed the model text it was never given. A char
+tokenizer's end-of-text id is the added special token "<|endoftext|>" (which, unlike gptlab's char
+encode, Hugging Face's reads in a text as that id). A bpe tokenizer's tokenizer.json is its own.
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ import torch
 from torch import Tensor
 
 from parameters import ModelConfig
-from tokenizer import gpt2_bpe_files
+from tokenizer import (ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files,
+                       tokenizer_from_dict)
 from utils.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 HF_DIR = "hf"
 WEIGHTS = "model.safetensors"
-ENDOFTEXT_ID = 50256
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # GPT-2's own activation, the tanh approximation
 # Tensors some Hugging Face files carry that are buffers, not weights: causal masks, rotary frequencies.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -148,25 +150,33 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos: int | None) -> dict:
             "attention_bias": False, "mlp_bias": False, **common}
 
 
-def char_tokenizer_json(chars: list[str]) -> dict:
+def char_tokenizer_json(chars: list[str], end_of_text: bool = False) -> dict:
     """A `tokenizers` tokenizer.json with gptlab's char ids: every code point is a piece ([\\s\\S] matches
     newlines too), looked up in a WordLevel vocabulary whose unk token is not in it (so an unknown
-    character is an error, as in gptlab), and decoded by Fuse (no spaces between characters)."""
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+    character is an error, as in gptlab), and decoded by Fuse (no spaces between characters). With
+    end_of_text, "<|endoftext|>" is id len(chars), in the vocabulary and as an added special token."""
+    vocab = {c: i for i, c in enumerate(chars)} | ({ENDOFTEXT: len(chars)} if end_of_text else {})
+    added = [{"id": len(chars), "content": ENDOFTEXT, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}] if end_of_text else []
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
             "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
                               "invert": False},
             "post_processor": None, "decoder": {"type": "Fuse"},
-            "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(chars)}, "unk_token": "<unk>"}}
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
 
 
-def hf_tokenizer_files(tokenizer: dict, block_size: int) -> dict[str, bytes] | None:
+def hf_tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, bytes] | None:
     """The files AutoTokenizer.from_pretrained loads for this tokenizer, or None if it has no HF form."""
     config = {"clean_up_tokenization_spaces": False, "model_max_length": block_size}
-    if tokenizer.get("type") == "char":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        return {"tokenizer.json": _json_bytes(char_tokenizer_json(tokenizer["chars"])),
-                "tokenizer_config.json": _json_bytes(config)}
-    if tokenizer.get("type") == "gpt2":
+    fast = config | {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if tokenizer.eot_id is not None:
+        fast |= {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT}
+    if isinstance(tokenizer, CharTokenizer):
+        spec = char_tokenizer_json(tokenizer.chars, tokenizer.end_of_text)
+        return {"tokenizer.json": _json_bytes(spec), "tokenizer_config.json": _json_bytes(fast)}
+    if isinstance(tokenizer, BpeTokenizer):
+        return {"tokenizer.json": tokenizer.hf_json().encode("utf-8"), "tokenizer_config.json": _json_bytes(fast)}
+    if isinstance(tokenizer, Gpt2Tokenizer):
         vocab, merges = gpt2_bpe_files()
         config |= {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "bos_token": "<|endoftext|>",
                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
@@ -192,8 +202,9 @@ def write_hf_export(export_dir: Path, model: torch.nn.Module, config: dict, toke
     target = export_dir / HF_DIR
     if problem := layout_problem(cfg, state):
         return f"note: no Hugging Face layout for {problem}; {target}/ not written"
-    tokenizer_files = hf_tokenizer_files(tokenizer, cfg.block_size)
-    eos = ENDOFTEXT_ID if tokenizer.get("type") == "gpt2" else None
+    tok = tokenizer_from_dict(tokenizer)
+    tokenizer_files = hf_tokenizer_files(tok, cfg.block_size)
+    eos = tok.eot_id
     vocab_size = state["transformer.wte.weight"].shape[0]
     tmp = export_dir / f".{HF_DIR}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()

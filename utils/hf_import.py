@@ -10,6 +10,7 @@ GPT-2's own tanh GELU is the one exception, accepted with a note.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from model import LanguageModel
 from parameters import ModelConfig
-from tokenizer import CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files
+from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files
 from utils.files import read_json
 from utils.hf import BUFFER_SUFFIXES, LINKS, TANH_GELUS, WEIGHTS, char_tokenizer_json
 
@@ -37,7 +38,7 @@ def is_hf_model_dir(path: str | Path) -> bool:
 
 def load_hf_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, Tokenizer, ModelConfig]:
     """(model in eval mode on device, tokenizer, config) from a local transformers GPT2/Llama folder
-    (config.json + model.safetensors + GPT-2's or gptlab's char tokenizer), as load_export returns them.
+    (config.json + model.safetensors + GPT-2's or gptlab's char or bpe tokenizer), as load_export returns them.
     What gptlab's blocks cannot compute exactly is refused in one line, never approximated silently."""
     hf_dir = Path(path)
     raw = _read_json(hf_dir / "config.json")
@@ -169,34 +170,49 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
         raise ValueError(f"{weights} is not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
 
 
-def hf_tokenizer(hf_dir: Path) -> CharTokenizer | Gpt2Tokenizer:
-    """GPT-2's tokenizer (its exact vocabulary and merges) or a char tokenizer.json in gptlab's form."""
+def hf_tokenizer(hf_dir: Path) -> CharTokenizer | Gpt2Tokenizer | BpeTokenizer:
+    """GPT-2's tokenizer (its exact vocabulary and merges), or a char or bpe tokenizer.json in gptlab's form."""
     if (hf_dir / "tokenizer.json").is_file():
         spec = _read_json(hf_dir / "tokenizer.json")
         model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
-        if model.get("type") == "WordLevel" and (chars := _char_vocabulary(spec)):
-            return CharTokenizer(chars)
+        if model.get("type") == "WordLevel" and (char := _char_tokenizer(spec)):
+            return char
         if model.get("type") == "BPE" and _is_gpt2(model.get("vocab"), model.get("merges")):
             return Gpt2Tokenizer()
+        if model.get("type") == "BPE":
+            with contextlib.suppress(ValueError):  # a BPE other than GPT-2's or gptlab's: refused below
+                return BpeTokenizer.from_hf_json(json.dumps(_without_empty_post_processor(spec)))
     elif (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
         lines = (hf_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [m for m in lines[1 if lines[0].startswith("#version") else 0:] if m]
         if _is_gpt2(_read_json(hf_dir / "vocab.json"), merges):
             return Gpt2Tokenizer()
-    raise ValueError(f"'{hf_dir}': its tokenizer is neither GPT-2's nor a char tokenizer.json as gptlab writes it; "
-                     "gptlab fine-tunes with those only (GPT-2's vocab.json and merges.txt, or such a tokenizer.json)")
+    raise ValueError(f"'{hf_dir}': its tokenizer is neither GPT-2's nor a char or bpe tokenizer.json as gptlab writes "
+                     "it; gptlab fine-tunes with those only (GPT-2's vocab.json and merges.txt, or such a tokenizer.json)")
 
 
-def _char_vocabulary(spec: dict) -> list[str] | None:
-    """The characters in id order, if the tokenizer.json is the one char_tokenizer_json writes."""
+def _char_tokenizer(spec: dict) -> CharTokenizer | None:
+    """The char tokenizer, if the tokenizer.json is one char_tokenizer_json writes (with or without
+    "<|endoftext|>" after the characters)."""
     vocab = spec["model"].get("vocab")
-    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))) \
-            or any(len(c) != 1 for c in vocab):
+    if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))):
         return None
-    chars = sorted(vocab, key=vocab.get)
-    ours = char_tokenizer_json(chars)
-    same = all(spec.get(k) == ours[k] for k in ("normalizer", "pre_tokenizer", "decoder", "model"))
-    return chars if same and not spec.get("added_tokens") else None
+    end_of_text = ENDOFTEXT in vocab
+    chars = [c for c in sorted(vocab, key=vocab.get) if c != ENDOFTEXT]
+    if not chars or any(len(c) != 1 for c in chars):
+        return None
+    ours, theirs = char_tokenizer_json(chars, end_of_text), spec | {"added_tokens": spec.get("added_tokens") or []}
+    same = all(theirs.get(k) == ours[k] for k in ("normalizer", "pre_tokenizer", "decoder", "model", "added_tokens"))
+    return CharTokenizer(chars, end_of_text) if same else None
+
+
+def _without_empty_post_processor(spec: dict) -> dict:
+    """The tokenizer.json without the post-processor that transformers' save_pretrained adds to one that
+    had none: a TemplateProcessing with no special tokens, which adds no token to any text."""
+    post = spec.get("post_processor")
+    if isinstance(post, dict) and post.get("type") == "TemplateProcessing" and post.get("special_tokens") == {}:
+        return spec | {"post_processor": None}
+    return spec
 
 
 def _is_gpt2(vocab: object, merges: object) -> bool:
