@@ -14,21 +14,21 @@ it has passed its check (the SHA-256 of a download; the length and SHA-256 recor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
+import math
 import os
-import secrets
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 
+from dataset import atomic_write_bytes, token_dtype
 from parameters import ModelConfig
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DOWNLOAD_TIMEOUT_S = 15
 DATASET_NAMES = ("shakespeare", "pydoc")
+# Files that hold many documents: --data prepares them into a dataset rather than reading one text.
+CORPUS_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 # Peak memory of reading and tokenizing a corpus, per byte of text: measured 8.0x (char) and 3.3x
 # (gpt2) on a 50 MB file (ru_maxrss over the interpreter's baseline); rounded up for the margin.
 TOKENIZE_BYTES_PER_BYTE = {"char": 10, "gpt2": 5}
@@ -135,32 +137,6 @@ def _read_utf8(path: Path) -> str:
                          f"e.g. iconv -f latin1 -t utf-8 '{path}' > converted.txt") from None
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
-    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
-    path = Path(path)
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
-    with atomic_path(path) as tmp:
-        # Not mkstemp: its 0600 mode would make caches and exports unreadable to other users; 0o666
-        # lets the umask decide.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-
-
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Write a data cache file atomically (utils/files.py); a cache that cannot be written (read-only,
     a file in the way, a full disk) is a one-line error naming it."""
@@ -170,11 +146,6 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
     except OSError as e:
         raise ValueError(f"cannot write the data cache '{path}': {e.strerror or e}; pass --data-dir with a "
                          "writable directory that has room") from None
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 where every id fits (char, GPT-2), else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 @dataclass(frozen=True)
@@ -232,47 +203,133 @@ def _cache_problem(path: Path, dtype: np.dtype) -> str:
 
 @dataclass(frozen=True)
 class Corpus:
-    """What training reads: the text's source, its tokenizer, the train/val splits of its ids."""
-    source: TextSource
+    """What training reads: the tokenizer and the train/val splits of its ids, each split a list of
+    arrays (one for a single text; a prepared dataset's shards), with their UTF-8 sizes for bits per byte."""
+    name: str                             # shakespeare, pydoc, a text file's path, or a dataset's directory
     tokenizer: Tokenizer
-    splits: dict[str, np.ndarray]
-    text_sha256: str
-    cache: str  # the token cache: "hit", "written" or "rebuilt (...)"
+    splits: dict[str, list[np.ndarray]]
+    split_bytes: dict[str, int]
+    sha256: str                           # the identity of the data: the text's SHA-256, or the dataset's
+    kind: str                             # "text" (one text, one array) or "dataset" (prepared shards)
+    summary: str                          # one line for the console: what was read
+    first_text: str                       # the data's first character(s): a prompt its vocabulary can encode
+    note: str = ""                        # one line for the console (e.g. the offline fallback), or ""
 
     @property
     def identity(self) -> dict[str, str]:
-        """What a checkpoint records, so that a resume on other text is refused."""
-        return {"source": self.source.name, "sha256": self.text_sha256}
+        """What a checkpoint records, so that a resume on other data is refused."""
+        return {"source": self.name, "sha256": self.sha256, "kind": self.kind}
+
+    def bits_per_byte(self, split: str, loss: float) -> float:
+        """A mean loss (nats per token) on `split` as bits per UTF-8 byte of its text: comparable across
+        tokenizers. Eval windows are drawn uniformly over the split's tokens, so tokens/bytes of the
+        whole split is the expected ratio of the windows too."""
+        tokens = sum(len(s) for s in self.splits[split])
+        return loss / math.log(2) * tokens / max(self.split_bytes[split], 1)
 
 
-def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> Corpus:
-    """Text -> tokenizer (built from the text unless given) -> cached ids -> train/val splits."""
+def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorded: dict | None = None,
+                   progress: Callable | None = None) -> Corpus:
+    """The data --data names, tokenized: a single text (shakespeare, pydoc, one text file) as one cached
+    array with a tail split; anything else (a directory, globs, jsonl, parquet) prepared once into a
+    sharded dataset under data_dir/tokens/ (progress gets its Progress), or a prepared dataset opened.
+    `tokenizer` is a resumed or fine-tuned model's; `recorded` a resumed run's data identity."""
+    kind, target = resolve_data(cfg.data, cfg.data_dir)
+    if kind == "directory" and recorded and "kind" not in recorded:
+        kind = "text"  # a run from before datasets existed read a directory as one text; it resumes so
+    if kind == "text":
+        return _text_corpus(cfg, tokenizer)
+    from dataset import DatasetSettings, open_dataset, prepare
+
+    if kind != "dataset":
+        settings = DatasetSettings(cfg.tokenizer, cfg.vocab_size, cfg.tokenizer_train_bytes, cfg.text_field,
+                                   cfg.val_fraction)
+        target = auto_dataset_dir(cfg.data, cfg.data_dir, settings, tokenizer)
+        prepare([cfg.data], target, settings, tokenizer=tokenizer, progress=progress,
+                command=f"python train.py --data {cfg.data} (prepared into {target})")
+    ds = open_dataset(target)
+    if tokenizer is not None and tokenizer.fingerprint() != ds.tokenizer.fingerprint():
+        raise ValueError(f"the dataset '{target}' was tokenized with {ds.tokenizer.name} "
+                         f"({ds.tokenizer.fingerprint()}), but the model uses {tokenizer.name} "
+                         f"({tokenizer.fingerprint()}); prepare the data with the model's tokenizer or train anew")
+    totals = ds.manifest["totals"]
+    summary = (f"data {ds.root}: prepared dataset, {sum(t['documents'] for t in totals.values()):,} documents, "
+               f"{totals['train']['tokens']:,} train + {totals['val']['tokens']:,} val {ds.tokenizer.name} tokens "
+               f"in {len(ds.manifest['shards'])} shards (vocab {ds.tokenizer.vocab_size:,})")
+    for split, arrays in ds.splits.items():
+        if not any(len(a) > cfg.block_size for a in arrays):
+            raise ValueError(f"the {split} split of '{ds.root}' has no shard longer than block_size + 1 = "
+                             f"{cfg.block_size + 1} tokens: use more documents, a smaller block_size, or "
+                             "prepare it with another val_fraction")
+    first = next(a for a in ds.splits["train"] if len(a))[:1]
+    return Corpus(str(ds.root), ds.tokenizer, ds.splits, ds.split_bytes, ds.identity, "dataset", summary,
+                  ds.tokenizer.decode(first))
+
+
+def _text_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Corpus:
+    """One text -> tokenizer (built from it unless given) -> cached ids -> a tail split."""
     from tokenizer import build_tokenizer
 
     source = load_text(cfg.data, cfg.data_dir)
-    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text)
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text, vocab_size=cfg.vocab_size)
     cached = tokenize_cached(source.text, tokenizer, cfg.data_dir)
     splits = split_tokens(cached.ids, cfg.val_fraction, cfg.block_size)
-    return Corpus(source, tokenizer, splits, cached.text_sha256, cached.cache)
+    val_bytes = len(tokenizer.decode(splits["val"]).encode("utf-8", "surrogatepass"))
+    text_bytes = len(source.text.encode("utf-8", "surrogatepass"))
+    summary = (f"data {source.name}: {len(source.text):,} characters -> {len(cached.ids):,} {tokenizer.name} tokens "
+               f"(vocab {tokenizer.vocab_size:,}; token cache {cached.cache})")
+    return Corpus(source.name, tokenizer, {k: [v] for k, v in splits.items()},
+                  {"train": text_bytes - val_bytes, "val": val_bytes}, cached.text_sha256, "text", summary,
+                  source.text[0], source.note)
+
+
+def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:
+    """What --data names: ("text", None) for shakespeare, pydoc or one text file; ("dataset", dir) for a
+    prepared dataset (its directory, or a name under data_dir/tokens/); ("directory" | "files", None)
+    for corpus files that are prepared into a dataset first."""
+    path = Path(spec).expanduser()
+    if spec in DATASET_NAMES:
+        return "text", None
+    for candidate in (path, Path(data_dir) / "tokens" / spec):
+        if (candidate / "manifest.json").is_file():
+            return "dataset", candidate
+    if path.is_dir():
+        return "directory", None
+    if path.is_file() and not path.name.endswith(CORPUS_FILE_SUFFIXES):
+        return "text", None
+    if path.exists() or any(c in spec for c in "*?["):
+        return "files", None
+    raise FileNotFoundError(f"data path '{path}' does not exist; pass --data with a UTF-8 text file, a directory, "
+                            f"a glob, .jsonl/.parquet files, a prepared dataset's name, or one of: "
+                            f"{', '.join(DATASET_NAMES)}")
+
+
+def auto_dataset_dir(spec: str, data_dir: str | Path, settings, tokenizer: Tokenizer | None) -> Path:
+    """data_dir/tokens/<stem>-<tokenizer>-<hash>: the same files and settings always map to the same
+    dataset, so the second run on them opens it (a stat per file) instead of preparing it again."""
+    key = json.dumps([str(Path(spec).expanduser().resolve()), settings.recorded(),
+                      tokenizer.fingerprint() if tokenizer else None])
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(spec).name.split(".")[0])[:40] or "corpus"
+    return Path(data_dir) / "tokens" / f"{stem}-{settings.tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def tokenizing_bytes(spec: str, tokenizer: str) -> tuple[int, int]:
-    """(bytes of text, peak bytes of reading and tokenizing it) for a --data path; (0, 0) for the
-    named corpora, which are small. utils/estimate.check_tokenizing_fits compares it with memory."""
+    """(bytes of text, peak bytes of reading and tokenizing it) for a single text file read whole;
+    (0, 0) for the named corpora (small) and for anything prepared (streamed, so bounded).
+    utils/estimate.check_tokenizing_fits compares it with memory."""
     path = Path(spec).expanduser()
-    if spec in DATASET_NAMES or not path.exists():
+    if spec in DATASET_NAMES or not path.is_file() or path.name.endswith(CORPUS_FILE_SUFFIXES):
         return 0, 0
-    files = path.rglob("*.txt") if path.is_dir() else [path]
-    size = sum(f.stat().st_size for f in files if f.is_file())
+    size = path.stat().st_size
     return size, size * TOKENIZE_BYTES_PER_BYTE.get(tokenizer, max(TOKENIZE_BYTES_PER_BYTE.values()))
 
 
 def check_same_corpus(recorded: dict | None, corpus: Corpus) -> None:
-    """A resumed run must read the text it was trained on; checkpoints from before this record pass."""
-    if recorded and recorded.get("sha256") != corpus.text_sha256:
-        raise ValueError(f"the data changed since this run was trained: {corpus.source.name} now has SHA-256 "
-                         f"{corpus.text_sha256[:12]}..., but the run trained on {recorded.get('source')} with "
-                         f"{str(recorded.get('sha256'))[:12]}...; restore that text, or fine-tune on the new one "
+    """A resumed run must read the data it was trained on; checkpoints from before this record pass."""
+    if recorded and recorded.get("sha256") != corpus.sha256:
+        raise ValueError(f"the data changed since this run was trained: {corpus.name} now has SHA-256 "
+                         f"{corpus.sha256[:12]}..., but the run trained on {recorded.get('source')} with "
+                         f"{str(recorded.get('sha256'))[:12]}...; restore that data, or fine-tune on the new one "
                          "with --init-from RUN")
 
 
@@ -292,31 +349,41 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> di
 
 
 def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, *, seed: int, step: int, split: str = "train",
-    micro: int = 0, n_micro: int = 1, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+    tokens: np.ndarray | Sequence[np.ndarray], batch_size: int, block_size: int, *, seed: int, step: int,
+    split: str = "train", micro: int = 0, n_micro: int = 1, rank: int = 0, world_size: int = 1,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, (B, T) int64 each, for one micro-step of one rank.
 
-    The global batch of a step, batch_size * n_micro * world_size sequences, is one draw from
-    np.random.default_rng([seed, step, SPLIT_ID[split]]): a pure function of (seed, step, split).
-    Each (rank, micro) takes its own slice of it, so 2 ranks x batch B, 1 process x 2 micro-steps
-    of B and 1 process x batch 2B all see the same sequences, and a resumed run draws exactly the
-    batches an uninterrupted one draws.
+    `tokens` is one array or a list of them (a prepared dataset's shards); a window never spans two.
+    The global batch of a step, batch_size * n_micro * world_size windows, is one draw from
+    np.random.default_rng([seed, step, SPLIT_ID[split]]) over every window start of every array: a
+    pure function of (seed, step, split). Each (rank, micro) takes its own slice of it, so 2 ranks x
+    batch B, 1 process x 2 micro-steps of B and 1 process x batch 2B all see the same sequences, and
+    a resumed run draws exactly the batches an uninterrupted one draws.
     """
     if split not in SPLIT_ID:
         raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLIT_ID)}")
-    if len(tokens) < block_size + 1:
-        raise ValueError(f"{len(tokens)} tokens are fewer than block_size + 1 = {block_size + 1}; "
-                         "use a longer text or a smaller block_size")
+    arrays = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
+    starts_per_array = np.array([max(len(a) - block_size, 0) for a in arrays], dtype=np.int64)
+    if not starts_per_array.sum():
+        raise ValueError(f"{max(map(len, arrays), default=0)} tokens are fewer than block_size + 1 = "
+                         f"{block_size + 1}; use a longer text or a smaller block_size")
     assert 0 <= micro < n_micro and 0 <= rank < world_size, (micro, n_micro, rank, world_size)
     # SeedSequence takes non-negative integers only; the modulo keeps any int seed usable.
     rng = np.random.default_rng([seed % 2**64, step, SPLIT_ID[split]])
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size * n_micro * world_size)
+    starts = rng.integers(0, starts_per_array.sum(), size=batch_size * n_micro * world_size)
     chunk = rank * n_micro + micro
-    starts = starts[chunk * batch_size:(chunk + 1) * batch_size]  # last start: len - block_size - 1
-    rows = tokens[starts[:, None] + np.arange(block_size + 1)]  # (B, T + 1), one gather
-    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64))  # (B, T)
-    y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))  # (B, T)
+    starts = starts[chunk * batch_size:(chunk + 1) * batch_size]
+    ends = np.cumsum(starts_per_array)
+    which = np.searchsorted(ends, starts, side="right")  # the array each window comes from
+    offsets = starts - (ends - starts_per_array)[which]  # last start in an array: len - block_size - 1
+    rows = np.empty((len(starts), block_size + 1), dtype=np.int64)  # (B, T + 1)
+    for k in np.unique(which):
+        mine = which == k
+        rows[mine] = arrays[k][offsets[mine, None] + np.arange(block_size + 1)]  # one gather per array
+    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))  # (B, T)
     if torch.device(device).type == "cuda":
         # Pinned host memory lets the copy overlap with the GPU work already queued.
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

@@ -94,12 +94,18 @@ class ModelConfig(Validated):
 
     # --- data ---
     data: str = knob(
-        "shakespeare", "dataset name (shakespeare, pydoc) or a path to a UTF-8 .txt file or a directory of them"
+        "shakespeare", "dataset name (shakespeare, pydoc), a prepared dataset (a name under data_dir/tokens/ or its "
+        "path), or corpus paths: a UTF-8 text file, a directory, a glob, .jsonl(.gz/.zst) or .parquet files"
     )
-    data_dir: str = knob("data", "cache for downloaded corpora and tokenized ids")
-    tokenizer: str = knob("char", "a registered tokenizer: char (vocabulary = the corpus' characters) or gpt2 "
-                                  "(tiktoken BPE)")
-    val_fraction: float = knob(0.1, "fraction of the tokens (the tail) held out for validation")
+    data_dir: str = knob("data", "cache for downloaded corpora and tokenized ids; prepared datasets live in its tokens/")
+    tokenizer: str = knob("char", "a registered tokenizer: char (vocabulary = the corpus' characters), gpt2 "
+                                  "(tiktoken BPE) or bpe (a byte-level BPE trained on the corpus)")
+    vocab_size: int = knob(8192, "bpe: the size of the vocabulary to train (char and gpt2 fix their own)")
+    tokenizer_train_bytes: int = knob(0, "bpe: train the tokenizer on the first this many bytes of the corpus "
+                                         "(0 = all of it)")
+    text_field: str = knob("text", "the field of a .jsonl line, or the column of a .parquet file, holding the text")
+    val_fraction: float = knob(0.1, "fraction held out for validation: whole documents chosen by a hash of their "
+                                    "text; a single text (shakespeare, one file) gives its last tokens")
 
     # --- model ---
     arch: str = knob("gpt2", "a registered block family: gpt2 (LayerNorm, learned positions, GELU, biases) or llama "
@@ -189,6 +195,12 @@ class ModelConfig(Validated):
             p.append(("target_val_loss", f"must be >= 0 (0 disables), got {self.target_val_loss}"))
         if not 0.0 <= self.dropout < 1.0:
             p.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if not 257 <= self.vocab_size <= 2**32:
+            p.append(("vocab_size", f"must be in [257, 2**32] (256 bytes + end-of-text at least), got {self.vocab_size}"))
+        if self.tokenizer_train_bytes < 0:
+            p.append(("tokenizer_train_bytes", f"must be >= 0 (0 = the whole corpus), got {self.tokenizer_train_bytes}"))
+        if not self.text_field:
+            p.append(("text_field", "must name a field or column, e.g. text"))
         if not 0.0 < self.val_fraction < 1.0:
             p.append(("val_fraction", f"must be in (0, 1), got {self.val_fraction}"))
         if self.max_iters > 0 and self.warmup_iters >= self.max_iters:

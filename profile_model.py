@@ -343,7 +343,7 @@ def generation_figures(raw_model: LanguageModel, splits: dict, args, device: tor
     figures = dict.fromkeys(GEN_KEYS)
     if args.no_generation:
         return figures, None
-    ids = np.asarray(splits["val"][:PROMPT_TOKENS], dtype=np.int64)
+    ids = np.asarray(max(splits["val"], key=len)[:PROMPT_TOKENS], dtype=np.int64)
     prompt = torch.from_numpy(ids)[None].to(device)  # (1, PROMPT_TOKENS)
     try:
         return measure_generation(raw_model, prompt, args.gen_tokens, device), None

@@ -34,7 +34,7 @@ from utils.checkpoint import Checkpoint, find_resume
 from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
-from utils.console import format_duration, setup_console_log
+from utils.console import ProgressLine, format_duration, setup_console_log
 from utils.device import Compute, setup_compute
 from utils.export import Export, load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
@@ -100,7 +100,10 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack)
     if cfg.aim_logging and d.is_main:
         writable_dir(cfg.aim_repo, "--aim-repo")  # now, not once the run directory exists
     check_tokenizing_fits(cfg)
-    corpus = prepare_corpus(cfg, given)
+    progress = ProgressLine(f"preparing {cfg.data}") if d.is_main else None
+    corpus = prepare_corpus(cfg, given, resume.meta.get("data") if resume else None, progress=progress)
+    if progress:
+        progress.close()
     if d.is_main:
         distributed.barrier(d)
     if resume:
@@ -141,12 +144,10 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         elif d.is_main:
             write_meta(run_dir, cfg.to_dict(), parsed.files, PROJECT_DIR)
         print(f"run {run_dir}" + (f" | rank {d.rank} of {d.world_size}" if d.enabled else ""))
-        for note in [*start.notes, corpus.source.note, *compute.notes]:
+        for note in [*start.notes, corpus.note, *compute.notes]:
             if note:
                 print(note)
-        n_tokens = sum(len(s) for s in corpus.splits.values())
-        print(f"data {corpus.source.name}: {len(corpus.source.text):,} characters -> {n_tokens:,} {cfg.tokenizer} "
-              f"tokens (vocab {corpus.tokenizer.vocab_size:,}; token cache {corpus.cache})")
+        print(corpus.summary)
         trainer = build_trainer(cfg, corpus, compute, run_dir, status, d, resume, start.init)
         # From here a signal only asks to stop: the loop ends after its current step, and one that comes
         # while the export is written lets it finish, so status.json always records how the run ended.
@@ -192,7 +193,7 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
     torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
     optimizer = build_optimizer(raw_model, cfg, device)
     trainer = Trainer(cfg, raw_model, raw_model, optimizer, corpus.splits, corpus.tokenizer, device, dtype, run_dir,
-                      Tracker(), status, d, data=corpus.identity)
+                      Tracker(), status, d, data=corpus.identity, bits_per_byte=corpus.bits_per_byte)
     if resume:
         trainer.restore(resume)
         trainer.aim_run_hash = resume.meta.get("aim_run_hash")

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -110,7 +111,7 @@ def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, 
             return cfg, ""
         raise ValueError(f"sample_prompt {cfg.sample_prompt[:40]!r} cannot start a sample: {problem}; choose one "
                          "from the corpus' characters, or pass --sample-length 0")
-    prompt = corpus.source.text[0]
+    prompt = corpus.first_text
     return (dataclasses.replace(cfg, sample_prompt=prompt),
             f"the default sample prompt {default!r} is not in this corpus' vocabulary; samples start from {prompt!r}")
 
@@ -142,6 +143,7 @@ class Trainer:
     status: RunStatus
     d: Dist = field(default_factory=Dist)
     data: dict = field(default_factory=dict)  # the corpus' identity, recorded in every checkpoint
+    bits_per_byte: Callable[[str, float], float] | None = None  # Corpus.bits_per_byte: val_bpb at every eval
     iteration: int = 0
     best_val_loss: float = math.inf
     evals_since_best: int = 0
@@ -246,9 +248,13 @@ class Trainer:
         it, t0 = self.iteration, time.perf_counter()
         losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
         self.eval_seconds = time.perf_counter() - t0
-        print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+        bpb = self.bits_per_byte("val", losses["val"]) if self.bits_per_byte else None
+        print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+              + (f", val bpb {bpb:.4f}" if bpb is not None else ""), flush=True)
         for split, value in losses.items():
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
+        if bpb is not None:
+            self.tracker.log_scalars(it, {"val_bpb": bpb})
         if self.cfg.sample_length and self.d.is_main:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
         if self.cfg.target_val_loss and losses["val"] <= self.cfg.target_val_loss:
@@ -263,7 +269,7 @@ class Trainer:
         else:
             self.evals_since_best += 1
         self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
-                           best_val_loss=self.best_val_loss)
+                           best_val_loss=self.best_val_loss, **({"val_bpb": bpb} if bpb is not None else {}))
 
     def save(self) -> Path:
         """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state),

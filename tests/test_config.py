@@ -43,7 +43,7 @@ def test_precedence_defaults_files_presets_cli(config_dir: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tokenizer", "bpe"], "tokenizer: 'bpe' is not registered; choose one of char, gpt2"),
+    (["--tokenizer", "bep"], "tokenizer: 'bep' is not registered (did you mean 'bpe'?); choose one of char, gpt2, bpe"),
     (["--arch", "lama"], "arch: 'lama' is not registered (did you mean 'llama'?); choose one of gpt2, llama"),
     (["--optimizer", "adam"], "optimizer: 'adam' is not registered (did you mean 'adamw'?)"),
     (["--lr-schedule", "cos"], "lr_schedule: 'cos' is not registered"),

@@ -285,3 +285,39 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_get_batch_on_one_array_is_the_reference_draw() -> None:
+    """One array: the draw is rng.integers(0, len - block) and a gather, as it always was."""
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = get_batch(tokens, 8, 16, seed=3, step=5)
+    starts = np.random.default_rng([3, 5, 0]).integers(0, 1000 - 16, size=8)
+    assert torch.equal(x, torch.from_numpy(tokens[starts[:, None] + np.arange(16)].astype(np.int64)))
+    assert torch.equal(y, x + 1)
+    assert torch.equal(get_batch([tokens], 8, 16, seed=3, step=5)[0], x)
+
+
+def test_get_batch_across_shards_stays_inside_one_and_slices_like_one_process() -> None:
+    arrays = [np.arange(k * 10_000, k * 10_000 + n, dtype=np.uint32) for k, n in enumerate([50, 3000, 10, 700])]
+    x, y = get_batch(arrays, 64, 16, seed=1, step=2)
+    rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
+    assert (np.diff(rows, axis=1) == 1).all()  # consecutive ids: no window crosses from one array into the next
+    assert set(np.unique(rows[:, 0] // 10_000)) == {0, 1, 3}  # the 10-token array has no window of 17
+    two_ranks = [get_batch(arrays, 32, 16, seed=1, step=2, rank=r, world_size=2)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(two_ranks), x)
+    with pytest.raises(ValueError, match="fewer than block_size"):
+        get_batch([np.arange(5), np.arange(8)], 2, 16, seed=0, step=0)
+
+
+def test_resolve_data_routes_each_kind(tmp_path: Path, tiny_corpus: Path) -> None:
+    ds = tmp_path / "data" / "tokens" / "web"
+    ds.mkdir(parents=True)
+    (ds / "manifest.json").write_text("{}")
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
+    route = lambda spec: data.resolve_data(spec, tmp_path / "data")  # noqa: E731
+    assert route("shakespeare") == ("text", None) and route(str(tiny_corpus)) == ("text", None)
+    assert route("web") == ("dataset", ds) and route(str(ds)) == ("dataset", ds)
+    assert route(str(tmp_path)) == ("directory", None)
+    assert route(str(tmp_path / "c.jsonl")) == ("files", None) and route(str(tmp_path / "*.jsonl")) == ("files", None)
+    with pytest.raises(FileNotFoundError, match="data path '.*nope' does not exist"):
+        route(str(tmp_path / "nope"))

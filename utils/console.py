@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -141,3 +142,38 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
+
+
+class ProgressLine:
+    """A progress callback for dataset.prepare: one line rewritten in place on a terminal, a line every
+    PLAIN_EVERY seconds otherwise (a log file gets no carriage returns); close() prints the last state
+    and ends the line."""
+    TTY_EVERY, PLAIN_EVERY = 0.25, 10.0
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_print, self.latest, self.shown = time.monotonic(), None, None
+
+    def __call__(self, progress: Any) -> None:
+        self.latest = progress
+        if time.monotonic() - self.last_print >= (self.TTY_EVERY if self.tty else self.PLAIN_EVERY):
+            self._print(progress)
+
+    def _print(self, p: Any) -> None:
+        rate = p.text_bytes / p.seconds if p.seconds > 0 else 0.0
+        done = p.source_bytes / p.total_bytes if p.total_bytes else 1.0
+        eta = p.seconds * (1 - done) / done if done > 0 else None
+        line = (f"{self.label}: {100 * done:5.1f}% | {p.text_bytes / 1e6:,.1f} MB of text at {rate / 1e6:,.2f} MB/s | "
+                f"{p.documents:,} documents | {p.tokens:,} tokens | ETA {format_duration(eta)}")
+        self.stream.write(f"\r{line}\033[K" if self.tty else line + "\n")
+        self.stream.flush()
+        self.last_print, self.shown = time.monotonic(), p
+
+    def close(self) -> None:
+        """Print the last state if it has not been, and end the line (only a run that did work prints)."""
+        if self.latest is not None and self.latest is not self.shown:
+            self._print(self.latest)
+        if self.tty and self.shown is not None:
+            self.stream.write("\n")
+            self.stream.flush()

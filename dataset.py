@@ -1,0 +1,594 @@
+"""Prepared token datasets: corpus files -> shards of token ids + manifest.json (streamed, tokenized in
+parallel, resumable, appendable), and the memory-mapped reading side that training uses.
+
+    result = prepare(["corpus/"], "data/tokens/web", DatasetSettings(tokenizer="gpt2"), workers=2)
+    ds = open_dataset("data/tokens/web")     # ds.splits["train"]: a list of memory-mapped id arrays
+
+data/tokens/<name>/ holds:
+  manifest.json      the sources (path, size, SHA-256), the tokenizer and its fingerprint, the settings,
+                     the split rule, every shard (split, tokens, documents, bytes, SHA-256), the totals,
+                     and while unfinished the cursor where the next run of the same command continues
+  tokenizer.json     bpe only: the trained tokenizer in Hugging Face's format
+  shard_NNNNNN.bin   little-endian uint16 ids (uint32 past 65,536 tokens); each shard is one split's
+
+Every document ends with the tokenizer's end-of-text id. Documents go to val when a hash of them, read
+as a fraction of 2**64, is below val_fraction (a text file: its SHA-256; a jsonl line or parquet row:
+BLAKE2b-64 of its UTF-8 text), so adding files never moves a document; a dataset of one document is
+split by tokens instead (its tail is val), as a single text always was. Shards are committed at
+document boundaries once about shard_tokens have been written, and the manifest after them: a run
+stopped at any point (Ctrl-C, SIGKILL, a full disk) continues from the last commit, and the shards
+come out byte-identical whatever the number of workers and however often it was stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import secrets
+import shutil
+import dataclasses
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+import numpy as np
+
+from documents import file_kind, find_inputs, read_pieces
+from tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
+
+FORMAT = "gptlab-tokens"
+VERSION = 1
+MANIFEST = "manifest.json"
+TASK_CHARS = 1 << 20          # text per task sent to a worker (at most; less for small shards)
+SPLITS = ("train", "val")
+HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
+SPLIT_RULE = ("val when the document's hash / 2**64 < val_fraction; hash: a text file's SHA-256, a jsonl line's "
+              "or parquet row's BLAKE2b-64 of its UTF-8 text (first 8 bytes, big-endian); one document only: "
+              "its last val_fraction of tokens are val")
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """What decides a dataset's tokens; a dataset is only ever extended with the same settings."""
+    tokenizer: str = "gpt2"
+    vocab_size: int = 8192              # bpe only
+    tokenizer_train_bytes: int = 0      # bpe only: 0 = the whole corpus
+    text_field: str = "text"
+    val_fraction: float = 0.1
+
+    def recorded(self) -> dict:
+        keep = self.tokenizer == "bpe"
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if keep or k not in ("vocab_size", "tokenizer_train_bytes")}
+
+
+@dataclass(frozen=True)
+class Progress:
+    source_bytes: int   # bytes of the source files read so far (this run)
+    total_bytes: int    # bytes of the source files this run reads
+    text_bytes: int     # UTF-8 bytes of text tokenized so far (this run)
+    documents: int
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    manifest: dict
+    action: str          # "up to date", "prepared", "continued" or "appended"
+    progress: Progress   # this run's work
+
+
+def val_hash(digest: bytes, val_fraction: float) -> int:
+    """1 (val) or 0 (train) from the first 8 bytes of a document's hash."""
+    return int(int.from_bytes(digest[:8], "big") < val_fraction * 2**64)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
+    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
+    path = Path(path)
+    # Same directory as the target: os.replace is only atomic within one filesystem.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
+    with atomic_path(path) as tmp:
+        # Not mkstemp: its 0600 mode would make caches and exports unreadable to other users; 0o666
+        # lets the umask decide.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 where every id fits (char, GPT-2), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# --- workers: text -> ids, in parallel, in order ---
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker.update(tok=tokenizer and tokenizer_from_dict(tokenizer), dtype=np.dtype(dtype), val_fraction=val_fraction)
+
+
+def _encode_task(task: list[tuple[str, int, bool, str]]) -> tuple[np.ndarray, ...]:
+    """(ids of every piece, end-of-text after each document's last; tokens, split, UTF-8 bytes per piece)."""
+    tok, dtype, eot = _worker["tok"], _worker["dtype"], _worker["tok"].eot_id
+    parts, counts, splits, n_bytes = [], [], [], []
+    for text, split, last, where in task:
+        try:
+            data = text.encode("utf-8")
+            ids = tok.encode_ordinary_array(text)
+        except (UnicodeEncodeError, ValueError) as e:
+            raise ValueError(f"{where}: cannot be tokenized ({str(e).split(';')[0]})") from None
+        if split == HASH_IN_WORKER:
+            split = val_hash(hashlib.blake2b(data, digest_size=8).digest(), _worker["val_fraction"])
+        parts.append(ids.astype(dtype, copy=False))
+        if last:
+            parts.append(np.array([eot], dtype=dtype))
+        counts.append(len(ids) + last)
+        splits.append(split)
+        n_bytes.append(len(data))
+    return (np.concatenate(parts), np.array(counts, np.int64), np.array(splits, np.uint8),
+            np.array(n_bytes, np.int64))
+
+
+def _chars_task(task: list[tuple[str, int, bool, str]]) -> set[str]:
+    chars: set[str] = set()
+    for text, *_ in task:
+        chars.update(text)
+    return chars
+
+
+def _ordered(fn: Callable, tasks: Iterator, workers: int, initargs: tuple) -> Iterator:
+    """fn over tasks in worker processes, results in task order, with a bounded number in flight (so a
+    fast reader never piles the corpus up in memory); workers=1 runs in this process."""
+    if workers == 1:
+        _init_worker(*initargs)
+        yield from (fn(task) for task in tasks)
+        return
+    context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+    if os.name == "posix":
+        # Not fork: the caller may hold threads (torch's), and a fork of them can deadlock. The server
+        # imports this module only, not the caller's __main__ (train.py would bring torch to every worker).
+        context.set_forkserver_preload([__name__])
+    with context.Pool(workers, _init_worker, initargs) as pool:
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --- reading the sources ---
+
+@dataclass
+class Task:
+    pieces: list
+    end: tuple[int, int]        # the cursor after this task: (source index, documents consumed in it)
+    at_boundary: bool           # the task ends a document
+    source_bytes: int           # source bytes consumed up to the end of this task
+
+
+def _tasks(sources: list[dict], cursor: tuple[int, int], field: str, val_fraction: float,
+           task_chars: int = TASK_CHARS) -> Iterator[Task]:
+    """The pieces from `cursor` on, in tasks of about task_chars characters (files share tasks)."""
+    pieces: list = []
+    chars, base, end, last = 0, 0, cursor, True
+    for i in range(cursor[0], len(sources)):
+        path = Path(sources[i]["path"])
+        kind = file_kind(path)
+        split = val_hash(bytes.fromhex(sources[i]["sha256"]), val_fraction) if kind == "text" else HASH_IN_WORKER
+        unit = {"text": "", "jsonl": " line ", "parquet": " row "}[kind]
+        for text, index, last, offset in read_pieces(path, field, cursor[1] if i == cursor[0] else 0):
+            pieces.append((text, split, last, f"'{path}'{unit}{index if unit else ''}"))
+            chars, end = chars + len(text), (i, index)
+            if chars >= task_chars:
+                yield Task(pieces, end, last, base + offset)
+                pieces, chars = [], 0
+        base += sources[i]["size"]
+    if pieces:
+        yield Task(pieces, end, last, base)
+
+
+def fingerprint_sources(files: list[Path], known: dict[str, dict]) -> list[dict]:
+    """path, size, mtime and SHA-256 of each file; a file whose size and mtime match `known` keeps its
+    recorded hash (re-running on an unchanged corpus must not re-read it)."""
+    sources = []
+    for path in files:
+        try:
+            stat = path.stat()
+            old = known.get(str(path))
+            if old and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
+                digest = old["sha256"]
+            else:
+                with open(path, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise ValueError(f"cannot read '{path}': {e.strerror or e}; check that it exists and is readable") from None
+        sources.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
+    return sources
+
+
+# --- writing: two open shards (train, val), committed together with the manifest ---
+
+@dataclass
+class _OpenShard:
+    file: BinaryIO
+    path: Path
+    digest: Any
+    tokens: int = 0
+    documents: int = 0
+    bytes: int = 0
+
+
+class ShardWriter:
+    """Streams ids into one temp file per split; commit() renames them in as the next shards."""
+
+    def __init__(self, root: Path, dtype: np.dtype):
+        self.root, self.dtype = root, dtype.newbyteorder("<")
+        self.open: dict[int, _OpenShard] = {}
+
+    def write(self, split: int, ids: np.ndarray, documents: int, n_bytes: int) -> None:
+        if not len(ids):
+            return
+        if split not in self.open:
+            path = self.root / f".{SPLITS[split]}.{os.getpid()}.tmp"
+            self.open[split] = _OpenShard(open(path, "wb"), path, hashlib.sha256())
+        shard = self.open[split]
+        data = memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B")
+        shard.file.write(data)
+        shard.digest.update(data)
+        shard.tokens += len(ids)
+        shard.documents += documents
+        shard.bytes += n_bytes
+
+    @property
+    def tokens(self) -> int:
+        return sum(shard.tokens for shard in self.open.values())
+
+    def commit(self, first_index: int) -> list[dict]:
+        """Close, fsync and rename the open shards in (train first); their manifest entries."""
+        entries = []
+        for split in sorted(self.open):
+            shard = self.open[split]
+            shard.file.flush()
+            os.fsync(shard.file.fileno())
+            shard.file.close()
+            name = f"shard_{first_index + len(entries):06d}.bin"
+            os.replace(shard.path, self.root / name)
+            entries.append({"file": name, "split": SPLITS[split], "tokens": shard.tokens,
+                            "documents": shard.documents, "bytes": shard.bytes, "sha256": shard.digest.hexdigest()})
+        self.open = {}
+        return entries
+
+    def discard(self) -> None:
+        for shard in self.open.values():
+            with contextlib.suppress(OSError):  # its buffered tail may not fit either: it is thrown away
+                shard.file.close()
+            shard.path.unlink(missing_ok=True)
+        self.open = {}
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Atomically, then the directory fsynced too: the commit point of the shards renamed in before it."""
+    atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{path}' is unreadable ({e}); delete '{root}' and prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not a gptlab token dataset manifest; delete '{root}' and prepare it again")
+    return manifest
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """One writer per dataset: a second prepare of the same one is refused, not interleaved."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"'{root}' is being prepared by another process; wait for it to finish") from None
+        for stale in root.glob(".*.tmp"):  # what a killed run left
+            stale.unlink(missing_ok=True)
+        yield
+
+
+# --- prepare ---
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def prepare(specs: list[str], root: str | Path, settings: DatasetSettings, *, tokenizer: Tokenizer | None = None,
+            workers: int = 0, shard_tokens: int = 100_000_000, command: str = "",
+            progress: Callable[[Progress], None] | None = None) -> PrepareResult:
+    """Prepare (or continue, or extend with new files) the dataset at `root` from the corpus files that
+    `specs` name, with `tokenizer` (a fine-tuned model's) or one built from the corpus; unchanged
+    inputs of a complete dataset cost a stat per file."""
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    workers = workers or default_workers()
+    files = find_inputs(specs)
+    root = Path(root)
+    existed = (root / MANIFEST).is_file()
+    try:
+        with _locked(root):
+            old = read_manifest(root)
+            known = {s["path"]: s for s in old["sources"]} if old else {}
+            sources = fingerprint_sources(files, known)
+            if old:
+                manifest, action = _extend(old, sources, settings, root, tokenizer)
+            else:
+                tokenizer = tokenizer or _build_tokenizer(sources, settings, workers)
+                manifest, action = _new_manifest(root, sources, settings, tokenizer, command), "prepared"
+                write_manifest(root, manifest)
+            if manifest["state"] == "complete":
+                return PrepareResult(manifest, action, Progress(0, 0, 0, 0, 0, 0.0))
+            done = _tokenize(root, manifest, settings, workers, shard_tokens, progress)
+            _finish(root, manifest, settings)
+            return PrepareResult(manifest, action, done)
+    except BaseException:
+        # A new dataset that never committed a shard leaves nothing behind; one with shards stays, to continue.
+        if not existed and not any(root.glob("shard_*.bin")):
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _new_manifest(root: Path, sources: list[dict], settings: DatasetSettings, tokenizer: Tokenizer,
+                  command: str) -> dict:
+    if tokenizer.eot_id is None:
+        raise ValueError(f"this {tokenizer.name} tokenizer has no end-of-text id to end documents with (a char model "
+                         "trained on one text); fine-tune it on a single text file, or train a new model on this data")
+    if tokenizer.vocab_size > 2**32:
+        raise ValueError(f"a vocabulary of {tokenizer.vocab_size:,} ids does not fit uint32 shards; "
+                         "choose --vocab-size at most 2**32")
+    record = tokenizer.to_dict()
+    if hasattr(tokenizer, "hf_json"):
+        atomic_write_bytes(root / "tokenizer.json", tokenizer.hf_json().encode("utf-8"))
+    return {"format": FORMAT, "version": VERSION, "name": root.name, "state": "partial", "command": command,
+            "settings": settings.recorded(), "split_rule": SPLIT_RULE,
+            "tokenizer": record, "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": token_dtype(tokenizer.vocab_size).name,
+            "sources": sources, "cursor": [0, 0], "shards": [], "totals": _totals([])}
+
+
+def _extend(old: dict, sources: list[dict], settings: DatasetSettings, root: Path,
+            tokenizer: Tokenizer | None) -> tuple[dict, str]:
+    """The manifest to continue from: the same settings (and tokenizer, if one is given), every old
+    source still there and unchanged; new sources are appended to the work."""
+    if tokenizer is not None and tokenizer.fingerprint() != old["tokenizer_fingerprint"]:
+        raise ValueError(f"'{root}' was prepared with another tokenizer ({old['tokenizer_fingerprint']}, not "
+                         f"{tokenizer.fingerprint()}); pass another --name for a new dataset")
+    if old["settings"] != settings.recorded():
+        differ = ", ".join(f"{k} {old['settings'].get(k)!r} -> {v!r}" for k, v in settings.recorded().items()
+                           if old["settings"].get(k) != v)
+        raise ValueError(f"'{root}' was prepared with other settings ({differ}); use them again, or pass another "
+                         "--name for a new dataset")
+    now = {s["path"]: s for s in sources}
+    for src in old["sources"]:
+        new = now.get(src["path"])
+        if new is None:
+            raise ValueError(f"'{root}' was prepared from '{src['path']}', which is not among the inputs now; pass "
+                             "it again (plus any new files), or pass another --name for a new dataset")
+        if new["sha256"] != src["sha256"]:
+            raise ValueError(f"'{src['path']}' changed since '{root}' was prepared from it (SHA-256 "
+                             f"{src['sha256'][:12]}... -> {new['sha256'][:12]}...); restore it, or pass another "
+                             "--name for a new dataset")
+    added = [s for s in sources if s["path"] not in {o["path"] for o in old["sources"]}]
+    manifest = dict(old, sources=[now[s["path"]] for s in old["sources"]] + added)
+    if not added:
+        return manifest, "up to date" if old["state"] == "complete" else "continued"
+    if old["state"] == "complete":
+        manifest.update(state="partial", cursor=[len(old["sources"]), 0])
+        _check_tokenizer_covers(manifest, added, settings)
+    return manifest, "appended"
+
+
+def _check_tokenizer_covers(manifest: dict, added: list[dict], settings: DatasetSettings) -> None:
+    """A char vocabulary is fixed once built: new files may not bring new characters."""
+    if manifest["tokenizer"].get("type") != "char":
+        return
+    chars = _corpus_chars(added, settings, 1)
+    new = sorted(chars - set(manifest["tokenizer"]["chars"]))
+    if new:
+        raise ValueError(f"the new files hold {len(new)} characters outside this char dataset's vocabulary "
+                         f"({''.join(new[:20])!r}); prepare all files into a new --name")
+
+
+def _corpus_chars(sources: list[dict], settings: DatasetSettings, workers: int) -> set[str]:
+    """Every character of the sources: a streaming pass, in parallel."""
+    tasks = (task.pieces for task in _tasks(sources, (0, 0), settings.text_field, 0.0))
+    return set().union(*_ordered(_chars_task, tasks, workers, (None, "uint16", 0.0)))
+
+
+def _build_tokenizer(sources: list[dict], settings: DatasetSettings, workers: int) -> Tokenizer:
+    """char: a parallel pass for the character set; bpe: trained on the first tokenizer_train_bytes."""
+    if settings.tokenizer == "char":
+        chars = _corpus_chars(sources, settings, workers)
+        if not chars:
+            raise ValueError("the corpus holds no text (every file or line is empty); pass --data with files "
+                             "that have some")
+        texts: Iterator[str] | list[str] = ["".join(sorted(chars))]
+    else:
+        texts = _training_sample(sources, settings)
+    return build_tokenizer(settings.tokenizer, texts, vocab_size=settings.vocab_size, end_of_text=True)
+
+
+def _training_sample(sources: list[dict], settings: DatasetSettings) -> Iterator[str]:
+    budget = settings.tokenizer_train_bytes or float("inf")
+    for task in _tasks(sources, (0, 0), settings.text_field, 0.0):
+        for text, *_ in task.pieces:
+            yield text
+            budget -= len(text.encode("utf-8", "surrogatepass"))
+            if budget <= 0:
+                return
+
+
+def _tokenize(root: Path, manifest: dict, settings: DatasetSettings, workers: int, shard_tokens: int,
+              progress: Callable[[Progress], None] | None) -> Progress:
+    """Tokenize from the cursor on, committing shards + manifest at document boundaries."""
+    dtype = np.dtype(manifest["dtype"])
+    writer = ShardWriter(root, dtype)
+    cursor = tuple(manifest["cursor"])
+    total = sum(s["size"] for s in manifest["sources"][cursor[0]:])
+    start, text_bytes, documents, tokens, source_bytes = time.perf_counter(), 0, 0, 0, 0
+    initargs = (manifest["tokenizer"], dtype.name, settings.val_fraction)
+    # Shards are committed between tasks: tasks of at most a shard's worth of text keep shards near size.
+    tasks = _tasks(manifest["sources"], cursor, settings.text_field, settings.val_fraction,
+                   min(TASK_CHARS, max(shard_tokens, 1024)))
+    try:
+        ends = collections.deque()
+        results = _ordered(_encode_task, _remember(tasks, ends), workers, initargs)
+        for ids, counts, splits, n_bytes in results:
+            task = ends.popleft()
+            per_piece = np.repeat(splits, counts)
+            last = np.array([p[2] for p in task.pieces])
+            for split in (0, 1):
+                mine = splits == split
+                writer.write(split, ids[per_piece == split], int((last & mine).sum()), int(n_bytes[mine].sum()))
+            text_bytes, tokens = text_bytes + int(n_bytes.sum()), tokens + len(ids)
+            documents, source_bytes = documents + int(last.sum()), task.source_bytes
+            if task.at_boundary and writer.tokens >= shard_tokens:
+                _commit(root, manifest, writer, task.end)
+            if progress:
+                progress(Progress(source_bytes, total, text_bytes, documents, tokens, time.perf_counter() - start))
+        _commit(root, manifest, writer, (len(manifest["sources"]), 0))
+    except OSError as e:
+        raise ValueError(f"cannot write the dataset '{root}': {e.strerror or e}; free some space (or fix the "
+                         "permissions) and run the same command again: it continues from the last shard") from None
+    finally:
+        writer.discard()
+    return Progress(source_bytes, total, text_bytes, documents, tokens, time.perf_counter() - start)
+
+
+def _remember(tasks: Iterator[Task], ends: collections.deque) -> Iterator[list]:
+    """The tasks' pieces for the workers; each Task is kept (in order) for when its result comes back."""
+    for task in tasks:
+        ends.append(task)
+        yield task.pieces
+
+
+def _commit(root: Path, manifest: dict, writer: ShardWriter, cursor: tuple[int, int]) -> None:
+    manifest["shards"] += writer.commit(len(manifest["shards"]))
+    manifest.update(cursor=list(cursor), totals=_totals(manifest["shards"]))
+    write_manifest(root, manifest)
+
+
+def _totals(shards: list[dict]) -> dict:
+    totals = {split: {"documents": 0, "tokens": 0, "bytes": 0, "shards": 0} for split in SPLITS}
+    for shard in shards:
+        for split, (tokens, n_bytes) in _shard_splits(shard).items():
+            totals[split]["tokens"] += tokens
+            totals[split]["bytes"] += n_bytes
+            totals[split]["shards"] += 1
+        totals[shard["split"] if "tail" not in shard else "train"]["documents"] += shard["documents"]
+    return totals
+
+
+def _shard_splits(shard: dict) -> dict[str, tuple[int, int]]:
+    """split -> (tokens, bytes) of one shard; a tail-split shard has both."""
+    if "tail" not in shard:
+        return {shard["split"]: (shard["tokens"], shard["bytes"])}
+    tail, val_bytes = shard["tail"]
+    return {"train": (tail, shard["bytes"] - val_bytes), "val": (shard["tokens"] - tail, val_bytes)}
+
+
+def _finish(root: Path, manifest: dict, settings: DatasetSettings) -> None:
+    """Mark it complete; a one-document dataset gets the tail split a single text always had."""
+    shards = manifest["shards"]
+    if not shards:
+        raise ValueError(f"the corpus for '{root}' holds no documents (every file or line is empty); pass --data "
+                         "with files that have text")
+    if sum(s["documents"] for s in shards) == 1 and len(shards) == 1 and "tail" not in shards[0]:
+        shard = shards[0]
+        tail = int(shard["tokens"] * (1.0 - settings.val_fraction))
+        ids = np.memmap(root / shard["file"], dtype=manifest["dtype"], mode="r")
+        tokenizer = tokenizer_from_dict(manifest["tokenizer"])
+        val_bytes = sum(len(tokenizer.decode(ids[i:i + 1 << 20]).encode("utf-8", "surrogatepass"))
+                        for i in range(tail, len(ids), 1 << 20))
+        shard["tail"] = [tail, val_bytes]
+    manifest.update(state="complete", totals=_totals(shards))
+    write_manifest(root, manifest)
+
+
+# --- reading ---
+
+@dataclass(frozen=True)
+class TokenDataset:
+    """A complete prepared dataset, memory-mapped: opening it costs the same at any size."""
+    root: Path
+    manifest: dict
+    tokenizer: Tokenizer
+    splits: dict[str, list[np.ndarray]]   # each split: its shards (or shard parts), as id arrays
+    split_bytes: dict[str, int]           # UTF-8 bytes of each split's text: bits per byte
+    identity: str                         # SHA-256 over the shards' hashes: what a resumed run checks
+
+
+def open_dataset(root: str | Path) -> TokenDataset:
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"'{root}' is not a prepared dataset (no {MANIFEST}); make one with "
+                                "python prepare_data.py --data FILES --name NAME")
+    if manifest["state"] != "complete":
+        raise ValueError(f"'{root}' is only partly prepared; finish it with the command that started it: "
+                         f"{manifest.get('command') or 'python prepare_data.py ...'}")
+    tokenizer = tokenizer_from_dict(manifest["tokenizer"])
+    if tokenizer.fingerprint() != manifest["tokenizer_fingerprint"]:
+        raise ValueError(f"'{root}': its tokenizer does not match the fingerprint it was prepared with; "
+                         "delete the directory and prepare it again")
+    splits: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    for shard in manifest["shards"]:
+        path = root / shard["file"]
+        size = path.stat().st_size if path.is_file() else -1
+        if size != shard["tokens"] * dtype.itemsize:
+            raise ValueError(f"'{path}' is {'missing' if size < 0 else f'{size:,} bytes'}, but the manifest records "
+                             f"{shard['tokens']:,} tokens ({shard['tokens'] * dtype.itemsize:,} bytes); delete "
+                             f"'{root}' and prepare it again")
+        ids = np.memmap(path, dtype=dtype, mode="r")
+        if "tail" in shard:
+            splits["train"].append(ids[:shard["tail"][0]])
+            splits["val"].append(ids[shard["tail"][0]:])
+        else:
+            splits[shard["split"]].append(ids)
+    identity = hashlib.sha256(json.dumps([[s["sha256"], s.get("tail")] for s in manifest["shards"]]).encode())
+    split_bytes = {split: manifest["totals"][split]["bytes"] for split in SPLITS}
+    return TokenDataset(root, manifest, tokenizer, splits, split_bytes, identity.hexdigest())
