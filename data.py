@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 
-from dataset import atomic_write_bytes, token_dtype
+from shards import atomic_write_bytes, token_dtype
 from parameters import ModelConfig
 
 if TYPE_CHECKING:
@@ -229,24 +229,27 @@ class Corpus:
 
 
 def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorded: dict | None = None,
-                   progress: Callable | None = None) -> Corpus:
+                   progress: Callable | None = None, open_only: bool = False) -> Corpus:
     """The data --data names, tokenized: a single text (shakespeare, pydoc, one text file) as one cached
     array with a tail split; anything else (a directory, globs, jsonl, parquet) prepared once into a
     sharded dataset under data_dir/tokens/ (progress gets its Progress), or a prepared dataset opened.
-    `tokenizer` is a resumed or fine-tuned model's; `recorded` a resumed run's data identity."""
+    `tokenizer` is a resumed or fine-tuned model's; `recorded` a resumed run's data identity;
+    open_only: another process (DDP's rank 0) has prepared it already."""
     kind, target = resolve_data(cfg.data, cfg.data_dir)
     if kind == "directory" and recorded and "kind" not in recorded:
         kind = "text"  # a run from before datasets existed read a directory as one text; it resumes so
     if kind == "text":
         return _text_corpus(cfg, tokenizer)
-    from dataset import DatasetSettings, open_dataset, prepare
+    from dataset import DatasetSettings, prepare
+    from shards import open_dataset
 
     if kind != "dataset":
         settings = DatasetSettings(cfg.tokenizer, cfg.vocab_size, cfg.tokenizer_train_bytes, cfg.text_field,
                                    cfg.val_fraction)
         target = auto_dataset_dir(cfg.data, cfg.data_dir, settings, tokenizer)
-        prepare([cfg.data], target, settings, tokenizer=tokenizer, progress=progress,
-                command=f"python train.py --data {cfg.data} (prepared into {target})")
+        if not open_only:
+            prepare([cfg.data], target, settings, tokenizer=tokenizer, progress=progress,
+                    command=f"python train.py --data {cfg.data} (prepared into {target})")
     ds = open_dataset(target)
     if tokenizer is not None and tokenizer.fingerprint() != ds.tokenizer.fingerprint():
         raise ValueError(f"the dataset '{target}' was tokenized with {ds.tokenizer.name} "

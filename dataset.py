@@ -1,52 +1,43 @@
-"""Prepared token datasets: corpus files -> shards of token ids + manifest.json (streamed, tokenized in
-parallel, resumable, appendable), and the memory-mapped reading side that training uses.
+"""Preparing a token dataset: corpus files -> shards of ids + manifest.json (shards.py has the format),
+streamed, tokenized in parallel worker processes, resumable and appendable.
 
     result = prepare(["corpus/"], "data/tokens/web", DatasetSettings(tokenizer="gpt2"), workers=2)
-    ds = open_dataset("data/tokens/web")     # ds.splits["train"]: a list of memory-mapped id arrays
-
-data/tokens/<name>/ holds:
-  manifest.json      the sources (path, size, SHA-256), the tokenizer and its fingerprint, the settings,
-                     the split rule, every shard (split, tokens, documents, bytes, SHA-256), the totals,
-                     and while unfinished the cursor where the next run of the same command continues
-  tokenizer.json     bpe only: the trained tokenizer in Hugging Face's format
-  shard_NNNNNN.bin   little-endian uint16 ids (uint32 past 65,536 tokens); each shard is one split's
+    result.action      # "prepared", "continued", "appended" or "up to date"
 
 Every document ends with the tokenizer's end-of-text id. Documents go to val when a hash of them, read
 as a fraction of 2**64, is below val_fraction (a text file: its SHA-256; a jsonl line or parquet row:
 BLAKE2b-64 of its UTF-8 text), so adding files never moves a document; a dataset of one document is
-split by tokens instead (its tail is val), as a single text always was. Shards are committed at
-document boundaries once about shard_tokens have been written, and the manifest after them: a run
-stopped at any point (Ctrl-C, SIGKILL, a full disk) continues from the last commit, and the shards
-come out byte-identical whatever the number of workers and however often it was stopped.
+split by tokens instead (its tail is val), as a single text always was. The main process only reads
+(documents.py); parsing, hashing and tokenizing happen in the workers, whose results come back in
+order. Shards are committed at document boundaries once about shard_tokens have been written, and the
+manifest after them: a run stopped at any point (Ctrl-C, SIGKILL, a full disk) continues from the
+last commit, and the shards come out byte-identical whatever the number of workers and however often
+it was stopped.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import secrets
-import shutil
 import dataclasses
 import fcntl
 import hashlib
-import json
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from documents import file_kind, find_inputs, read_pieces
+from documents import document_texts, file_kind, find_inputs, read_pieces
+from shards import (FORMAT, MANIFEST, VERSION, ShardWriter, atomic_write_bytes, read_manifest, token_dtype, totals,
+                    write_manifest)
 from tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
 
-FORMAT = "gptlab-tokens"
-VERSION = 1
-MANIFEST = "manifest.json"
 TASK_CHARS = 1 << 20          # text per task sent to a worker (at most; less for small shards)
-SPLITS = ("train", "val")
 HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
 SPLIT_RULE = ("val when the document's hash / 2**64 < val_fraction; hash: a text file's SHA-256, a jsonl line's "
               "or parquet row's BLAKE2b-64 of its UTF-8 text (first 8 bytes, big-endian); one document only: "
@@ -90,72 +81,51 @@ def val_hash(digest: bytes, val_fraction: float) -> int:
     return int(int.from_bytes(digest[:8], "big") < val_fraction * 2**64)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
-    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
-    path = Path(path)
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
-    with atomic_path(path) as tmp:
-        # Not mkstemp: its 0600 mode would make caches and exports unreadable to other users; 0o666
-        # lets the umask decide.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 where every id fits (char, GPT-2), else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
 # --- workers: text -> ids, in parallel, in order ---
 
 _worker: dict = {}
 
 
-def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _worker.update(tok=tokenizer and tokenizer_from_dict(tokenizer), dtype=np.dtype(dtype), val_fraction=val_fraction)
+def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float, field: str) -> None:
+    _worker.update(tok=tokenizer and tokenizer_from_dict(tokenizer), dtype=np.dtype(dtype), val_fraction=val_fraction,
+                   field=field)
 
 
-def _encode_task(task: list[tuple[str, int, bool, str]]) -> tuple[np.ndarray, ...]:
-    """(ids of every piece, end-of-text after each document's last; tokens, split, UTF-8 bytes per piece)."""
-    tok, dtype, eot = _worker["tok"], _worker["dtype"], _worker["tok"].eot_id
-    parts, counts, splits, n_bytes = [], [], [], []
-    for text, split, last, where in task:
+def _texts(task: list[tuple]) -> Iterator[tuple[str, int, bool, str]]:
+    """(text, split or HASH_IN_WORKER, ends a document, where) for every document or text piece of a task."""
+    for payload, split, last, path, index in task:
+        for text in document_texts(payload, path, index, _worker["field"]):
+            yield text, split, last, f"'{path}'" + (f" line {index}" if isinstance(payload, bytes) else "")
+
+
+def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
+    """ids of the task's texts, with end-of-text after each document's last; and per text: its tokens,
+    split, UTF-8 bytes and whether it ended a document."""
+    tok, dtype = _worker["tok"], _worker["dtype"]
+    eot = np.array([tok.eot_id], dtype=dtype)
+    parts, counts, splits, n_bytes, lasts = [], [], [], [], []
+    for text, split, last, where in _texts(task):
         try:
             data = text.encode("utf-8")
-            ids = tok.encode_ordinary_array(text)
-        except (UnicodeEncodeError, ValueError) as e:
-            raise ValueError(f"{where}: cannot be tokenized ({str(e).split(';')[0]})") from None
+        except UnicodeEncodeError as e:  # a lone surrogate, from a JSON \ud800 escape
+            raise ValueError(f"{where}: holds {text[e.start:e.end]!r}, which is not a character; remove it from "
+                             "the corpus") from None
         if split == HASH_IN_WORKER:
             split = val_hash(hashlib.blake2b(data, digest_size=8).digest(), _worker["val_fraction"])
-        parts.append(ids.astype(dtype, copy=False))
+        parts.append(tok.encode_ordinary_array(text).astype(dtype, copy=False))
         if last:
-            parts.append(np.array([eot], dtype=dtype))
-        counts.append(len(ids) + last)
+            parts.append(eot)
+        counts.append(len(parts[-1 - last]) + last)
         splits.append(split)
         n_bytes.append(len(data))
-    return (np.concatenate(parts), np.array(counts, np.int64), np.array(splits, np.uint8),
-            np.array(n_bytes, np.int64))
+        lasts.append(last)
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return ids, np.array(counts, np.int64), np.array(splits, np.uint8), np.array(n_bytes, np.int64), np.array(lasts, bool)
 
 
-def _chars_task(task: list[tuple[str, int, bool, str]]) -> set[str]:
+def _chars_task(task: list[tuple]) -> set[str]:
     chars: set[str] = set()
-    for text, *_ in task:
+    for text, *_ in _texts(task):
         chars.update(text)
     return chars
 
@@ -194,17 +164,17 @@ class Task:
 
 def _tasks(sources: list[dict], cursor: tuple[int, int], field: str, val_fraction: float,
            task_chars: int = TASK_CHARS) -> Iterator[Task]:
-    """The pieces from `cursor` on, in tasks of about task_chars characters (files share tasks)."""
+    """The pieces from `cursor` on, in tasks of about task_chars characters or bytes (files share tasks).
+    Only reading happens here: parsing, hashing and tokenizing are the workers'."""
     pieces: list = []
     chars, base, end, last = 0, 0, cursor, True
     for i in range(cursor[0], len(sources)):
-        path = Path(sources[i]["path"])
-        kind = file_kind(path)
+        path = sources[i]["path"]
+        kind = file_kind(Path(path))
         split = val_hash(bytes.fromhex(sources[i]["sha256"]), val_fraction) if kind == "text" else HASH_IN_WORKER
-        unit = {"text": "", "jsonl": " line ", "parquet": " row "}[kind]
-        for text, index, last, offset in read_pieces(path, field, cursor[1] if i == cursor[0] else 0):
-            pieces.append((text, split, last, f"'{path}'{unit}{index if unit else ''}"))
-            chars, end = chars + len(text), (i, index)
+        for payload, index, last, offset in read_pieces(Path(path), field, cursor[1] if i == cursor[0] else 0):
+            pieces.append((payload, split, last, path, index))
+            chars, end = chars + (payload.nbytes if kind == "parquet" else len(payload)), (i, index)
             if chars >= task_chars:
                 yield Task(pieces, end, last, base + offset)
                 pieces, chars = [], 0
@@ -230,89 +200,6 @@ def fingerprint_sources(files: list[Path], known: dict[str, dict]) -> list[dict]
             raise ValueError(f"cannot read '{path}': {e.strerror or e}; check that it exists and is readable") from None
         sources.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})
     return sources
-
-
-# --- writing: two open shards (train, val), committed together with the manifest ---
-
-@dataclass
-class _OpenShard:
-    file: BinaryIO
-    path: Path
-    digest: Any
-    tokens: int = 0
-    documents: int = 0
-    bytes: int = 0
-
-
-class ShardWriter:
-    """Streams ids into one temp file per split; commit() renames them in as the next shards."""
-
-    def __init__(self, root: Path, dtype: np.dtype):
-        self.root, self.dtype = root, dtype.newbyteorder("<")
-        self.open: dict[int, _OpenShard] = {}
-
-    def write(self, split: int, ids: np.ndarray, documents: int, n_bytes: int) -> None:
-        if not len(ids):
-            return
-        if split not in self.open:
-            path = self.root / f".{SPLITS[split]}.{os.getpid()}.tmp"
-            self.open[split] = _OpenShard(open(path, "wb"), path, hashlib.sha256())
-        shard = self.open[split]
-        data = memoryview(np.ascontiguousarray(ids, dtype=self.dtype)).cast("B")
-        shard.file.write(data)
-        shard.digest.update(data)
-        shard.tokens += len(ids)
-        shard.documents += documents
-        shard.bytes += n_bytes
-
-    @property
-    def tokens(self) -> int:
-        return sum(shard.tokens for shard in self.open.values())
-
-    def commit(self, first_index: int) -> list[dict]:
-        """Close, fsync and rename the open shards in (train first); their manifest entries."""
-        entries = []
-        for split in sorted(self.open):
-            shard = self.open[split]
-            shard.file.flush()
-            os.fsync(shard.file.fileno())
-            shard.file.close()
-            name = f"shard_{first_index + len(entries):06d}.bin"
-            os.replace(shard.path, self.root / name)
-            entries.append({"file": name, "split": SPLITS[split], "tokens": shard.tokens,
-                            "documents": shard.documents, "bytes": shard.bytes, "sha256": shard.digest.hexdigest()})
-        self.open = {}
-        return entries
-
-    def discard(self) -> None:
-        for shard in self.open.values():
-            with contextlib.suppress(OSError):  # its buffered tail may not fit either: it is thrown away
-                shard.file.close()
-            shard.path.unlink(missing_ok=True)
-        self.open = {}
-
-
-def write_manifest(root: Path, manifest: dict) -> None:
-    """Atomically, then the directory fsynced too: the commit point of the shards renamed in before it."""
-    atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_manifest(root: Path) -> dict | None:
-    path = root / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"'{path}' is unreadable ({e}); delete '{root}' and prepare the dataset again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"'{path}' is not a gptlab token dataset manifest; delete '{root}' and prepare it again")
-    return manifest
 
 
 @contextlib.contextmanager
@@ -386,7 +273,7 @@ def _new_manifest(root: Path, sources: list[dict], settings: DatasetSettings, to
             "settings": settings.recorded(), "split_rule": SPLIT_RULE,
             "tokenizer": record, "tokenizer_fingerprint": tokenizer.fingerprint(),
             "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "dtype": token_dtype(tokenizer.vocab_size).name,
-            "sources": sources, "cursor": [0, 0], "shards": [], "totals": _totals([])}
+            "sources": sources, "cursor": [0, 0], "shards": [], "totals": totals([])}
 
 
 def _extend(old: dict, sources: list[dict], settings: DatasetSettings, root: Path,
@@ -435,7 +322,7 @@ def _check_tokenizer_covers(manifest: dict, added: list[dict], settings: Dataset
 def _corpus_chars(sources: list[dict], settings: DatasetSettings, workers: int) -> set[str]:
     """Every character of the sources: a streaming pass, in parallel."""
     tasks = (task.pieces for task in _tasks(sources, (0, 0), settings.text_field, 0.0))
-    return set().union(*_ordered(_chars_task, tasks, workers, (None, "uint16", 0.0)))
+    return set().union(*_ordered(_chars_task, tasks, workers, (None, "uint16", 0.0, settings.text_field)))
 
 
 def _build_tokenizer(sources: list[dict], settings: DatasetSettings, workers: int) -> Tokenizer:
@@ -452,9 +339,11 @@ def _build_tokenizer(sources: list[dict], settings: DatasetSettings, workers: in
 
 
 def _training_sample(sources: list[dict], settings: DatasetSettings) -> Iterator[str]:
+    """The documents (text pieces) in order, up to tokenizer_train_bytes of them (0: all)."""
     budget = settings.tokenizer_train_bytes or float("inf")
+    _init_worker(None, "uint16", 0.0, settings.text_field)
     for task in _tasks(sources, (0, 0), settings.text_field, 0.0):
-        for text, *_ in task.pieces:
+        for text, *_ in _texts(task.pieces):
             yield text
             budget -= len(text.encode("utf-8", "surrogatepass"))
             if budget <= 0:
@@ -469,17 +358,16 @@ def _tokenize(root: Path, manifest: dict, settings: DatasetSettings, workers: in
     cursor = tuple(manifest["cursor"])
     total = sum(s["size"] for s in manifest["sources"][cursor[0]:])
     start, text_bytes, documents, tokens, source_bytes = time.perf_counter(), 0, 0, 0, 0
-    initargs = (manifest["tokenizer"], dtype.name, settings.val_fraction)
+    initargs = (manifest["tokenizer"], dtype.name, settings.val_fraction, settings.text_field)
     # Shards are committed between tasks: tasks of at most a shard's worth of text keep shards near size.
     tasks = _tasks(manifest["sources"], cursor, settings.text_field, settings.val_fraction,
                    min(TASK_CHARS, max(shard_tokens, 1024)))
     try:
         ends = collections.deque()
         results = _ordered(_encode_task, _remember(tasks, ends), workers, initargs)
-        for ids, counts, splits, n_bytes in results:
+        for ids, counts, splits, n_bytes, last in results:
             task = ends.popleft()
             per_piece = np.repeat(splits, counts)
-            last = np.array([p[2] for p in task.pieces])
             for split in (0, 1):
                 mine = splits == split
                 writer.write(split, ids[per_piece == split], int((last & mine).sum()), int(n_bytes[mine].sum()))
@@ -507,27 +395,8 @@ def _remember(tasks: Iterator[Task], ends: collections.deque) -> Iterator[list]:
 
 def _commit(root: Path, manifest: dict, writer: ShardWriter, cursor: tuple[int, int]) -> None:
     manifest["shards"] += writer.commit(len(manifest["shards"]))
-    manifest.update(cursor=list(cursor), totals=_totals(manifest["shards"]))
+    manifest.update(cursor=list(cursor), totals=totals(manifest["shards"]))
     write_manifest(root, manifest)
-
-
-def _totals(shards: list[dict]) -> dict:
-    totals = {split: {"documents": 0, "tokens": 0, "bytes": 0, "shards": 0} for split in SPLITS}
-    for shard in shards:
-        for split, (tokens, n_bytes) in _shard_splits(shard).items():
-            totals[split]["tokens"] += tokens
-            totals[split]["bytes"] += n_bytes
-            totals[split]["shards"] += 1
-        totals[shard["split"] if "tail" not in shard else "train"]["documents"] += shard["documents"]
-    return totals
-
-
-def _shard_splits(shard: dict) -> dict[str, tuple[int, int]]:
-    """split -> (tokens, bytes) of one shard; a tail-split shard has both."""
-    if "tail" not in shard:
-        return {shard["split"]: (shard["tokens"], shard["bytes"])}
-    tail, val_bytes = shard["tail"]
-    return {"train": (tail, shard["bytes"] - val_bytes), "val": (shard["tokens"] - tail, val_bytes)}
 
 
 def _finish(root: Path, manifest: dict, settings: DatasetSettings) -> None:
@@ -541,54 +410,12 @@ def _finish(root: Path, manifest: dict, settings: DatasetSettings) -> None:
         tail = int(shard["tokens"] * (1.0 - settings.val_fraction))
         ids = np.memmap(root / shard["file"], dtype=manifest["dtype"], mode="r")
         tokenizer = tokenizer_from_dict(manifest["tokenizer"])
-        val_bytes = sum(len(tokenizer.decode(ids[i:i + 1 << 20]).encode("utf-8", "surrogatepass"))
-                        for i in range(tail, len(ids), 1 << 20))
+        step, val_bytes = 1 << 20, 0
+        for i in range(tail, len(ids), step):  # in chunks: the tail of a big text need not fit in memory
+            chunk = ids[i:i + step]
+            val_bytes += len(tokenizer.decode(chunk[chunk != tokenizer.eot_id]).encode("utf-8", "surrogatepass"))
         shard["tail"] = [tail, val_bytes]
-    manifest.update(state="complete", totals=_totals(shards))
+    manifest.update(state="complete", totals=totals(shards))
     write_manifest(root, manifest)
 
 
-# --- reading ---
-
-@dataclass(frozen=True)
-class TokenDataset:
-    """A complete prepared dataset, memory-mapped: opening it costs the same at any size."""
-    root: Path
-    manifest: dict
-    tokenizer: Tokenizer
-    splits: dict[str, list[np.ndarray]]   # each split: its shards (or shard parts), as id arrays
-    split_bytes: dict[str, int]           # UTF-8 bytes of each split's text: bits per byte
-    identity: str                         # SHA-256 over the shards' hashes: what a resumed run checks
-
-
-def open_dataset(root: str | Path) -> TokenDataset:
-    root = Path(root)
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise FileNotFoundError(f"'{root}' is not a prepared dataset (no {MANIFEST}); make one with "
-                                "python prepare_data.py --data FILES --name NAME")
-    if manifest["state"] != "complete":
-        raise ValueError(f"'{root}' is only partly prepared; finish it with the command that started it: "
-                         f"{manifest.get('command') or 'python prepare_data.py ...'}")
-    tokenizer = tokenizer_from_dict(manifest["tokenizer"])
-    if tokenizer.fingerprint() != manifest["tokenizer_fingerprint"]:
-        raise ValueError(f"'{root}': its tokenizer does not match the fingerprint it was prepared with; "
-                         "delete the directory and prepare it again")
-    splits: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    for shard in manifest["shards"]:
-        path = root / shard["file"]
-        size = path.stat().st_size if path.is_file() else -1
-        if size != shard["tokens"] * dtype.itemsize:
-            raise ValueError(f"'{path}' is {'missing' if size < 0 else f'{size:,} bytes'}, but the manifest records "
-                             f"{shard['tokens']:,} tokens ({shard['tokens'] * dtype.itemsize:,} bytes); delete "
-                             f"'{root}' and prepare it again")
-        ids = np.memmap(path, dtype=dtype, mode="r")
-        if "tail" in shard:
-            splits["train"].append(ids[:shard["tail"][0]])
-            splits["val"].append(ids[shard["tail"][0]:])
-        else:
-            splits[shard["split"]].append(ids)
-    identity = hashlib.sha256(json.dumps([[s["sha256"], s.get("tail")] for s in manifest["shards"]]).encode())
-    split_bytes = {split: manifest["totals"][split]["bytes"] for split in SPLITS}
-    return TokenDataset(root, manifest, tokenizer, splits, split_bytes, identity.hexdigest())

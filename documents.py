@@ -1,8 +1,9 @@
 """Corpus files -> documents, streamed: what prepare_data.py reads, one piece of text at a time.
 
     files = find_inputs(["corpus/", "more/*.jsonl.zst"])     # sorted; only the formats below
-    for text, index, last, offset in read_pieces(files[0], text_field="text"):
-        ...   # `last`: this piece ends document `index`; offset: bytes of the file read so far
+    for payload, index, last, offset in read_pieces(files[0], text_field="text"):
+        for text in document_texts(payload, str(files[0]), index, "text"):
+            ...
 
 A .txt or .md file is one document (index 1); each line of a .jsonl (.jsonl.gz, .jsonl.zst) and each row of a
 .parquet is one. A big text file comes in pieces cut only where GPT-2's pre-tokenizer splits anyway
@@ -19,7 +20,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -30,9 +31,10 @@ PARQUET_BATCH_ROWS = 1024
 # GPT-2's pre-tokenizer regex ends a piece there, so no BPE token spans it ("\n\n" would: it is a token).
 _CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
-# (text, the document's number in its file: the line or row, 1 for a text file; whether this piece
-# ends the document; bytes of the file read so far)
-Piece = tuple[str, int, bool, int]
+# (payload, how many lines or rows of the file it reaches to (1 for a text file), whether it ends a
+# document, bytes of the file read so far). The payload is a text file's piece (str), a jsonl line
+# (bytes, parsed by document_texts in a worker) or a parquet batch's column (an Arrow array).
+Piece = tuple[Any, int, bool, int]
 
 
 def find_inputs(specs: list[str]) -> list[Path]:
@@ -84,7 +86,7 @@ def read_pieces(path: Path, text_field: str = "text", skip: int = 0) -> Iterator
             if skip == 0:
                 yield from _text_pieces(path)
         elif kind == "jsonl":
-            yield from _jsonl_pieces(path, text_field, skip)
+            yield from _jsonl_pieces(path, skip)
         else:
             yield from _parquet_pieces(path, text_field, skip)
     except OSError as e:
@@ -139,16 +141,14 @@ def _open_jsonl(path: Path) -> tuple[BinaryIO, BinaryIO]:
     return raw, raw
 
 
-def _jsonl_pieces(path: Path, field: str, skip: int) -> Iterator[Piece]:
+def _jsonl_pieces(path: Path, skip: int) -> Iterator[Piece]:
+    """Raw lines: parsing them is document_texts' job, in the workers."""
     reader, raw = _open_jsonl(path)
     with raw, reader:
         try:
             for number, line in enumerate(reader, 1):
-                if number <= skip or not line.strip():
-                    continue
-                text = _jsonl_text(path, number, line, field)
-                if text:
-                    yield text, number, True, raw.tell()
+                if number > skip and line.strip():
+                    yield line, number, True, raw.tell()
         except (EOFError, gzip.BadGzipFile) as e:
             raise ValueError(f"'{path}' is a damaged or truncated archive ({e}); re-download it") from None
         except Exception as e:
@@ -191,10 +191,18 @@ def _parquet_pieces(path: Path, field: str, skip: int) -> Iterator[Piece]:
             raise ValueError(f"'{path}': column {field!r} is {schema.field(field).type}, not text")
         size, total, row = path.stat().st_size, max(parquet.metadata.num_rows, 1), 0
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-            if row + batch.num_rows <= skip:
-                row += batch.num_rows
-                continue
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if row > skip and text:
-                    yield text, row, True, size * row // total
+            first, row = row, row + batch.num_rows
+            if row > skip:  # a batch of rows is one piece: an Arrow array, which pickles as its buffers
+                yield batch.column(0).slice(max(skip - first, 0)), row, True, size * row // total
+
+
+def document_texts(payload: str | bytes | Any, path: str, index: int, field: str) -> Iterator[str]:
+    """The documents of a piece: a text piece itself; a jsonl line's field; a parquet batch's rows
+    (empty and null ones skipped)."""
+    if isinstance(payload, str):
+        yield payload
+    elif isinstance(payload, bytes):
+        if text := _jsonl_text(path, index, payload, field):
+            yield text
+    else:
+        yield from (text for text in payload.to_pylist() if text)

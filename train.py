@@ -101,7 +101,8 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack)
         writable_dir(cfg.aim_repo, "--aim-repo")  # now, not once the run directory exists
     check_tokenizing_fits(cfg)
     progress = ProgressLine(f"preparing {cfg.data}") if d.is_main else None
-    corpus = prepare_corpus(cfg, given, resume.meta.get("data") if resume else None, progress=progress)
+    corpus = prepare_corpus(cfg, given, resume.meta.get("data") if resume else None, progress=progress,
+                            open_only=not d.is_main)
     if progress:
         progress.close()
     if d.is_main:

@@ -321,3 +321,16 @@ def test_resolve_data_routes_each_kind(tmp_path: Path, tiny_corpus: Path) -> Non
     assert route(str(tmp_path / "c.jsonl")) == ("files", None) and route(str(tmp_path / "*.jsonl")) == ("files", None)
     with pytest.raises(FileNotFoundError, match="data path '.*nope' does not exist"):
         route(str(tmp_path / "nope"))
+
+
+def test_a_directory_run_from_before_datasets_resumes_on_its_one_text(tmp_path: Path) -> None:
+    """A checkpoint without a data 'kind' read a directory as one text: resuming it does so again."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i:02d}.txt").write_text(f"{i} file " * 50, encoding="utf-8")
+    cfg = ModelConfig(data=str(corpus), data_dir=str(tmp_path / "data"), block_size=8, val_fraction=0.3)
+    old = prepare_corpus(cfg, recorded={"source": str(corpus), "sha256": "x"})
+    assert old.kind == "text" and old.sha256 == hashlib.sha256(load_text(str(corpus), "").text.encode()).hexdigest()
+    new = prepare_corpus(cfg)
+    assert new.kind == "dataset" and new.tokenizer.eot_id is not None

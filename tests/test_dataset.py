@@ -19,7 +19,8 @@ import pytest
 import dataset
 import documents
 from conftest import REPO, SHAKESPEARE
-from dataset import DatasetSettings, open_dataset, prepare
+from dataset import DatasetSettings, prepare
+from shards import TokenDataset, open_dataset
 from tokenizer import gpt2_encoding
 
 EOT = 50256
@@ -68,7 +69,7 @@ def expected_splits(corpus: Path, docs: list[str], val_fraction: float) -> dict[
     return out
 
 
-def shard_ids(ds: dataset.TokenDataset) -> dict[str, list[int]]:
+def shard_ids(ds: TokenDataset) -> dict[str, list[int]]:
     return {split: np.concatenate(arrays).tolist() for split, arrays in ds.splits.items()}
 
 
@@ -201,8 +202,7 @@ def test_one_document_keeps_the_tail_split(tmp_path: Path, tiny_text: str) -> No
     ids = gpt2_encoding().encode_ordinary(tiny_text) + [EOT]
     n_train = int(len(ids) * 0.9)
     assert shard_ids(ds) == {"train": ids[:n_train], "val": ids[n_train:]}
-    val_text = gpt2_encoding().decode(ids[n_train:-1]) + "<|endoftext|>"
-    assert ds.split_bytes["val"] == len(val_text.encode())
+    assert ds.split_bytes["val"] == len(gpt2_encoding().decode(ids[n_train:-1]).encode())  # the eot is no text
     assert ds.split_bytes["train"] + ds.split_bytes["val"] == len(tiny_text.encode())
 
 
@@ -337,3 +337,9 @@ def test_vocabulary_over_uint32_is_refused() -> None:
     with pytest.raises(ValueError, match=r"vocab_size: must be in \[257, 2\*\*32\]"):
         ModelConfig(vocab_size=2**32 + 1).validate()
 
+
+
+def test_a_lone_surrogate_names_its_line(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "s.jsonl", [b'{"text": "fine"}', b'{"text": "bad \\ud800 here"}'])
+    with pytest.raises(ValueError, match=r"s.jsonl' line 2: holds '\\ud800', which is not a character"):
+        prepare([str(tmp_path / "s.jsonl")], tmp_path / "ds", DatasetSettings("gpt2"), workers=2)

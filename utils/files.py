@@ -1,4 +1,4 @@
-"""Atomic file writes and hashing: every write that matters goes through here (on dataset.py's
+"""Atomic file writes and hashing: every write that matters goes through here (on shards.py's
 atomic_path and atomic_write_bytes: the one implementation, kept in the lowest module that writes).
 
 A reader (another process, a crashed-and-restarted run, `inference.py` pointed at a live run) must
@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dataset import atomic_path, atomic_write_bytes  # noqa: F401  (re-exported)
+from shards import atomic_path, atomic_write_bytes  # noqa: F401  (re-exported)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
