@@ -37,8 +37,10 @@ from shards import (FORMAT, MANIFEST, VERSION, ShardWriter, atomic_write_bytes, 
                     write_manifest)
 from tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
 
-TASK_CHARS = 1 << 20          # text per task sent to a worker (at most; less for small shards)
+TASK_CHARS = 1 << 22          # text per task sent to a worker (at most; less for small shards)
 HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
+WHOLE_FILE = None             # a piece's payload when the worker reads the file itself (survives pickling)
+COMPRESSION = 4               # how much bigger than on disk a .gz/.zst file's text is counted
 SPLIT_RULE = ("val when the document's hash / 2**64 < val_fraction; hash: a text file's SHA-256, a jsonl line's "
               "or parquet row's BLAKE2b-64 of its UTF-8 text (first 8 bytes, big-endian); one document only: "
               "its last val_fraction of tokens are val")
@@ -92,10 +94,14 @@ def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float, field:
 
 
 def _texts(task: list[tuple]) -> Iterator[tuple[str, int, bool, str]]:
-    """(text, split or HASH_IN_WORKER, ends a document, where) for every document or text piece of a task."""
+    """(text, split or HASH_IN_WORKER, ends a document, where) for every document or text piece of a
+    task; a WHOLE_FILE item is read here, in the worker."""
+    field = _worker["field"]
     for payload, split, last, path, index in task:
-        for text in document_texts(payload, path, index, _worker["field"]):
-            yield text, split, last, f"'{path}'" + (f" line {index}" if isinstance(payload, bytes) else "")
+        pieces = read_pieces(Path(path), field) if payload is WHOLE_FILE else [(payload, index, last, 0)]
+        for payload, index, last, _ in pieces:
+            for text in document_texts(payload, path, index, field):
+                yield text, split, last, f"'{path}'" + (f" line {index}" if isinstance(payload, bytes) else "")
 
 
 def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
@@ -164,21 +170,32 @@ class Task:
 
 def _tasks(sources: list[dict], cursor: tuple[int, int], field: str, val_fraction: float,
            task_chars: int = TASK_CHARS) -> Iterator[Task]:
-    """The pieces from `cursor` on, in tasks of about task_chars characters or bytes (files share tasks).
-    Only reading happens here: parsing, hashing and tokenizing are the workers'."""
+    """The work from `cursor` on, in tasks of about task_chars characters (files share tasks). A file
+    smaller than a task goes whole, for a worker to read: this process then only hands out names. A
+    bigger one is read here, in pieces (a text's, a jsonl line, a parquet batch), so that shards can
+    be committed inside it; parsing, hashing and tokenizing are still the workers'."""
     pieces: list = []
     chars, base, end, last = 0, 0, cursor, True
     for i in range(cursor[0], len(sources)):
-        path = sources[i]["path"]
+        path, size = sources[i]["path"], sources[i]["size"]
         kind = file_kind(Path(path))
         split = val_hash(bytes.fromhex(sources[i]["sha256"]), val_fraction) if kind == "text" else HASH_IN_WORKER
-        for payload, index, last, offset in read_pieces(Path(path), field, cursor[1] if i == cursor[0] else 0):
-            pieces.append((payload, split, last, path, index))
-            chars, end = chars + (payload.nbytes if kind == "parquet" else len(payload)), (i, index)
-            if chars >= task_chars:
-                yield Task(pieces, end, last, base + offset)
-                pieces, chars = [], 0
-        base += sources[i]["size"]
+        skip = cursor[1] if i == cursor[0] else 0
+        expanded = size * (COMPRESSION if path.endswith((".gz", ".zst")) else 1)
+        if skip == 0 and expanded < task_chars:
+            pieces.append((WHOLE_FILE, split, True, path, 0))
+            chars, end, last, offset = chars + expanded, (i + 1, 0), True, size
+        else:
+            for payload, index, last, offset in read_pieces(Path(path), field, skip):
+                pieces.append((payload, split, last, path, index))
+                chars, end = chars + (payload.nbytes if kind == "parquet" else len(payload)), (i, index)
+                if chars >= task_chars:
+                    yield Task(pieces, end, last, base + offset)
+                    pieces, chars = [], 0
+        if chars >= task_chars:
+            yield Task(pieces, end, last, base + offset)
+            pieces, chars = [], 0
+        base += size
     if pieces:
         yield Task(pieces, end, last, base)
 

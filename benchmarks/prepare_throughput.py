@@ -9,7 +9,10 @@ shakespeare when it is there (else from pydoc's text), then prints:
   - throughput: a plain single-process tiktoken encode_ordinary loop over the same files (timed whole,
     reading and parsing included, and its encode calls alone) against `prepare_data.py --tokenizer
     gpt2` timed from launch to exit, in MB of text per second;
-  - memory: the peak of the summed RSS of prepare_data.py and all its processes (sampled every 20 ms);
+  - ceiling: as many independent loops as workers, at once, each on its share of the files: the
+    throughput perfect parallelism would reach on this machine;
+  - memory: the peak of the summed RSS of prepare_data.py and all its processes (sampled every 50 ms,
+    in a run of its own: sampling costs CPU);
   - correctness: SHA-256 of each split's shards against the baseline's ids (encode_ordinary + 50256 per
     document, split by the documented rule);
   - start-up: seconds from launch to the first step of `train.py --config debug` on shakespeare and on
@@ -24,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,32 +128,49 @@ def baseline(files: list[Path], val_fraction: float = 0.1) -> tuple[float, float
     return n_bytes / 1e6 / loop, n_bytes / 1e6 / encoding, {k: v.hexdigest() for k, v in digests.items()}
 
 
+def _loop_bytes(files: list[Path]) -> int:
+    enc, n_bytes = gpt2_encoding(), 0
+    for path in files:
+        for text, _ in plain_documents(path):
+            enc.encode_ordinary(text)
+            n_bytes += len(text.encode())
+    return n_bytes
+
+
+def parallel_ceiling(files: list[Path], processes: int) -> float:
+    """MB/s of `processes` independent single-process loops at once, each over its share of the files:
+    what perfect parallelism would reach on this machine (cores slow each other down: shared caches,
+    memory bandwidth, clock)."""
+    import multiprocessing
+
+    shares = [files[i::processes] for i in range(processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        start = time.perf_counter()
+        n_bytes = sum(pool.map(_loop_bytes, shares))
+        return n_bytes / 1e6 / (time.perf_counter() - start)
+
+
 def tree_rss(pid: int) -> int:
-    """Summed RSS (bytes) of pid and every descendant, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
+    """Summed RSS (bytes) of pid and every descendant, from /proc (each process' children files: no
+    scan of /proc, which would steal the CPU being measured)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        todo += children.get(p, [])
         try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-        except OSError:
+        except (OSError, ValueError):
             pass
     return total
 
 
-def run_prepare(corpus: Path, data_dir: Path, workers: int) -> tuple[float, int, dict]:
-    """(wall seconds, peak tree RSS, manifest) of one prepare_data.py process."""
+def run_prepare(corpus: Path, data_dir: Path, workers: int, quiet: bool = False,
+                sample_memory: bool = False) -> tuple[float, int, dict]:
+    """(wall seconds, peak tree RSS or 0, manifest) of one prepare_data.py process. Sampling memory
+    costs CPU, so a timed run does not sample."""
     cmd = [sys.executable, str(REPO / "prepare_data.py"), "--data", str(corpus), "--tokenizer", "gpt2",
            "--name", "bench", "--data-dir", str(data_dir), "--workers", str(workers)]
     t0 = time.perf_counter()
@@ -158,9 +179,9 @@ def run_prepare(corpus: Path, data_dir: Path, workers: int) -> tuple[float, int,
 
     def sample() -> None:
         nonlocal peak
-        while not done.is_set():
+        while sample_memory and not done.is_set():
             peak = max(peak, tree_rss(proc.pid))
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -170,7 +191,8 @@ def run_prepare(corpus: Path, data_dir: Path, workers: int) -> tuple[float, int,
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"prepare_data.py failed ({proc.returncode}):\n{out}")
-    print(out.strip())
+    if not quiet:
+        print(out.strip())
     return seconds, peak, json.loads((data_dir / "tokens" / "bench" / MANIFEST).read_text())
 
 
@@ -241,6 +263,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200, help="corpus size in MB of text (default 200)")
     parser.add_argument("--workers", type=int, default=0, help="prepare_data.py --workers (default 0: all cores)")
     parser.add_argument("--startup-only", action="store_true", help="only the 1B-token start-up check")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of loop, loops, prepare (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gptlab-prepare-bench-"))
@@ -253,14 +276,32 @@ def main() -> None:
             files = find_inputs([str(corpus)])
             size = sum(f.stat().st_size for f in files)
             print(f"corpus: {len(files)} files, {size / 1e6:,.1f} MB on disk in {corpus}")
-            base_rate, encode_rate, expected = baseline(files)
-            seconds, peak, manifest = run_prepare(corpus, tmp / "data", args.workers)
-            text_mb = sum(t["bytes"] for t in manifest["totals"].values()) / 1e6
-            rate = text_mb / seconds
-            print(f"throughput: single-process loop (read, parse, encode_ordinary) {base_rate:.2f} MB/s, its "
-                  f"encode_ordinary calls alone {encode_rate:.2f} MB/s | prepare_data.py {rate:.2f} MB/s "
-                  f"({seconds:.1f} s launch to exit, {text_mb:,.1f} MB of text) | ratio {rate / base_rate:.2f}x "
-                  f"the loop, {rate / encode_rate:.2f}x its encode calls")
+            workers = args.workers or len(os.sched_getaffinity(0))
+            # Alternating rounds: this machine's speed drifts over minutes, so each round compares runs
+            # taken side by side, and the medians are printed.
+            rounds = []
+            for r in range(args.rounds):
+                base_rate, encode_rate, expected = baseline(files)
+                ceiling = parallel_ceiling(files, workers)
+                shutil.rmtree(tmp / "data", ignore_errors=True)
+                seconds, peak, manifest = run_prepare(corpus, tmp / "data", args.workers, quiet=r > 0)
+                rate = sum(t["bytes"] for t in manifest["totals"].values()) / 1e6 / seconds
+                rounds.append((base_rate, encode_rate, ceiling, rate))
+                print(f"round {r + 1}: loop {base_rate:.2f} MB/s (its encode calls {encode_rate:.2f}) | {workers} loops "
+                      f"at once {ceiling:.2f} | prepare_data.py {rate:.2f} ({seconds:.1f} s launch to exit) | "
+                      f"{rate / base_rate:.2f}x the loop, {rate / ceiling:.0%} of the {workers} loops")
+            shutil.rmtree(tmp / "data", ignore_errors=True)
+            _, peak, manifest = run_prepare(corpus, tmp / "data", args.workers, quiet=True, sample_memory=True)
+            base_rate, encode_rate, ceiling, rate = (statistics.median(x) for x in zip(*rounds))
+            ratios = [r[3] / r[0] for r in rounds]
+            print(f"throughput (medians of {args.rounds} rounds): single-process loop (read, parse, encode_ordinary) "
+                  f"{base_rate:.2f} MB/s, its encode_ordinary calls alone {encode_rate:.2f} MB/s | prepare_data.py "
+                  f"{rate:.2f} MB/s launch to exit | ratio {statistics.median(ratios):.2f}x the loop (rounds "
+                  f"{min(ratios):.2f}-{max(ratios):.2f}), {statistics.median(r[3] / r[1] for r in rounds):.2f}x its "
+                  "encode calls")
+            print(f"ceiling: {workers} such loops at once, each on its share of the files: {ceiling:.2f} MB/s, "
+                  f"{ceiling / base_rate:.2f}x one loop; prepare_data.py reaches "
+                  f"{statistics.median(r[3] / r[2] for r in rounds):.0%} of it")
             print(f"memory: peak RSS of prepare_data.py and its processes {peak / 1e6:,.0f} MB")
             same = shard_digests(tmp / "data" / "tokens" / "bench", manifest) == expected
             print(f"correctness: shards {'equal' if same else 'DIFFER FROM'} tiktoken per document + end-of-text")
