@@ -82,3 +82,21 @@ def test_jsonl_trains_directly_and_a_bad_line_is_one_error(tmp_path: Path) -> No
         call_main(train.main, *ARGS, "--data", str(tmp_path / "d.jsonl"), "--data-dir", str(tmp_path / "data"),
                   "--runs-dir", str(tmp_path / "runs2"))
     assert not (tmp_path / "runs2").exists()
+
+
+def test_bpe_trains_on_one_text_and_on_documents_and_its_export_carries_the_tokenizer(
+        corpus_dir: Path, tiny_corpus: Path, tmp_path: Path) -> None:
+    import inference
+
+    for name, data in (("text", tiny_corpus), ("documents", corpus_dir)):
+        res = call_main(train.main, *ARGS, "--data", str(data), "--data-dir", str(tmp_path / "data"),
+                        "--runs-dir", str(tmp_path / name), "--tokenizer", "bpe", "--vocab-size", "300")
+        assert res.returncode == 0, res.stderr
+        run = only_run(tmp_path / name)
+        export = load_export(run)
+        assert export.tokenizer.name == "bpe" and export.tokenizer.vocab_size <= 300
+        assert json.loads((run / "artifacts" / "export" / "hf" / "tokenizer.json").read_text()) == \
+            export.tokenizer.to_dict()["tokenizer"]
+        out = call_main(inference.main, "--run", str(run), "--prompt", "First", "--max-new-tokens", "5",
+                        "--temperature", "0")
+        assert out.returncode == 0 and out.stdout.startswith("First")
