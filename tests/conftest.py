@@ -68,6 +68,17 @@ def tiny_corpus(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def documents_dir(tmp_path: Path) -> Path:
+    """40 small text files, one document each (numbered, so no two are equal): --data on it prepares a
+    sharded dataset."""
+    root = tmp_path / "documents"
+    root.mkdir()
+    for i, paragraph in enumerate(TINY_TEXT.split("\n\n")[:40]):
+        (root / f"{i:02d}.txt").write_text(f"{i}. {paragraph}", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
 def shakespeare_path() -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"tiny shakespeare not found at {SHAKESPEARE}")

@@ -43,23 +43,11 @@ def export_of(root: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(run_dir / "artifacts" / "export" / "model.safetensors")
 
 
-@pytest.fixture
-def corpus_dir(tmp_path: Path) -> Path:
-    """Documents: --data prepares them into a sharded dataset (rank 0), which every rank then opens."""
-    from conftest import TINY_TEXT
-
-    root = tmp_path / "docs"
-    root.mkdir()
-    for i, paragraph in enumerate(TINY_TEXT.split("\n\n")[:60]):
-        (root / f"{i:02d}.txt").write_text(f"{i}. {paragraph}", encoding="utf-8")
-    return root
-
-
 @pytest.mark.parametrize("data", ["text", "documents"])
-def test_two_ranks_equal_one_process_with_twice_the_batch(data: str, tiny_corpus: Path, corpus_dir: Path,
+def test_two_ranks_equal_one_process_with_twice_the_batch(data: str, tiny_corpus: Path, documents_dir: Path,
                                                           tmp_path: Path):
-    if data == "documents":
-        tiny_corpus = corpus_dir
+    if data == "documents":  # prepared into a sharded dataset by rank 0, then opened by every rank
+        tiny_corpus = documents_dir
     res = torchrun(*args(tiny_corpus, tmp_path, "ddp", "--batch-size", "4"))
     assert res.returncode == 0, res.stdout + res.stderr
     (run_dir,) = (tmp_path / "ddp").iterdir()  # one run directory, made by rank 0

@@ -10,31 +10,27 @@ from pathlib import Path
 import pytest
 
 import prepare_data
-from conftest import TINY_TEXT, call_main, run_cli, user_error
+from conftest import call_main, run_cli, user_error
 from dataset import Progress
 from utils.console import ProgressLine
 
 
 @pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i, paragraph in enumerate(TINY_TEXT.split("\n\n")[:40]):
-        (root / f"{i:02d}.txt").write_text(f"{i}. {paragraph}", encoding="utf-8")
-    return root
+def corpus(documents_dir: Path) -> Path:
+    return documents_dir
 
 
 def test_prepare_prints_a_summary_then_does_nothing_on_unchanged_inputs(corpus: Path, tmp_path: Path) -> None:
     args = ["--data", str(corpus), "--tokenizer", "gpt2", "--data-dir", str(tmp_path / "data"), "--workers", "2"]
     first = call_main(prepare_data.main, *args)
     assert first.returncode == 0
-    root = tmp_path / "data" / "tokens" / "corpus-gpt2"  # the default name: the first input's and the tokenizer's
+    root = tmp_path / "data" / "tokens" / "documents-gpt2"  # the default name: the first input's and the tokenizer's
     assert f"dataset {root}: prepared | 40 source files | tokenizer gpt2 (vocab 50,257, end-of-text id 50256" in first.stdout
     manifest = json.loads((root / "manifest.json").read_text())
     for split in ("train", "val"):
         t = manifest["totals"][split]
         assert f"{split:<6} {t['documents']:>12,} {t['tokens']:>15,}" in first.stdout
-    assert "train on it: python train.py --data corpus-gpt2 --data-dir" in first.stdout
+    assert "train on it: python train.py --data documents-gpt2 --data-dir" in first.stdout
     assert manifest["command"].startswith("python prepare_data.py --data")
     again = call_main(prepare_data.main, *args)
     assert "up to date" in again.stdout and "nothing to do: the inputs are unchanged" in again.stdout
