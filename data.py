@@ -20,7 +20,7 @@ import json
 import math
 import os
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -214,6 +214,7 @@ class Corpus:
     summary: str                          # one line for the console: what was read
     first_text: str                       # the data's first character(s): a prompt its vocabulary can encode
     note: str = ""                        # one line for the console (e.g. the offline fallback), or ""
+    settings: dict = field(default_factory=dict)  # a dataset's: the config values its tokens were made with
 
     @property
     def identity(self) -> dict[str, str]:
@@ -265,8 +266,9 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
                              f"{cfg.block_size + 1} tokens: use more documents, a smaller block_size, or "
                              "prepare it with another val_fraction")
     first = next(a for a in ds.splits["train"] if len(a))[:1]
+    settings = {"tokenizer": ds.tokenizer.name, **ds.manifest["settings"]}
     return Corpus(str(ds.root), ds.tokenizer, ds.splits, ds.split_bytes, ds.identity, "dataset", summary,
-                  ds.tokenizer.decode(first))
+                  ds.tokenizer.decode(first), settings=settings)
 
 
 def _text_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Corpus:

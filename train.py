@@ -16,6 +16,7 @@ hands them to training.py's Trainer, whose loop profile_model.py times too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,8 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack)
         progress.close()
     if d.is_main:
         distributed.barrier(d)
+    cfg, data_note = adopt_dataset_settings(cfg, corpus)
+    notes.append(data_note)
     if resume:
         check_same_corpus(resume.meta.get("data"), corpus)
         if resume.iteration >= cfg.max_iters and (run_dir / "artifacts" / "export" / "export.json").is_file():
@@ -119,6 +122,16 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack)
     check_fits(estimate, compute.device)  # what cannot fit is refused now, not found out by allocating
     return Start(cfg, compute, corpus, [*notes, prompt_note, *describe(estimate, compute.device)], run_dir, resume,
                  init)
+
+
+def adopt_dataset_settings(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, str]:
+    """A prepared dataset's tokens were made with its own tokenizer, val_fraction, ...: the run's
+    config records those (meta/full_config.json explains the run), with a note where they differ."""
+    differ = {k: v for k, v in corpus.settings.items() if k in ModelConfig.__dataclass_fields__ and getattr(cfg, k) != v}
+    if not differ:
+        return cfg, ""
+    said = ", ".join(f"{k} {v!r} (not {getattr(cfg, k)!r})" for k, v in differ.items())
+    return dataclasses.replace(cfg, **differ), f"the dataset {corpus.name} was prepared with {said}: the run uses those"
 
 
 def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop) -> int:

@@ -54,6 +54,13 @@ def test_a_directory_is_prepared_once_then_reused_and_reports_bpb(corpus_dir: Pa
     by_name = call_main(train.main, *ARGS, "--data", ds.name, "--data-dir", str(tmp_path / "data"),
                         "--runs-dir", str(tmp_path / "r3"))
     assert by_name.returncode == 0
+    assert f"the dataset {ds} was prepared with val_fraction 0.3 (not 0.1)" not in by_name.stdout  # same settings
+    other = call_main(train.main, *ARGS, "--data", ds.name, "--data-dir", str(tmp_path / "data"), "--runs-dir",
+                      str(tmp_path / "r4"), "--val-fraction", "0.2", "--tokenizer", "gpt2")
+    assert (f"the dataset {ds} was prepared with tokenizer 'char' (not 'gpt2'), val_fraction 0.3 (not 0.2): the run "
+            "uses those") in other.stdout
+    recorded = json.loads((only_run(tmp_path / "r4") / "meta" / "full_config.json").read_text())
+    assert recorded["tokenizer"] == "char" and recorded["val_fraction"] == 0.3
     model = load_export(only_run(tmp_path / "r3")).tokenizer
     assert model.eot_id == model.vocab_size - 1  # char: the reserved end-of-text id is the last
 
