@@ -1,6 +1,8 @@
-"""See the runs under runs/, and clean up after them.
+"""See the runs under runs/, compare them, and clean up after them.
 
-    python runs.py list [--state killed] [--tag baseline]   # one line per run, oldest first
+    python runs.py list [--state killed] [--tag baseline] [--sort best_val]   # one line per run
+    python runs.py show latest                               # everything meta/ and status.json know
+    python runs.py diff runs/<a> runs/<b>                    # config keys and code that differ
     python runs.py clean                                     # what would be removed (a dry run)
     python runs.py clean --yes                               # remove it
 
@@ -14,49 +16,175 @@ another process holds are left alone.
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import shutil
+from datetime import datetime
 from pathlib import Path
 
-from config import Parser
+from config import PROJECT_DIR, Parser
+from parameters import ModelConfig
 from utils.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
 from utils.files import read_json_object
 from utils.run_state import RunLock, run_state
-from utils.runs import find_runs
+from utils.console import format_duration
+from utils.runs import find_runs, resolve_run
 
 REMOVED_STATES = ("failed", "killed")
+
+
+COLUMNS = ("run", "tag", "state", "arch", "params", "tokens", "best_val", "val_bpb", "wall", "started")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", "--runs_dir", default="runs", help="where the runs are (default runs)")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    listing = verbs.add_parser("list", help="one line per run: name, state, progress, best val loss, started")
+    listing = verbs.add_parser("list", help="one line per run: id, tag, state, arch, params, tokens seen, best val "
+                                            "loss, val bpb, wall time, start")
     listing.add_argument("--state", help="only runs in this state (running, completed, interrupted, failed, killed, stale)")
     listing.add_argument("--tag", help="only runs with this tag")
+    listing.add_argument("--sort", default="started", choices=COLUMNS, help="the column to sort by (default started)")
+    listing.add_argument("--reverse", action="store_true", help="largest (or latest) first")
+    show = verbs.add_parser("show", help="everything a run's meta/ and status.json know, and its evals")
+    show.add_argument("run", help="a run directory, its name under --runs-dir, or latest")
+    diff = verbs.add_parser("diff", help="the config keys and the code that differ between two runs")
+    diff.add_argument("a", help="a run directory, its name, or latest")
+    diff.add_argument("b", help="a run directory, its name, or latest")
     clean = verbs.add_parser("clean", help="remove failed and killed runs and unneeded checkpoints (dry run by default)")
     clean.add_argument("--yes", action="store_true", help="remove them; without it, only say what would go")
     return parser.parse_args(argv)
 
 
-def list_runs(runs_dir: Path, state: str | None, tag: str | None) -> None:
-    rows = []
-    for run_dir in find_runs(runs_dir):
-        meta = run_dir / "meta"
-        status, config = read_json_object(meta / "status.json"), read_json_object(meta / "full_config.json")
-        current = run_state(run_dir).state
-        if (state and current != state) or (tag and config.get("run_tag") != tag):
-            continue
-        best = status.get("best_val_loss")
-        rows.append((run_dir.name, current, f"{status.get('iteration', '?')}/{config.get('max_iters', '?')}",
-                     f"{best:.4f}" if isinstance(best, (int, float)) else "-", str(status.get("started_at", "-"))))
-    if not rows:
+def run_facts(run_dir: Path) -> dict:
+    """One run's row: the values list shows and sorts (None where the run does not say)."""
+    meta = run_dir / "meta"
+    status, config = read_json_object(meta / "status.json"), read_json_object(meta / "full_config.json")
+    per_step = config.get("batch_size", 0) * config.get("block_size", 0) * config.get("grad_accum_steps", 1)
+    iteration = status.get("iteration") if isinstance(status.get("iteration"), int) else None
+    return {"run": run_dir.name, "tag": config.get("run_tag"), "state": run_state(run_dir).state,
+            "arch": config.get("arch", "gpt2"), "params": _number(status.get("params")),
+            "tokens": iteration * per_step * status.get("world_size", 1) if iteration is not None else None,
+            "best_val": _number(status.get("best_val_loss")), "val_bpb": _number(status.get("val_bpb")),
+            "wall": _number(status.get("seconds")) or _seconds_between(status.get("started_at"),
+                                                                       status.get("finished_at") or status.get("updated_at")),
+            "started": status.get("started_at")}
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _seconds_between(start: object, end: object) -> float | None:
+    try:
+        return (datetime.fromisoformat(str(end)) - datetime.fromisoformat(str(start))).total_seconds()
+    except ValueError:
+        return None
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if key == "params":
+        return f"{value / 1e6:.2f}M"
+    if key == "tokens":
+        return f"{value / 1e6:.1f}M" if value >= 1e5 else f"{value:,}"
+    if key in ("best_val", "val_bpb"):
+        return f"{value:.4f}"
+    if key == "wall":
+        return format_duration(value)
+    return str(value)
+
+
+def list_runs(runs_dir: Path, state: str | None, tag: str | None, sort: str = "started", reverse: bool = False) -> None:
+    facts = [f for f in map(run_facts, find_runs(runs_dir))
+             if not (state and f["state"] != state) and not (tag and f["tag"] != tag)]
+    if not facts:
         print(f"no runs in '{runs_dir}'" + (" match" if state or tag else ""))
         return
-    header = ("run", "state", "steps", "best val", "started (UTC)")
+    # Runs without the value sort last either way.
+    facts.sort(key=lambda f: (f[sort] is None, f[sort] if f[sort] is not None else 0), reverse=False)
+    if reverse:
+        present = [f for f in facts if f[sort] is not None]
+        facts = present[::-1] + [f for f in facts if f[sort] is None]
+    header = ("run", "tag", "state", "arch", "params", "tokens", "best val", "val bpb", "wall", "started (UTC)")
+    rows = [tuple(_cell(k, f[k]) for k in COLUMNS) for f in facts]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def show(run_dir: Path) -> None:
+    """The run's state, status, config, code, environment, checkpoints, export and evals."""
+    meta = run_dir / "meta"
+    state = run_state(run_dir)
+    print(f"run {run_dir}\nstate: {state.state}" + (f" ({state.detail})" if state.detail else ""))
+    print("\nstatus (meta/status.json):")
+    for key, value in read_json_object(meta / "status.json").items():
+        print(f"  {key}: {value}")
+    print("\nconfig (meta/full_config.json; * differs from the default):")
+    defaults = ModelConfig().to_dict()
+    for key, value in read_json_object(meta / "full_config.json").items():
+        print(f"  {'*' if defaults.get(key, value) != value else ' '} {key}: {value}")
+    git = (meta / "git.txt").read_text(encoding="utf-8", errors="replace") if (meta / "git.txt").is_file() else ""
+    print("\ncode (meta/git.txt): " + ("; ".join(git.split("\n")[1:4]) if git.startswith("repository") else
+                                         git.strip() or "not recorded"))
+    env = (meta / "env.txt").read_text(encoding="utf-8", errors="replace").splitlines() if (meta / "env.txt").is_file() else []
+    print("environment (meta/env.txt): " + ("; ".join(line.strip() for line in env[:4]) or "not recorded"))
+    ckpts = find_checkpoints(run_dir / "artifacts" / "checkpoints")
+    best = best_checkpoint(run_dir / "artifacts" / "checkpoints")
+    print(f"checkpoints: {', '.join(p.name + (' (best)' if p == best else '') for p in ckpts) or 'none'}")
+    export = run_dir / "artifacts" / "export"
+    print(f"export: {export if (export / 'export.json').is_file() else 'none'}")
+    evals = sorted((run_dir / "evals").glob("*.json"))
+    print(f"evals: {len(evals)}" + "".join(f"\n  {p.name}: {_eval_line(p)}" for p in evals))
+
+
+def _eval_line(path: Path) -> str:
+    record = read_json_object(path)
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                     if isinstance(v, (int, float, str)))
+
+
+def diff(a: Path, b: Path) -> None:
+    """Config keys that differ, then the code: each run's commit and its uncommitted changes."""
+    configs = [read_json_object(r / "meta" / "full_config.json") for r in (a, b)]
+    keys = sorted(set(configs[0]) | set(configs[1]))
+    changed = [k for k in keys if configs[0].get(k) != configs[1].get(k) and k != "run_tag"]
+    print(f"a: {a}\nb: {b}\n\nconfig: " + (f"{len(changed)} key(s) differ" if changed else "the same"))
+    for key in changed:
+        print(f"  {key}: {configs[0].get(key, '(absent)')!r} -> {configs[1].get(key, '(absent)')!r}")
+    gits = [(r / "meta" / "git.txt").read_text(encoding="utf-8", errors="replace") if (r / "meta" / "git.txt").is_file()
+            else "" for r in (a, b)]
+    commits = [_git_field(g, "commit") for g in gits]
+    print(f"\ncode: commit {commits[0]} -> {commits[1]}" if commits[0] != commits[1] else f"\ncode: commit {commits[0]} in both")
+    if commits[0] != commits[1] and all(commits):
+        print(_commit_diff(commits[0], commits[1]))
+    uncommitted = [g.split("(staged + unstaged):\n", 1)[-1] if "(staged + unstaged):" in g else "" for g in gits]
+    if uncommitted[0] == uncommitted[1]:
+        print("uncommitted changes: " + ("the same in both" if uncommitted[0].strip() else "none in either"))
+    else:
+        lines = difflib.unified_diff(uncommitted[0].splitlines(), uncommitted[1].splitlines(), "a: uncommitted diff",
+                                     "b: uncommitted diff", lineterm="")
+        print("uncommitted changes differ (a diff of the two recorded diffs):\n" + "\n".join(lines))
+
+
+def _git_field(text: str, name: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith(f"{name}: "):
+            return line.split(": ", 1)[1]
+    return None
+
+
+def _commit_diff(a: str, b: str) -> str:
+    """`git diff --stat a b` in this checkout, or why not."""
+    try:
+        import git
+
+        return git.Repo(PROJECT_DIR, search_parent_directories=True).git.diff("--stat", a, b)
+    except Exception as e:  # noqa: BLE001 - the commits may be gone, or git missing: say so, go on
+        return f"(no diff of the commits here: {type(e).__name__}: {' '.join(str(e).split())[:200]})"
 
 
 def size_of(path: Path) -> int:
@@ -107,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory '{runs_dir}' does not exist; pass --runs-dir")
     if args.verb == "list":
-        list_runs(runs_dir, args.state, args.tag)
+        list_runs(runs_dir, args.state, args.tag, args.sort, args.reverse)
+    elif args.verb == "show":
+        show(resolve_run(args.run, runs_dir, need_export=False))
+    elif args.verb == "diff":
+        diff(resolve_run(args.a, runs_dir, need_export=False), resolve_run(args.b, runs_dir, need_export=False))
     else:
         clean(runs_dir, args.yes)
     return 0

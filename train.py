@@ -218,6 +218,7 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
     # all-reduce overlaps backward (PyTorch's recommended order).
     trainer.model = compile_model(model, device) if compiled else model
     status.update(compiled=compiled, dtype=str(dtype).removeprefix("torch."))  # what auto chose here
+    status.update(params=raw_model.num_params())
     print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
           f"| compile {'on' if compiled else 'off'}{' (auto)' if cfg.torch_compile == 'auto' else ''} "
           f"| {cfg.tokens_per_step * d.world_size:,} tokens/step"
@@ -250,7 +251,8 @@ def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
     print(f"exported to {run_dir / 'artifacts' / 'export'}")
     if cfg.sample_length and reason != "interrupted":
         print("sample:\n" + sample_text(trainer.raw_model, trainer.tokenizer, cfg, trainer.device))
-    metrics = {"iteration": trainer.iteration, "best_val_loss": trainer.best_val_loss, "stop_reason": reason}
+    metrics = {"iteration": trainer.iteration, "best_val_loss": trainer.best_val_loss, "stop_reason": reason,
+               "seconds": round(trainer.elapsed(), 1)}
     if reason == "target_reached":
         metrics["target_reached_at"] = trainer.target_reached_at
     if reason == "interrupted":

@@ -1,4 +1,5 @@
-"""runs.py: the run listing (killed runs told apart) and clean (a dry run unless --yes)."""
+"""runs.py: the run listing (killed runs told apart, sorted by any column), show, diff, and clean (a
+dry run unless --yes)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ import runs
 from model import LanguageModel
 from parameters import ModelConfig
 from utils.checkpoint import find_checkpoints, mark_best, save_checkpoint
+from utils.files import atomic_write_json
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir
 
 
-def make_run(root: Path, tag: str, state: str, steps: tuple[int, ...] = (), best: int | None = None) -> Path:
+def make_run(root: Path, tag: str, state: str, steps: tuple[int, ...] = (), best: int | None = None,
+             best_val: float = 1.5, **config: object) -> Path:
     """A run directory in `state` with checkpoints at `steps` (state "killed": left running, no owner)."""
     run_dir = create_run_dir(root, tag)
+    cfg = ModelConfig(**{"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8, "run_tag": tag, **config})
+    atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())
     status = RunStatus(run_dir)
-    status.start(iteration=max(steps, default=0))
+    status.start(iteration=max(steps, default=0), world_size=1, params=1234)
     if state != "killed":
-        status.finish(state, best_val_loss=1.5)
-    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)
+        status.finish(state, best_val_loss=best_val, val_bpb=best_val * 1.1, seconds=90.0)
     model = LanguageModel(cfg, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt_dir = run_dir / "artifacts" / "checkpoints"
@@ -37,9 +41,9 @@ def make_run(root: Path, tag: str, state: str, steps: tuple[int, ...] = (), best
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
-    make_run(root, "done", "completed", (10, 20, 30), best=20)
-    make_run(root, "paused", "interrupted", (10, 20, 30), best=10)
-    make_run(root, "broke", "failed", (10,))
+    make_run(root, "done", "completed", (10, 20, 30), best=20, best_val=1.2)
+    make_run(root, "paused", "interrupted", (10, 20, 30), best=10, best_val=1.9, arch="llama")
+    make_run(root, "broke", "failed", (10,), best_val=1.4)
     make_run(root, "gone", "killed", (10,))
     return root
 
@@ -52,11 +56,48 @@ def names(root: Path) -> dict[str, list[str]]:
 def test_list_shows_every_run_with_its_real_state(root: Path, capsys):
     assert runs.main(["--runs-dir", str(root), "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:3] == ["run", "state", "steps"]
-    states = {line.split()[0].split("_", 2)[2]: line.split()[1] for line in out[1:]}
-    assert states == {"done": "completed", "paused": "interrupted", "broke": "failed", "gone": "killed"}
+    assert out[0].split() == ["run", "tag", "state", "arch", "params", "tokens", "best", "val", "val", "bpb", "wall",
+                              "started", "(UTC)"]
+    rows = {line.split()[1]: line.split() for line in out[1:]}
+    assert {tag: row[2] for tag, row in rows.items()} == {"done": "completed", "paused": "interrupted",
+                                                         "broke": "failed", "gone": "killed"}
+    # 30 steps of batch 12 x block 8 x 1 micro-step x 1 rank = 2,880 tokens seen
+    assert rows["paused"][3:9] == ["llama", "0.00M", "2,880", "1.9000", "2.0900", "1m30s"]
+    assert rows["gone"][6:9] == ["-", "-", "0s"]  # no eval reported; its wall time: until its last heartbeat
     runs.main(["--runs-dir", str(root), "list", "--state", "killed"])
-    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["killed"]
+    assert [line.split()[2] for line in capsys.readouterr().out.splitlines()[1:]] == ["killed"]
+    runs.main(["--runs-dir", str(root), "list", "--sort", "best_val"])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["done", "broke", "paused", "gone"]
+    runs.main(["--runs-dir", str(root), "list", "--sort", "best_val", "--reverse", "--tag", "broke"])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["broke"]
+    runs.main(["--runs-dir", str(root), "list", "--sort", "best_val", "--reverse"])
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["paused", "broke", "done", "gone"]
+
+
+def test_show_tells_everything_the_run_recorded(trained_run: Path, capsys):
+    assert runs.main(["--runs-dir", str(trained_run.parent), "show", trained_run.name]) == 0
+    out = capsys.readouterr().out
+    assert f"run {trained_run}\nstate: completed" in out
+    assert "  stop_reason: completed" in out and "  params: " in out and "  seconds: " in out
+    assert "  * max_iters: 20\n" in out and "    arch: gpt2\n" in out  # * marks what differs from the defaults
+    assert "code (meta/git.txt): commit: " in out and "environment (meta/env.txt): " in out
+    assert "(best)" in out and f"export: {trained_run / 'artifacts' / 'export'}" in out and "evals: 0" in out
+
+
+def test_diff_names_the_config_keys_and_the_code_that_differ(tmp_path: Path, capsys):
+    a = make_run(tmp_path / "runs", "a", "completed", learning_rate=1e-3)
+    b = make_run(tmp_path / "runs", "b", "completed", learning_rate=3e-4, n_layer=2)
+    header = "repository: /x\ncommit: {}\nbranch: main\ndirty: True\nuntracked files (0):\n\n" \
+             "diff against HEAD (staged + unstaged):\n"
+    (a / "meta" / "git.txt").write_text(header.format("abc") + "-x = 1\n+x = 2\n")
+    (b / "meta" / "git.txt").write_text(header.format("abc") + "-x = 1\n+x = 3\n")
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "diff", str(a), b.name]) == 0
+    out = capsys.readouterr().out
+    assert "config: 2 key(s) differ\n  learning_rate: 0.001 -> 0.0003\n  n_layer: 1 -> 2\n" in out
+    assert "code: commit abc in both" in out and "uncommitted changes differ" in out
+    assert "-+x = 2\n++x = 3" in out
+    with pytest.raises(FileNotFoundError):
+        runs.main(["--runs-dir", str(tmp_path / "runs"), "diff", str(a), "nope"])
 
 
 def test_clean_is_a_dry_run_until_told_otherwise(root: Path, capsys):
