@@ -3,6 +3,7 @@
     python runs.py list [--state killed] [--tag baseline] [--sort best_val]   # one line per run
     python runs.py show latest                               # everything meta/ and status.json know
     python runs.py diff runs/<a> runs/<b>                    # config keys and code that differ
+    python runs.py plot runs/<a> runs/<b> --out loss.png     # val and train loss against tokens seen
     python runs.py clean                                     # what would be removed (a dry run)
     python runs.py clean --yes                               # remove it
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import shutil
 from datetime import datetime
@@ -26,7 +28,7 @@ from config import PROJECT_DIR, Parser
 from parameters import ModelConfig
 from utils.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
-from utils.files import read_json_object
+from utils.files import atomic_path, read_json_object
 from utils.run_state import RunLock, run_state
 from utils.console import format_duration
 from utils.runs import find_runs, resolve_run
@@ -49,6 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     listing.add_argument("--reverse", action="store_true", help="largest (or latest) first")
     show = verbs.add_parser("show", help="everything a run's meta/ and status.json know, and its evals")
     show.add_argument("run", help="a run directory, its name under --runs-dir, or latest")
+    plot = verbs.add_parser("plot", help="val and train loss against tokens seen, several runs on one chart (PNG)")
+    plot.add_argument("runs", nargs="+", help="run directories, their names, or latest")
+    plot.add_argument("--out", required=True, help="the PNG file to write")
     diff = verbs.add_parser("diff", help="the config keys and the code that differ between two runs")
     diff.add_argument("a", help="a run directory, its name, or latest")
     diff.add_argument("b", help="a run directory, its name, or latest")
@@ -170,6 +175,68 @@ def diff(a: Path, b: Path) -> None:
         print("uncommitted changes differ (a diff of the two recorded diffs):\n" + "\n".join(lines))
 
 
+CURVES = {"val": "eval_loss/val", "train": "loss/train"}
+
+
+def loss_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """{"val": (tokens seen, losses), "train": (...)} from logs/metrics.jsonl, or from the TensorBoard
+    events of a run that predates it (steps times the run's tokens per step)."""
+    curves: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in CURVES}
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            for name, tag in CURVES.items():
+                if isinstance(record.get(tag), (int, float)):
+                    curves[name][0].append(record["tokens_seen"])
+                    curves[name][1].append(record[tag])
+        return curves
+    facts = run_facts(run_dir)
+    per_step = (facts["tokens"] or 0) / max(read_json_object(run_dir / "meta" / "status.json").get("iteration", 1), 1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for name, tag in CURVES.items():
+        if tag in events.Tags().get("scalars", []):
+            points = events.Scalars(tag)
+            curves[name] = ([p.step * per_step for p in points], [p.value for p in points])
+    return curves
+
+
+def plot(run_dirs: list[Path], out: Path) -> None:
+    """One chart: each run a colour, val loss solid with markers, train loss thin and dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out} must be a .png file")
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    drawn = 0
+    for i, run_dir in enumerate(run_dirs):
+        curves, color = loss_curves(run_dir), f"C{i % 10}"
+        for name, style in (("val", {"marker": "o", "linewidth": 2}), ("train", {"linestyle": "--", "linewidth": 1})):
+            tokens, losses = curves[name]
+            if tokens:
+                ax.plot(tokens, losses, color=color, label=f"{run_dir.name} {name}", **style)
+                drawn += 1
+    if not drawn:
+        raise ValueError(f"none of {', '.join(str(r) for r in run_dirs)} has logged a loss yet; train first")
+    ax.set(xlabel="tokens seen", ylabel="loss (nats per token)", title="loss against tokens seen")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    print(f"wrote {out} ({drawn} curves from {len(run_dirs)} runs)")
+
+
 def _git_field(text: str, name: str) -> str | None:
     for line in text.splitlines():
         if line.startswith(f"{name}: "):
@@ -238,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         list_runs(runs_dir, args.state, args.tag, args.sort, args.reverse)
     elif args.verb == "show":
         show(resolve_run(args.run, runs_dir, need_export=False))
+    elif args.verb == "plot":
+        plot([resolve_run(r, runs_dir, need_export=False) for r in args.runs], Path(args.out))
     elif args.verb == "diff":
         diff(resolve_run(args.a, runs_dir, need_export=False), resolve_run(args.b, runs_dir, need_export=False))
     else:

@@ -3,6 +3,7 @@ dry run unless --yes)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,38 @@ def test_clean_leaves_a_run_another_process_holds(root: Path, capsys):
 def test_a_missing_runs_directory_is_one_line(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="runs directory .* does not exist"):
         runs.main(["--runs-dir", str(tmp_path / "none"), "list"])
+
+
+def test_plot_reads_metrics_jsonl_and_writes_a_png(tmp_path: Path, capsys):
+    a = make_run(tmp_path / "runs", "a", "completed")
+    lines = [{"step": 10, "tokens_seen": 960, "wall_time": 1.0, "loss/train": 3.0},
+             {"step": 10, "tokens_seen": 960, "wall_time": 1.1, "eval_loss/train": 2.9, "eval_loss/val": 3.1},
+             {"step": 20, "tokens_seen": 1920, "wall_time": 2.0, "loss/train": 2.5}]
+    (a / "logs").mkdir(parents=True, exist_ok=True)
+    (a / "logs" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3')  # torn
+    assert runs.loss_curves(a) == {"val": ([960], [3.1]), "train": ([960, 1920], [3.0, 2.5])}
+    out = tmp_path / "loss.png"
+    assert runs.main(["--runs-dir", str(tmp_path / "runs"), "plot", a.name, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="must be a .png file"):
+        runs.main(["--runs-dir", str(tmp_path / "runs"), "plot", a.name, "--out", str(tmp_path / "loss.jpg")])
+    b = make_run(tmp_path / "runs", "b", "killed")
+    (b / "logs").mkdir(parents=True, exist_ok=True)
+    (b / "logs" / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="has logged a loss yet"):
+        runs.main(["--runs-dir", str(tmp_path / "runs"), "plot", b.name, "--out", str(out)])
+
+
+def test_plot_falls_back_to_tensorboard_for_older_runs(trained_run: Path, tmp_path: Path):
+    """A run without logs/metrics.jsonl: its TensorBoard events, steps turned into tokens seen."""
+    import shutil
+
+    old = tmp_path / trained_run.name
+    shutil.copytree(trained_run, old)
+    (old / "logs" / "metrics.jsonl").unlink(missing_ok=True)
+    curves = runs.loss_curves(old)
+    config = json.loads((old / "meta" / "full_config.json").read_text())
+    per_step = config["batch_size"] * config["block_size"] * config["grad_accum_steps"]
+    assert curves["val"][0][-1] == config["max_iters"] * per_step and len(curves["train"][0]) > 1
+    status = json.loads((old / "meta" / "status.json").read_text())
+    assert min(curves["val"][1]) == pytest.approx(status["best_val_loss"], rel=1e-6)
