@@ -48,8 +48,11 @@ def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: t
     cleanly (no trailing U+FFFD), or until a few more show that the bytes really are invalid."""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     pending: list[int] = []
+    stop = tokenizer.eot_id if cfg.stop_at_end_of_text else None
     for token in model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                        top_p=cfg.top_p, generator=generator):
+        if int(token[0, 0]) == stop:  # the model ended the document
+            break
         pending.append(int(token[0, 0]))
         text = tokenizer.decode(pending)
         if not text.endswith("\ufffd") or len(pending) >= MAX_HELD_TOKENS:

@@ -272,6 +272,7 @@ class GenerateConfig(Validated):
     top_k: int = knob(200, "sample only among the k most likely tokens; 0 disables")
     top_p: float = knob(1.0, "nucleus sampling: smallest set of tokens with this total probability; 1 disables")
     num_samples: int = knob(1, "independent samples to draw")
+    stop_at_end_of_text: bool = knob(True, "end a sample at the tokenizer's end-of-text id (where a document ends)")
     seed: int = knob(1337, "sampling seed")
     device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
 

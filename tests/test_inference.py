@@ -108,3 +108,25 @@ def test_long_generations_keep_only_the_window(trained_run: Path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1_000_000  # Python-side bookkeeping only; the window tensors live in torch
+
+
+def test_a_sample_ends_at_end_of_text_unless_told_otherwise() -> None:
+    """A model trained on documents ends one with the end-of-text id: the sample stops there."""
+    import torch
+
+    from inference import stream_text
+    from parameters import GenerateConfig
+    from tokenizer import CharTokenizer
+
+    tok = CharTokenizer(["a", "b", "c"], end_of_text=True)
+
+    class Scripted:  # a model that "samples" a b <eot> c
+        def generate_stream(self, idx, n, **kwargs):
+            yield from (torch.tensor([[t]]) for t in [0, 1, tok.eot_id, 2])
+
+    def sample(**flags) -> str:
+        cfg = GenerateConfig(**flags).validate()
+        return "".join(stream_text(Scripted(), tok, [0], cfg, torch.device("cpu"), torch.Generator()))
+
+    assert sample() == "ab"
+    assert sample(stop_at_end_of_text=False) == "ab<|endoftext|>c"
