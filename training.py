@@ -211,6 +211,10 @@ class Trainer:
         it resumed from."""
         return self.seconds_before + time.perf_counter() - self.started
 
+    def tokens_seen(self) -> int:
+        """Tokens trained on so far, every rank's."""
+        return self.iteration * self.cfg.tokens_per_step * self.d.world_size
+
     def window_losses(self) -> list[float]:
         """The losses since the last log line, as floats (one device sync); a NaN or inf stops the run
         here, before any checkpoint could save the damaged weights."""
@@ -239,7 +243,8 @@ class Trainer:
         print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
               f"| {tok_s / 1e3:,.1f}k tok/s | ETA {eta}", flush=True)
         self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
-        self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
+        self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s,
+                                      "tokens_seen": self.tokens_seen()})
         self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (utils/run_state.py)
 
     def evaluate(self) -> None:
@@ -259,7 +264,7 @@ class Trainer:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
         if self.cfg.target_val_loss and losses["val"] <= self.cfg.target_val_loss:
             self.target_reached_at = {"step": it, "val_loss": losses["val"], "seconds": round(self.elapsed(), 3),
-                                      "tokens": it * self.cfg.tokens_per_step * self.d.world_size}
+                                      "tokens": self.tokens_seen()}
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss, self.evals_since_best, self.best_step = losses["val"], 0, it

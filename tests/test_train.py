@@ -114,6 +114,25 @@ def test_aim_run_holds_the_metrics(tmp_path: Path, tiny_corpus: Path):
     assert list(steps) == [5, 10]
 
 
+def test_metrics_jsonl_holds_what_tensorboard_and_status_recorded(trained_run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    lines = [json.loads(line) for line in (trained_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "tokens_seen", "wall_time"} <= line.keys() for line in lines)
+    assert [line["step"] for line in lines] == sorted(line["step"] for line in lines)
+    assert [line["wall_time"] for line in lines] == sorted(line["wall_time"] for line in lines)
+    full = json.loads((trained_run / "meta" / "full_config.json").read_text())
+    assert all(line["tokens_seen"] == line["step"] * full["batch_size"] * full["block_size"] for line in lines)
+    acc = EventAccumulator(str(trained_run / "logs" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("loss/train", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "eval_loss/train", "eval_loss/val"):
+        logged = [(line["step"], line[tag]) for line in lines if tag in line and (tag != "tokens_seen" or "lr" in line)]
+        assert [s for s, _ in logged] == [e.step for e in acc.Scalars(tag)], tag
+        assert [v for _, v in logged] == pytest.approx([e.value for e in acc.Scalars(tag)], rel=1e-6), tag
+    status = json.loads((trained_run / "meta" / "status.json").read_text())
+    last_eval = [line for line in lines if "eval_loss/val" in line][-1]
+    assert last_eval["step"] == 20 and last_eval["eval_loss/val"] == status["val_loss"]
+
+
 @pytest.mark.parametrize("args,message,kind", [
     (["--data", "/nonexistent/corpus.txt"], "data path '/nonexistent/corpus.txt' does not exist", FileNotFoundError),
     (["--block-size", "4000"], "split has", ValueError),
