@@ -146,6 +146,8 @@ class ModelConfig(Validated):
     # --- evaluation, logging, output ---
     eval_interval: int = knob(250, "evaluate (and sample) every this many steps, and at the end")
     eval_iters: int = knob(20, "batches averaged per split at each evaluation")
+    eval_at_start: bool = knob(True, "evaluate once before the first step of a fresh run, beside ln(vocab_size): "
+                                     "a broken initialization or data shows before any training")
     log_interval: int = knob(10, "print and log the training loss every this many steps")
     histogram_interval: int = knob(500, "log parameter and gradient histograms every this many steps; 0 disables")
     sample_length: int = knob(200, "characters/tokens sampled at each eval and at the end; 0 disables")

@@ -221,6 +221,7 @@ def test_resume_extends_max_iters_keeping_the_schedule(trained_run, tmp_path):
     cfg = json.loads((run_dir / "meta" / "full_config.json").read_text())
     assert cfg["max_iters"] == longer and cfg["lr_decay_iters"] == recorded["max_iters"]
     assert f"step {longer}/{longer}" in res.stdout and "lr 1.00e-04" in res.stdout  # past the schedule: min_lr
+    assert "eval step 0" not in res.stdout  # the step-0 eval is a fresh run's
 
 
 def test_fine_tuning_from_a_run(trained_run, tmp_path):

@@ -73,6 +73,14 @@ def test_status_and_log(trained_run: Path):
     stdout = (trained_run / "stdout.txt").read_text()
     for line in ("step 20/20", "eval step 20", "exported to", "sample:"):
         assert line in log and line in stdout
+    (first_eval,) = [line for line in stdout.splitlines() if line.startswith("eval step 0:")]
+    n_vocab = int(re.search(r"\(ln\(vocab (\d+)\) = ", first_eval).group(1))
+    assert first_eval.endswith(f"(ln(vocab {n_vocab}) = {math.log(n_vocab):.4f})") and n_vocab >= 30
+    assert "warning: initial loss" not in stdout
+    assert stdout.index(first_eval) < stdout.index("step  1/20")  # before any training
+    checkpoints = trained_run / "artifacts" / "checkpoints"
+    assert not (checkpoints / "step_000000").exists()
+    assert json.loads((checkpoints / "best.json").read_text())["checkpoint"] != "step_000000"
 
 
 def test_tensorboard_events(trained_run: Path):
@@ -83,7 +91,7 @@ def test_tensorboard_events(trained_run: Path):
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/train", "eval_loss/train", "eval_loss/val", "lr", "grad_norm", "tokens_per_sec"} <= scalars
     assert [e.step for e in acc.Scalars("loss/train")] == [5, 10, 15, 20]
-    assert [e.step for e in acc.Scalars("eval_loss/val")] == [10, 20]
+    assert [e.step for e in acc.Scalars("eval_loss/val")] == [0, 10, 20]
     status = json.loads((trained_run / "meta" / "status.json").read_text())
     assert acc.Scalars("eval_loss/val")[-1].value == pytest.approx(status["val_loss"], rel=1e-6)
     histograms = set(acc.Tags()["histograms"])
@@ -105,7 +113,7 @@ def test_aim_run_holds_the_metrics(tmp_path: Path, tiny_corpus: Path):
     assert run["hparams"]["n_layer"] == 2 and run["hparams"]["max_iters"] == 10
     assert run["hparams"]["python"] and run["hparams"]["git"]
     steps, (values,) = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
-    assert list(steps) == [5, 10] and values[-1] == pytest.approx(status["val_loss"], rel=1e-6)
+    assert list(steps) == [0, 5, 10] and values[-1] == pytest.approx(status["val_loss"], rel=1e-6)
     steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
     assert list(steps) == [5, 10]
     assert run.get_metric("lr", Context({})) is not None
