@@ -52,6 +52,12 @@ def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
 
 
+def batch_step(step: int, cfg: ModelConfig) -> int:
+    """The step whose batch step `step` trains on: itself, or with overfit_batches N, step % N. Training on
+    N fixed batches is the debug mode that proves model and loss are wired up: the loss must fall near 0."""
+    return step % cfg.overfit_batches if cfg.overfit_batches else step
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens, step: int, cfg: ModelConfig, *,
                scaler: torch.amp.GradScaler, ctx, device: torch.device, d: Dist = Dist()):
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
@@ -62,7 +68,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens,
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum_steps):
         with torch.profiler.record_function("data"):
-            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro,
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=batch_step(step, cfg), micro=micro,
                              n_micro=cfg.grad_accum_steps, rank=d.rank, world_size=d.world_size, device=device)
         last = micro == cfg.grad_accum_steps - 1
         with ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext():

@@ -17,6 +17,7 @@ from model import LanguageModel
 from optimization import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer, describe_optimizer, get_lr, set_lrs
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
+from data import get_batch
 from training import Trainer, train_step
 from utils.runs import RunStatus
 from utils.signals import NeverStop
@@ -234,3 +235,43 @@ def test_the_step_0_eval_leaves_training_bit_identical(tiny_cfg, tmp_path):
         evals = sorted({step for step, name, _ in trainer.tracker.scalars if name == "eval_loss"})
         assert evals == ([0, 3, 6] if at_start else [3, 6])
     assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
+    import training
+    drawn: list[tuple[int, torch.Tensor]] = []
+
+    def recording_get_batch(*args, **kwargs):
+        x, y = get_batch(*args, **kwargs)
+        drawn.append((kwargs["step"], x))
+        return x, y
+
+    monkeypatch.setattr(training, "get_batch", recording_get_batch)
+    cfg = dataclasses.replace(tiny_cfg, overfit_batches=2)
+    model = LanguageModel(cfg, 30)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    tokens = (torch.arange(3000) * 7 % 30).numpy()
+    for step in range(5):
+        train_step(model, optimizer, tokens, step, cfg, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                   ctx=contextlib.nullcontext(), device=torch.device("cpu"))
+    assert [step for step, _ in drawn] == [0, 1, 0, 1, 0]
+    assert torch.equal(drawn[0][1], drawn[2][1]) and torch.equal(drawn[1][1], drawn[3][1])
+    assert not torch.equal(drawn[0][1], drawn[1][1])
+    with pytest.raises(ValueError, match=r"overfit_batches: must be >= 0, got -1"):
+        dataclasses.replace(tiny_cfg, overfit_batches=-1).validate()
+
+
+def test_overfit_batches_1_drives_the_loss_near_zero(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, overfit_batches=1, learning_rate=3e-3, grad_clip=0.0)
+    tok = CharTokenizer.from_text(TINY_TEXT)
+    tokens = torch.tensor(tok.encode(TINY_TEXT)).numpy()
+    torch.manual_seed(0)
+    model = LanguageModel(cfg, tok.vocab_size)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    losses = []
+    for step in range(200):
+        loss, _ = train_step(model, optimizer, tokens, step, cfg, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                             ctx=contextlib.nullcontext(), device=torch.device("cpu"))
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::20]
