@@ -298,7 +298,7 @@ def test_resume_continues_the_same_aim_run(tiny_corpus, tmp_path):
     status = json.loads((run_dir / "meta" / "status.json").read_text())
     run = read_aim_run(tmp_path, status["aim_run_hash"])
     steps, _ = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
-    assert list(steps) == list(range(10, target + 1, 10))  # evals before the kill and after, in one Aim run
+    assert list(steps) == list(range(0, target + 1, 10))  # evals (step 0 too) before the kill and after, one Aim run
     steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
     assert list(steps) == list(range(1, target + 1))
 
