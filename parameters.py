@@ -142,10 +142,14 @@ class ModelConfig(Validated):
     muon_lr: float = knob(0.02, "Muon: peak learning rate of the hidden weight matrices")
     momentum: float = knob(0.95, "momentum of Muon and SGD")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this; 0 disables")
+    overfit_batches: int = knob(0, "debug: train on the batches of steps 0..N-1 only, cycling (step k trains on "
+                                   "batch k mod N); a model and loss wired up right drive the loss near 0; 0 = off")
 
     # --- evaluation, logging, output ---
     eval_interval: int = knob(250, "evaluate (and sample) every this many steps, and at the end")
     eval_iters: int = knob(20, "batches averaged per split at each evaluation")
+    eval_at_start: bool = knob(True, "evaluate once before the first step of a fresh run, beside ln(vocab_size): "
+                                     "a broken initialization or data shows before any training")
     log_interval: int = knob(10, "print and log the training loss every this many steps")
     histogram_interval: int = knob(500, "log parameter and gradient histograms every this many steps; 0 disables")
     sample_length: int = knob(200, "characters/tokens sampled at each eval and at the end; 0 disables")
@@ -172,7 +176,7 @@ class ModelConfig(Validated):
                      "max_iters", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 p.append((name, f"must be > 0, got {getattr(self, name)}"))
-        for name in ("warmup_iters", "lr_decay_iters", "histogram_interval", "sample_length",
+        for name in ("warmup_iters", "lr_decay_iters", "histogram_interval", "sample_length", "overfit_batches",
                      "weight_decay", "grad_clip", "min_lr", "checkpoint_interval", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 p.append((name, f"must be >= 0, got {getattr(self, name)}"))

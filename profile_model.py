@@ -184,7 +184,7 @@ def loop_seconds_per_step(model, raw_model, optimizer, splits, tokenizer, cfg, d
     """
     loop_cfg = dataclasses.replace(cfg, max_iters=n, log_interval=n, eval_interval=n, eval_iters=1,
                                    sample_length=0, histogram_interval=0, checkpoint_interval=0,
-                                   early_stopping_patience=0, keep_checkpoints=1)
+                                   early_stopping_patience=0, keep_checkpoints=1, eval_at_start=False)
     clock = _LogClock(device)
     with tempfile.TemporaryDirectory(prefix="profile_loop_") as tmp, contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg=loop_cfg, raw_model=raw_model, model=model, optimizer=optimizer, splits=splits,

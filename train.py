@@ -227,7 +227,8 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
     if d.is_main:
         extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}
         trainer.tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo,
-                                        cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1)
+                                        cfg.run_tag, trainer.aim_run_hash, trainer.iteration + 1,
+                                        cfg.tokens_per_step * d.world_size, trainer.elapsed)
         trainer.aim_run_hash = trainer.tracker.run_hash or trainer.aim_run_hash
     if trainer.aim_run_hash:
         status.update(aim_run_hash=trainer.aim_run_hash)  # a resumed run continues the same Aim run

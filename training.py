@@ -40,11 +40,22 @@ from utils.signals import GracefulStop
 from utils.tracking import Tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
+# An untrained model predicts nearly uniformly, so its loss is ln(vocab_size): GPT-2 init (std 0.02) gives
+# logits of about 0.1, within a few percent of it (tests/test_model.py: 0.2 of ln(30) = 3.4). 25% is far
+# outside that, yet a model whose logits are O(1) too large (a missing 1/sqrt(d) scale, a wrong init) or
+# data whose targets are not the next tokens lands well beyond it; a NaN is always beyond it.
+INITIAL_LOSS_TOLERANCE = 0.25
 
 
 def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """torch.compile; inductor has no MPS backend, so MPS gets aot_eager. Exports use the raw model."""
     return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
+
+
+def batch_step(step: int, cfg: ModelConfig) -> int:
+    """The step whose batch step `step` trains on: itself, or with overfit_batches N, step % N. Training on
+    N fixed batches is the debug mode that proves model and loss are wired up: the loss must fall near 0."""
+    return step % cfg.overfit_batches if cfg.overfit_batches else step
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens, step: int, cfg: ModelConfig, *,
@@ -57,7 +68,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens,
     loss_sum = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum_steps):
         with torch.profiler.record_function("data"):
-            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=step, micro=micro,
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=batch_step(step, cfg), micro=micro,
                              n_micro=cfg.grad_accum_steps, rank=d.rank, world_size=d.world_size, device=device)
         last = micro == cfg.grad_accum_steps - 1
         with ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext():
@@ -168,6 +179,9 @@ class Trainer:
         cfg, reason = self.cfg, "completed"
         clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
         self.first_iteration = self.iteration
+        if self.iteration == 0 and cfg.eval_at_start:
+            self.initial_eval()
+            clock = time.perf_counter()  # eval time is not training time
         while self.iteration < cfg.max_iters:
             lr = get_lr(self.iteration, cfg)  # learning_rate's groups: what is logged
             set_lrs(self.optimizer, self.iteration, cfg)  # each group scaled to its own peak (Muon's: muon_lr)
@@ -211,6 +225,10 @@ class Trainer:
         it resumed from."""
         return self.seconds_before + time.perf_counter() - self.started
 
+    def tokens_seen(self) -> int:
+        """Tokens trained on so far, every rank's."""
+        return self.iteration * self.cfg.tokens_per_step * self.d.world_size
+
     def window_losses(self) -> list[float]:
         """The losses since the last log line, as floats (one device sync); a NaN or inf stops the run
         here, before any checkpoint could save the damaged weights."""
@@ -239,27 +257,52 @@ class Trainer:
         print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "
               f"| {tok_s / 1e3:,.1f}k tok/s | ETA {eta}", flush=True)
         self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
-        self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s})
+        self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s,
+                                      "tokens_seen": self.tokens_seen()})
         self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (utils/run_state.py)
 
-    def evaluate(self) -> None:
-        """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best,
-        any other result counts towards early stopping."""
+    def measure(self, sample: bool = True) -> tuple[dict[str, float], float | None]:
+        """Loss on both splits (and val bits per byte), tracked at this iteration, with a sample."""
         it, t0 = self.iteration, time.perf_counter()
         losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
         self.eval_seconds = time.perf_counter() - t0
         bpb = self.bits_per_byte("val", losses["val"]) if self.bits_per_byte else None
-        print(f"eval step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-              + (f", val bpb {bpb:.4f}" if bpb is not None else ""), flush=True)
         for split, value in losses.items():
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
         if bpb is not None:
             self.tracker.log_scalars(it, {"val_bpb": bpb})
-        if self.cfg.sample_length and self.d.is_main:
+        if sample and self.cfg.sample_length and self.d.is_main:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
+        return losses, bpb
+
+    def initial_eval(self) -> None:
+        """Step 0 of a fresh run: the loss before any training beside ln(vocab_size), the loss of uniform
+        predictions, with a warning when they are far apart: a broken initialization or data is caught
+        before any training time is spent. Tracked only: no checkpoint, best, early stopping or target.
+        It draws no random numbers (eval mode, fixed eval batches), so training goes on bit-identically."""
+        losses, bpb = self.measure(sample=False)
+        line = eval_line(0, losses, bpb)
+        if self.cfg.init_from:  # a trained model's loss is meant to be below ln(vocab)
+            print(line, flush=True)
+            return
+        uniform = math.log(self.raw_model.vocab_size)
+        print(f"{line} (ln(vocab {self.raw_model.vocab_size}) = {uniform:.4f})", flush=True)
+        far = [f"{split} {v:.4f}" for split, v in losses.items()
+               if not abs(v - uniform) <= INITIAL_LOSS_TOLERANCE * uniform]
+        if far:
+            print(f"warning: initial loss ({', '.join(far)}) is more than {INITIAL_LOSS_TOLERANCE:.0%} from "
+                  f"ln(vocab) = {uniform:.4f}, the loss of uniform predictions: check the initialization and the "
+                  "data before training", flush=True)
+
+    def evaluate(self) -> None:
+        """Loss on both splits, tracked, with a sample; a new best val loss is checkpointed as best,
+        any other result counts towards early stopping."""
+        it = self.iteration
+        losses, bpb = self.measure()
+        print(eval_line(it, losses, bpb), flush=True)
         if self.cfg.target_val_loss and losses["val"] <= self.cfg.target_val_loss:
             self.target_reached_at = {"step": it, "val_loss": losses["val"], "seconds": round(self.elapsed(), 3),
-                                      "tokens": it * self.cfg.tokens_per_step * self.d.world_size}
+                                      "tokens": self.tokens_seen()}
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss, self.evals_since_best, self.best_step = losses["val"], 0, it
@@ -309,6 +352,12 @@ class Trainer:
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
         self.best_step, self.seconds_before = meta.get("best_step", 0), meta.get("seconds", 0.0)
         self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
+
+
+def eval_line(step: int, losses: dict[str, float], bpb: float | None) -> str:
+    """The console line of an eval."""
+    return (f"eval step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            + (f", val bpb {bpb:.4f}" if bpb is not None else ""))
 
 
 def restore_best(trainer: Trainer) -> str:

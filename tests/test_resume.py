@@ -57,6 +57,13 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("loss/train", "eval_loss/val")}
 
 
+def jsonl_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, value) of the loss lines of logs/metrics.jsonl, in file order."""
+    lines = map(json.loads, (run_dir / "logs" / "metrics.jsonl").read_text().splitlines())
+    return [(line["step"], line.get("loss/train", line.get("eval_loss/val"))) for line in lines
+            if "loss/train" in line or "eval_loss/val" in line]
+
+
 def after_its_event_files(run_dir: Path) -> None:
     """Wait into the second after the run's newest TensorBoard event file was opened. TensorBoard reads a
     run's files in name order, and a name is the open time in whole seconds, then the pid: a resume in
@@ -109,6 +116,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(sig, wait_for, code, refe
     ref_w, got_w = weights(reference(target)), weights(run_dir)
     assert ref_w.keys() == got_w.keys() and all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
     assert curves(run_dir) == curves(reference(target))  # no duplicated or backwards steps, same values
+    assert jsonl_losses(run_dir) == jsonl_losses(reference(target))
     status = json.loads((run_dir / "meta" / "status.json").read_text())
     assert status["state"] == "completed" and status["resumed_from"].startswith("step_")
     assert "resumed from" in (run_dir / "logs" / "train.log").read_text()
@@ -200,11 +208,20 @@ def test_resume_extends_max_iters_keeping_the_schedule(trained_run, tmp_path):
     recorded = json.loads((run_dir / "meta" / "full_config.json").read_text())
     assert recorded["lr_decay_iters"] == 0  # decay over max_iters, which the resume extends
     longer = recorded["max_iters"] + 4
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    before = metrics.read_text()
+    with metrics.open("a") as f:  # as if the interrupted session had logged past its last checkpoint (step 20)
+        f.write(json.dumps({"step": 22, "tokens_seen": 0, "wall_time": 0.0, "loss/train": -1.0}) + "\n")
     res = call_main(train.main, "--resume", str(run_dir), "--max-iters", str(longer))
     assert res.returncode == 0, res.stderr
+    text = metrics.read_text()
+    assert text.startswith(before) and "-1.0" not in text
+    keyed = [(line["step"], tuple(sorted(line))) for line in map(json.loads, text.splitlines())]
+    assert len(keyed) == len(set(keyed)) and keyed[-1][0] == longer  # each step's lines once
     cfg = json.loads((run_dir / "meta" / "full_config.json").read_text())
     assert cfg["max_iters"] == longer and cfg["lr_decay_iters"] == recorded["max_iters"]
     assert f"step {longer}/{longer}" in res.stdout and "lr 1.00e-04" in res.stdout  # past the schedule: min_lr
+    assert "eval step 0" not in res.stdout  # the step-0 eval is a fresh run's
 
 
 def test_fine_tuning_from_a_run(trained_run, tmp_path):
@@ -281,7 +298,7 @@ def test_resume_continues_the_same_aim_run(tiny_corpus, tmp_path):
     status = json.loads((run_dir / "meta" / "status.json").read_text())
     run = read_aim_run(tmp_path, status["aim_run_hash"])
     steps, _ = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
-    assert list(steps) == list(range(10, target + 1, 10))  # evals before the kill and after, in one Aim run
+    assert list(steps) == list(range(0, target + 1, 10))  # evals (step 0 too) before the kill and after, one Aim run
     steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
     assert list(steps) == list(range(1, target + 1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 from aim.storage.context import Context
 
 from utils.tracking import (
-    AimTracker, MultiTracker, TensorBoardTracker, Tracker, build_tracker, read_aim_run,
+    AimTracker, JsonlTracker, MultiTracker, TensorBoardTracker, Tracker, build_tracker, read_aim_run,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,9 +157,9 @@ def test_aim_process_exits_promptly_after_close(aim_repo: Path) -> None:
 
 
 def test_build_tracker(tmp_path: Path, aim_repo: Path) -> None:
-    tb_only = build_tracker(tmp_path, CONFIG, EXTRA, aim_logging=False, aim_repo=aim_repo, experiment="tests")
-    assert isinstance(tb_only, TensorBoardTracker) and tb_only.run_hash is None
-    tb_only.close()
+    local = build_tracker(tmp_path, CONFIG, EXTRA, aim_logging=False, aim_repo=aim_repo, experiment="tests")
+    assert [type(t) for t in local.trackers] == [TensorBoardTracker, JsonlTracker] and local.run_hash is None
+    local.close()
     both = build_tracker(tmp_path / "run", CONFIG, EXTRA, aim_logging=True, aim_repo=aim_repo, experiment="tests")
     assert isinstance(both, MultiTracker) and both.run_hash
     both.log_scalars(1, {"loss": 3.0}, subset="train")
@@ -227,3 +228,31 @@ def test_runs_starting_at_once_in_a_new_aim_repo_all_start(tmp_path: Path) -> No
     assert len(hashes) == 4
     for run_hash in hashes:
         assert read_aim_run(tmp_path / "aim", run_hash).get_metric("loss", Context({})) is not None
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_tracker_writes_a_flushed_line_per_call(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "metrics.jsonl"
+    tracker = JsonlTracker(path, tokens_per_step=64, clock=lambda: 1.5)
+    tracker.log_scalars(10, {"loss": 2.5}, subset="train")
+    assert _lines(path) == [{"step": 10, "tokens_seen": 640, "wall_time": 1.5, "loss/train": 2.5}]  # before close
+    tracker.log_scalars(10, {"lr": 1e-3, "grad_norm": 0.5})
+    tracker.close()
+    assert _lines(path)[1] == {"step": 10, "tokens_seen": 640, "wall_time": 1.5, "lr": 1e-3, "grad_norm": 0.5}
+
+
+def test_jsonl_tracker_on_resume_drops_the_lines_after_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    first = JsonlTracker(path, tokens_per_step=1, clock=lambda: 0.0)
+    for step in (5, 10, 15):
+        first.log_scalars(step, {"loss": float(step)})
+    first.close()
+    with path.open("a") as f:
+        f.write('{"step": 16, "los')  # a kill mid-line
+    resumed = JsonlTracker(path, tokens_per_step=1, clock=lambda: 0.0, purge_step=11)  # checkpoint at step 10
+    resumed.log_scalars(15, {"loss": -1.0})
+    resumed.close()
+    assert [(line["step"], line["loss"]) for line in _lines(path)] == [(5, 5.0), (10, 10.0), (15, -1.0)]

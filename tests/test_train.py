@@ -73,6 +73,14 @@ def test_status_and_log(trained_run: Path):
     stdout = (trained_run / "stdout.txt").read_text()
     for line in ("step 20/20", "eval step 20", "exported to", "sample:"):
         assert line in log and line in stdout
+    (first_eval,) = [line for line in stdout.splitlines() if line.startswith("eval step 0:")]
+    n_vocab = int(re.search(r"\(ln\(vocab (\d+)\) = ", first_eval).group(1))
+    assert first_eval.endswith(f"(ln(vocab {n_vocab}) = {math.log(n_vocab):.4f})") and n_vocab >= 30
+    assert "warning: initial loss" not in stdout
+    assert stdout.index(first_eval) < stdout.index("step  1/20")  # before any training
+    checkpoints = trained_run / "artifacts" / "checkpoints"
+    assert not (checkpoints / "step_000000").exists()
+    assert json.loads((checkpoints / "best.json").read_text())["checkpoint"] != "step_000000"
 
 
 def test_tensorboard_events(trained_run: Path):
@@ -83,7 +91,7 @@ def test_tensorboard_events(trained_run: Path):
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/train", "eval_loss/train", "eval_loss/val", "lr", "grad_norm", "tokens_per_sec"} <= scalars
     assert [e.step for e in acc.Scalars("loss/train")] == [5, 10, 15, 20]
-    assert [e.step for e in acc.Scalars("eval_loss/val")] == [10, 20]
+    assert [e.step for e in acc.Scalars("eval_loss/val")] == [0, 10, 20]
     status = json.loads((trained_run / "meta" / "status.json").read_text())
     assert acc.Scalars("eval_loss/val")[-1].value == pytest.approx(status["val_loss"], rel=1e-6)
     histograms = set(acc.Tags()["histograms"])
@@ -105,13 +113,32 @@ def test_aim_run_holds_the_metrics(tmp_path: Path, tiny_corpus: Path):
     assert run["hparams"]["n_layer"] == 2 and run["hparams"]["max_iters"] == 10
     assert run["hparams"]["python"] and run["hparams"]["git"]
     steps, (values,) = run.get_metric("eval_loss", Context({"subset": "val"})).data.view("val").numpy()
-    assert list(steps) == [5, 10] and values[-1] == pytest.approx(status["val_loss"], rel=1e-6)
+    assert list(steps) == [0, 5, 10] and values[-1] == pytest.approx(status["val_loss"], rel=1e-6)
     steps, _ = run.get_metric("loss", Context({"subset": "train"})).data.view("val").numpy()
     assert list(steps) == [5, 10]
     assert run.get_metric("lr", Context({})) is not None
     grads = run.get_distribution_sequence("transformer.wte.weight", Context({"type": "grads"}))
     steps, _ = grads.data.view("val").items_list()
     assert list(steps) == [5, 10]
+
+
+def test_metrics_jsonl_holds_what_tensorboard_and_status_recorded(trained_run: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    lines = [json.loads(line) for line in (trained_run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "tokens_seen", "wall_time"} <= line.keys() for line in lines)
+    assert [line["step"] for line in lines] == sorted(line["step"] for line in lines)
+    assert [line["wall_time"] for line in lines] == sorted(line["wall_time"] for line in lines)
+    full = json.loads((trained_run / "meta" / "full_config.json").read_text())
+    assert all(line["tokens_seen"] == line["step"] * full["batch_size"] * full["block_size"] for line in lines)
+    acc = EventAccumulator(str(trained_run / "logs" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("loss/train", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "eval_loss/train", "eval_loss/val"):
+        logged = [(line["step"], line[tag]) for line in lines if tag in line and (tag != "tokens_seen" or "lr" in line)]
+        assert [s for s, _ in logged] == [e.step for e in acc.Scalars(tag)], tag
+        assert [v for _, v in logged] == pytest.approx([e.value for e in acc.Scalars(tag)], rel=1e-6), tag
+    status = json.loads((trained_run / "meta" / "status.json").read_text())
+    last_eval = [line for line in lines if "eval_loss/val" in line][-1]
+    assert last_eval["step"] == 20 and last_eval["eval_loss/val"] == status["val_loss"]
 
 
 @pytest.mark.parametrize("args,message,kind", [

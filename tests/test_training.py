@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,12 @@ from conftest import TINY_TEXT
 from model import LanguageModel
 from optimization import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer, describe_optimizer, get_lr, set_lrs
 from parameters import ModelConfig
-from training import train_step
+from tokenizer import CharTokenizer
+from data import get_batch
+from training import Trainer, train_step
+from utils.runs import RunStatus
+from utils.signals import NeverStop
+from utils.tracking import Tracker
 
 CPU = torch.device("cpu")
 VOCAB = sorted(set(TINY_TEXT))
@@ -180,3 +186,92 @@ def test_muon_is_torchs_update_with_float32_newton_schulz(monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 has 8 bits of mantissa
     monkeypatch.setattr(Muon, "ns_dtype", torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(muon_updates(Muon, SHAPES), reference))
+
+
+class _Recorder(Tracker):
+    def __init__(self) -> None:
+        self.scalars: list[tuple[int, str, str | None]] = []
+
+    def log_scalars(self, step: int, scalars: dict[str, float], subset: str | None = None) -> None:
+        self.scalars += [(step, name, subset) for name in scalars]
+
+
+def tiny_trainer(cfg: ModelConfig, tmp_path: Path, logit_scale: float = 1.0) -> Trainer:
+    """A Trainer on TINY_TEXT that records what it tracks; logit_scale multiplies the
+    LM head (tied to the embedding), as a broken initialization would."""
+    tok = CharTokenizer.from_text(TINY_TEXT)
+    ids = torch.tensor(tok.encode(TINY_TEXT)).numpy()
+    torch.manual_seed(cfg.seed)
+    model = LanguageModel(cfg, tok.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    return Trainer(cfg, model, model, optimizer, {"train": ids[:6000], "val": ids[6000:]}, tok, torch.device("cpu"),
+                   torch.float32, tmp_path, _Recorder(), RunStatus(tmp_path, enabled=False))
+
+
+@pytest.mark.parametrize("logit_scale,warns", [(1.0, False), (200.0, True)])
+def test_initial_eval_compares_the_loss_with_ln_vocab(tiny_cfg, tmp_path, logit_scale, warns):
+    trainer = tiny_trainer(tiny_cfg, tmp_path, logit_scale)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        trainer.initial_eval()
+    first, vocab = out.getvalue().splitlines()[0], trainer.raw_model.vocab_size
+    assert first.startswith("eval step 0: train loss ") and first.endswith(f"(ln(vocab {vocab}) = {math.log(vocab):.4f})")
+    assert ("warning: initial loss" in out.getvalue()) == warns
+    assert trainer.tracker.scalars == [(0, "eval_loss", "train"), (0, "eval_loss", "val")]
+    assert trainer.best_val_loss == math.inf and not (tmp_path / "artifacts").exists()  # no best, no checkpoint
+
+
+def test_the_step_0_eval_leaves_training_bit_identical(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, dropout=0.1, max_iters=6, eval_interval=3, sample_length=8)
+    finals = []
+    for at_start in (True, False):
+        trainer = tiny_trainer(dataclasses.replace(cfg, eval_at_start=at_start), tmp_path / str(at_start))
+        torch.manual_seed(cfg.seed)  # train.py seeds the dropout streams after building the model
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.run(NeverStop())
+        finals.append([p.detach().clone() for p in trainer.raw_model.parameters()])
+        evals = sorted({step for step, name, _ in trainer.tracker.scalars if name == "eval_loss"})
+        assert evals == ([0, 3, 6] if at_start else [3, 6])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
+    import training
+    drawn: list[tuple[int, torch.Tensor]] = []
+
+    def recording_get_batch(*args, **kwargs):
+        x, y = get_batch(*args, **kwargs)
+        drawn.append((kwargs["step"], x))
+        return x, y
+
+    monkeypatch.setattr(training, "get_batch", recording_get_batch)
+    cfg = dataclasses.replace(tiny_cfg, overfit_batches=2)
+    model = LanguageModel(cfg, 30)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    tokens = (torch.arange(3000) * 7 % 30).numpy()
+    for step in range(5):
+        train_step(model, optimizer, tokens, step, cfg, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                   ctx=contextlib.nullcontext(), device=torch.device("cpu"))
+    assert [step for step, _ in drawn] == [0, 1, 0, 1, 0]
+    assert torch.equal(drawn[0][1], drawn[2][1]) and torch.equal(drawn[1][1], drawn[3][1])
+    assert not torch.equal(drawn[0][1], drawn[1][1])
+    with pytest.raises(ValueError, match=r"overfit_batches: must be >= 0, got -1"):
+        dataclasses.replace(tiny_cfg, overfit_batches=-1).validate()
+
+
+def test_overfit_batches_1_drives_the_loss_near_zero(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, overfit_batches=1, learning_rate=3e-3, grad_clip=0.0)
+    tok = CharTokenizer.from_text(TINY_TEXT)
+    tokens = torch.tensor(tok.encode(TINY_TEXT)).numpy()
+    torch.manual_seed(0)
+    model = LanguageModel(cfg, tok.vocab_size)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    losses = []
+    for step in range(200):
+        loss, _ = train_step(model, optimizer, tokens, step, cfg, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                             ctx=contextlib.nullcontext(), device=torch.device("cpu"))
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::20]

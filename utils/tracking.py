@@ -4,8 +4,8 @@
     tracker.log_scalars(step, {"loss": 2.1}, subset="train")     # TB tag "loss/train"
     tracker.close()
 
-`Tracker` itself is the no-op twin; TensorBoardTracker and AimTracker override what they record;
-MultiTracker fans out to several. TensorBoard and Aim are imported only when such a tracker is
+`Tracker` itself is the no-op twin; TensorBoardTracker, AimTracker and JsonlTracker (logs/metrics.jsonl,
+for notebooks) override what they record; MultiTracker fans out to several. TensorBoard and Aim are imported only when such a tracker is
 built: they cost about a second each at start-up.
 """
 
@@ -17,11 +17,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from utils.files import writable_dir
+from utils.files import atomic_write_text, writable_dir
 
 if TYPE_CHECKING:  # only annotations need torch: a process that just tracks need not import it
     import torch
@@ -196,6 +196,52 @@ class AimTracker(Tracker):
             self.run = None
 
 
+class JsonlTracker(Tracker):
+    """Scalars as JSON lines in `path` (run_dir/logs/metrics.jsonl), so a notebook needs no TensorBoard:
+
+        {"step": 10, "tokens_seen": 5120, "wall_time": 3.21, "eval_loss/val": 2.95}
+
+    One line per log_scalars call, keyed by the TensorBoard tag ("loss/train", "lr", ...); `tokens_seen`
+    is step * tokens_per_step (every rank's tokens) and `wall_time` is what `clock` says (Trainer.elapsed:
+    seconds since the run started, earlier sessions included). Each line is flushed, so a killed run keeps
+    every line it wrote. On resume (purge_step, as TensorBoard's), the lines of steps >= purge_step, logged
+    after the checkpoint the run resumes from, are dropped first (an atomic rewrite), with any torn last line.
+    """
+
+    def __init__(self, path: Path, tokens_per_step: int, clock: Callable[[], float],
+                 purge_step: int | None = None) -> None:
+        self.path, self.tokens_per_step, self.clock = Path(path), tokens_per_step, clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if purge_step is not None and self.path.is_file():
+            purge_lines(self.path, purge_step)
+        self.file = self.path.open("a", encoding="utf-8")
+
+    def log_scalars(self, step: int, scalars: dict[str, float], subset: str | None = None) -> None:
+        line = {"step": step, "tokens_seen": step * self.tokens_per_step, "wall_time": round(self.clock(), 3)}
+        line.update({f"{name}/{subset}" if subset else name: float(value) for name, value in scalars.items()})
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+def purge_lines(path: Path, purge_step: int) -> None:
+    """Rewrite a metrics.jsonl without its lines at or after purge_step and without lines that do not
+    parse (a kill mid-write); untouched when every line stays."""
+    text = path.read_text(encoding="utf-8")
+    keep = []
+    for line in text.splitlines():
+        try:
+            if json.loads(line)["step"] < purge_step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    if "".join(keep) != text:
+        atomic_write_text(path, "".join(keep))
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """An exclusive flock on a directory (Linux and macOS lock directories as they lock files)."""
@@ -263,16 +309,29 @@ class MultiTracker(Tracker):
 
 
 def build_tracker(run_dir: Path, config: dict, extra: dict, aim_logging: bool, aim_repo: str | Path,
-                  experiment: str, aim_run_hash: str | None = None, purge_step: int | None = None) -> Tracker:
-    """TensorBoard always (run_dir/logs/tensorboard), Aim too when asked; the config is logged to each.
+                  experiment: str, aim_run_hash: str | None = None, purge_step: int | None = None,
+                  tokens_per_step: int = 0, clock: Callable[[], float] | None = None) -> Tracker:
+    """TensorBoard and logs/metrics.jsonl always (run_dir/logs/), Aim too when asked; the config is logged
+    to each. tokens_per_step (every rank's) and clock (seconds since the run started) give the JSON lines'
+    tokens_seen and wall_time.
 
     The returned tracker's `run_hash` is the Aim run hash (None without Aim): keep it in the run's
     meta and pass it back as `aim_run_hash` on resume.
     """
     run_dir = Path(run_dir)
-    trackers: list[Tracker] = [TensorBoardTracker(run_dir / "logs" / "tensorboard", purge_step=purge_step)]
+    trackers: list[Tracker] = [TensorBoardTracker(run_dir / "logs" / "tensorboard", purge_step=purge_step),
+                               JsonlTracker(run_dir / "logs" / "metrics.jsonl", tokens_per_step,
+                                            clock or _process_clock(), purge_step)]
     if aim_logging:
         trackers.append(AimTracker(aim_repo, experiment, run_hash=aim_run_hash, run_name=run_dir.name))
-    tracker = trackers[0] if len(trackers) == 1 else MultiTracker(trackers)
+    tracker = MultiTracker(trackers)
     tracker.log_config(config, extra)
     return tracker
+
+
+def _process_clock() -> Callable[[], float]:
+    """Seconds since this call: wall_time for a caller that keeps no clock of its own."""
+    import time
+
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start
