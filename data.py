@@ -1,15 +1,21 @@
-"""Data: text sources, an on-disk token cache, the train/val split and batch sampling.
+"""Data: what --data names, as a Corpus of train/val token arrays; one text's cache; batch sampling.
 
-    corpus = prepare_corpus(cfg)                        # all of the below, as train.py uses it
-    source = load_text("shakespeare", "data")          # or "pydoc", or a path to .txt file(s)
+    corpus = prepare_corpus(cfg)           # as train.py uses it: one text, or a prepared dataset
+    x, y = get_batch(corpus.splits["train"], 12, 64, seed=1337, step=0)   # (B, T) int64 each
+
+One text (shakespeare, pydoc, a text file) goes through the steps below, is cached and split at its
+tail; anything else (a directory, globs, jsonl, parquet, a dataset's name) is a sharded dataset that
+dataset.py prepares and shards.py opens:
+
+    source = load_text("shakespeare", "data")          # or "pydoc", or a path to a text file
     tok = build_tokenizer("char", source.text)
     cached = tokenize_cached(source.text, tok, "data")  # .ids, .text_sha256, .cache ("hit", "written", ...)
     splits = split_tokens(cached.ids, val_fraction=0.1, block_size=64)
-    x, y = get_batch(splits["train"], 12, 64, seed=1337, step=0)   # (B, T) int64 each
 
-Nothing here prints: a line the user should see (the offline fallback) comes back in TextSource.note.
-The only files written are caches under data_dir, each atomically; a cached file is used only once
-it has passed its check (the SHA-256 of a download; the length and SHA-256 recorded beside token ids).
+Nothing here prints: a line the user should see (the offline fallback) comes back in Corpus.note, and
+a dataset's preparation reports to the `progress` callback. The only files written are caches under
+data_dir, each atomically; a cached file is used only once it has passed its check (the SHA-256 of a
+download; the length and SHA-256 recorded beside token ids).
 """
 
 from __future__ import annotations

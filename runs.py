@@ -66,15 +66,20 @@ def run_facts(run_dir: Path) -> dict:
     """One run's row: the values list shows and sorts (None where the run does not say)."""
     meta = run_dir / "meta"
     status, config = read_json_object(meta / "status.json"), read_json_object(meta / "full_config.json")
-    per_step = config.get("batch_size", 0) * config.get("block_size", 0) * config.get("grad_accum_steps", 1)
     iteration = status.get("iteration") if isinstance(status.get("iteration"), int) else None
     return {"run": run_dir.name, "tag": config.get("run_tag"), "state": run_state(run_dir).state,
             "arch": config.get("arch", "gpt2"), "params": _number(status.get("params")),
-            "tokens": iteration * per_step * status.get("world_size", 1) if iteration is not None else None,
+            "tokens": iteration * tokens_per_step(config, status) if iteration is not None else None,
             "best_val": _number(status.get("best_val_loss")), "val_bpb": _number(status.get("val_bpb")),
             "wall": _number(status.get("seconds")) or _seconds_between(status.get("started_at"),
                                                                        status.get("finished_at") or status.get("updated_at")),
             "started": status.get("started_at")}
+
+
+def tokens_per_step(config: dict, status: dict) -> int:
+    """Tokens one optimizer step trained on, every rank's (ModelConfig.tokens_per_step x world_size)."""
+    return (config.get("batch_size", 0) * config.get("grad_accum_steps", 1) * config.get("block_size", 0)
+            * status.get("world_size", 1))
 
 
 def _number(value: object) -> float | None:
@@ -194,8 +199,8 @@ def loss_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
                     curves[name][0].append(record["tokens_seen"])
                     curves[name][1].append(record[tag])
         return curves
-    facts = run_facts(run_dir)
-    per_step = (facts["tokens"] or 0) / max(read_json_object(run_dir / "meta" / "status.json").get("iteration", 1), 1)
+    per_step = tokens_per_step(read_json_object(run_dir / "meta" / "full_config.json"),
+                               read_json_object(run_dir / "meta" / "status.json"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"), size_guidance={"scalars": 0})
