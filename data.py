@@ -4,8 +4,9 @@
     x, y = get_batch(corpus.splits["train"], 12, 64, seed=1337, step=0)   # (B, T) int64 each
 
 One text (shakespeare, pydoc, a text file) goes through the steps below, is cached and split at its
-tail; anything else (a directory, globs, jsonl, parquet, a dataset's name) is a sharded dataset that
-dataset.py prepares and shards.py opens:
+tail; prompt/response pairs (a .jsonl of {"prompt", "response"} lines, or a task of tasks.py by name)
+become rows with a loss mask (pairs.py); anything else (a directory, globs, jsonl, parquet, a dataset's
+name) is a sharded dataset that dataset.py prepares and shards.py opens:
 
     source = load_text("shakespeare", "data")          # or "pydoc", or a path to a text file
     tok = build_tokenizer("char", source.text)
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 
+from pairs import PackedRows
 from shards import atomic_write_bytes, token_dtype
 from parameters import ModelConfig
 
@@ -210,13 +212,14 @@ def _cache_problem(path: Path, dtype: np.dtype) -> str:
 @dataclass(frozen=True)
 class Corpus:
     """What training reads: the tokenizer and the train/val splits of its ids, each split a list of
-    arrays (one for a single text; a prepared dataset's shards), with their UTF-8 sizes for bits per byte."""
+    arrays (one for a single text; a prepared dataset's shards) or, for pairs, PackedRows, with the UTF-8
+    sizes of what their targets encode, for bits per byte."""
     name: str                             # shakespeare, pydoc, a text file's path, or a dataset's directory
     tokenizer: Tokenizer
-    splits: dict[str, list[np.ndarray]]
+    splits: dict[str, list[np.ndarray] | PackedRows]
     split_bytes: dict[str, int]
     sha256: str                           # the identity of the data: the text's SHA-256, or the dataset's
-    kind: str                             # "text" (one text, one array) or "dataset" (prepared shards)
+    kind: str                             # "text" (one text, one array), "dataset" (prepared shards) or "pairs"
     summary: str                          # one line for the console: what was read
     first_text: str                       # the data's first character(s): a prompt its vocabulary can encode
     note: str = ""                        # one line for the console (e.g. the offline fallback), or ""
@@ -230,8 +233,9 @@ class Corpus:
     def bits_per_byte(self, split: str, loss: float) -> float:
         """A mean loss (nats per token) on `split` as bits per UTF-8 byte of its text: comparable across
         tokenizers. Eval windows are drawn uniformly over the split's tokens, so tokens/bytes of the
-        whole split is the expected ratio of the windows too."""
-        tokens = sum(len(s) for s in self.splits[split])
+        whole split is the expected ratio of the windows too (for pairs: trained targets / their bytes)."""
+        data = self.splits[split]
+        tokens = data.total_targets if isinstance(data, PackedRows) else sum(len(s) for s in data)
         return loss / math.log(2) * tokens / max(self.split_bytes[split], 1)
 
 
@@ -247,6 +251,12 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
         kind = "text"  # a run from before datasets existed read a directory as one text; it resumes so
     if kind == "text":
         return _text_corpus(cfg, tokenizer)
+    if kind == "pairs":
+        from tasks import TASKS, write_task
+
+        if cfg.data in TASKS and not target.exists():
+            write_task(cfg.data, target)
+        return _pairs_corpus(cfg, tokenizer, target)
     from dataset import DatasetSettings, prepare
     from shards import open_dataset
 
@@ -294,13 +304,56 @@ def _text_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Corpus:
                   source.text[0], source.note)
 
 
+def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path) -> Corpus:
+    """Prompt/response pairs -> held-out split by prompt -> tokenizer (built from them unless given; given
+    one without an end-of-text id gains one) -> packed rows whose targets are the responses."""
+    from pairs import encode_pairs, pack, read_pairs, split_pairs, trained_text_bytes, with_end_of_text
+    from tokenizer import build_tokenizer
+
+    pairs = read_pairs(path)
+    note = ""
+    if tokenizer is None:
+        texts = (text for pair in pairs for text in (pair.prompt, pair.response))
+        tokenizer = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, end_of_text=True)
+    elif tokenizer.eot_id is None:
+        tokenizer, note = with_end_of_text(tokenizer)
+    splits, split_bytes = {}, {}
+    for split, part in split_pairs(pairs, cfg.val_fraction).items():
+        examples = encode_pairs(part, tokenizer, path)
+        splits[split] = pack(examples, cfg.block_size, tokenizer.eot_id, cfg.loss_on_prompt, cfg.pack_pairs)
+        split_bytes[split] = trained_text_bytes(examples, tokenizer, cfg.loss_on_prompt)
+    cut, dropped = (sum(getattr(r, k) for r in splits.values()) for k in ("truncated", "dropped"))
+    if cut:
+        note = "\n".join(filter(None, [note, (
+            f"{cut:,} of {len(pairs):,} pairs are longer than block_size + 1 = {cfg.block_size + 1} tokens and were "
+            "cut to it, losing the end of their response" + (f"; {dropped:,} had no response left and were dropped"
+                                                            if dropped else "") + "; raise block_size to keep them whole")]))
+    train, val = splits["train"], splits["val"]
+    summary = (f"data {path}: {len(pairs):,} prompt/response pairs ({len(train.examples):,} train, "
+               f"{len(val.examples):,} held-out val prompts) -> {len(train) + len(val):,} rows of {cfg.block_size + 1} "
+               f"tokens{' (packed)' if cfg.pack_pairs else ''}; loss on the {'prompts and ' if cfg.loss_on_prompt else ''}"
+               f"responses: {train.total_targets:,} train targets ({tokenizer.name}, vocab {tokenizer.vocab_size:,})")
+    with open(path, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return Corpus(str(path), tokenizer, splits, split_bytes, sha256, "pairs", summary,
+                  tokenizer.decode(val.examples[0].prompt), note)
+
+
 def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:
-    """What --data names: ("text", None) for shakespeare, pydoc or one text file; ("dataset", dir) for a
-    prepared dataset (its directory, or a name under data_dir/tokens/); ("directory" | "files", None)
-    for corpus files that are prepared into a dataset first."""
+    """What --data names: ("text", None) for shakespeare, pydoc or one text file; ("pairs", file) for a
+    .jsonl of prompt/response pairs or a generated task's (tasks.py: data_dir/tasks/<name>.jsonl, which
+    prepare_corpus writes on first use); ("dataset", dir) for a prepared dataset (its directory, or a name under data_dir/tokens/);
+    ("directory" | "files", None) for corpus files that are prepared into a dataset first."""
+    from pairs import looks_like_pairs
+    from tasks import TASKS, task_path
+
     path = Path(spec).expanduser()
     if spec in DATASET_NAMES:
         return "text", None
+    if spec in TASKS and not path.exists():
+        return "pairs", task_path(spec, data_dir)
+    if looks_like_pairs(path):
+        return "pairs", path
     for candidate in (path, Path(data_dir) / "tokens" / spec):
         if (candidate / "manifest.json").is_file():
             return "dataset", candidate
@@ -312,7 +365,7 @@ def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:
         return "files", None
     raise FileNotFoundError(f"data path '{path}' does not exist; pass --data with a UTF-8 text file, a directory, "
                             f"a glob, .jsonl/.parquet files, a prepared dataset's name, or one of: "
-                            f"{', '.join(DATASET_NAMES)}")
+                            f"{', '.join(DATASET_NAMES + tuple(TASKS))}")
 
 
 def auto_dataset_dir(spec: str, data_dir: str | Path, settings, tokenizer: Tokenizer | None) -> Path:
@@ -360,31 +413,35 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int) -> di
 
 
 def get_batch(
-    tokens: np.ndarray | Sequence[np.ndarray], batch_size: int, block_size: int, *, seed: int, step: int,
-    split: str = "train", micro: int = 0, n_micro: int = 1, rank: int = 0, world_size: int = 1,
+    tokens: np.ndarray | Sequence[np.ndarray] | PackedRows, batch_size: int, block_size: int, *, seed: int,
+    step: int, split: str = "train", micro: int = 0, n_micro: int = 1, rank: int = 0, world_size: int = 1,
     device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, (B, T) int64 each, for one micro-step of one rank.
 
-    `tokens` is one array or a list of them (a prepared dataset's shards); a window never spans two.
-    The global batch of a step, batch_size * n_micro * world_size windows, is one draw from
-    np.random.default_rng([seed, step, SPLIT_ID[split]]) over every window start of every array: a
-    pure function of (seed, step, split). Each (rank, micro) takes its own slice of it, so 2 ranks x
-    batch B, 1 process x 2 micro-steps of B and 1 process x batch 2B all see the same sequences, and
-    a resumed run draws exactly the batches an uninterrupted one draws.
+    `tokens` is one array or a list of them (a prepared dataset's shards; a window never spans two),
+    or the PackedRows of prompt/response pairs (a batch is rows; targets of -1 are not trained on).
+    The global batch of a step, batch_size * n_micro * world_size windows (rows), is one draw from
+    np.random.default_rng([seed, step, SPLIT_ID[split]]) over every window start of every array (every
+    row): a pure function of (seed, step, split). Each (rank, micro) takes its own slice of it, so 2
+    ranks x batch B, 1 process x 2 micro-steps of B and 1 process x batch 2B all see the same
+    sequences, and a resumed run draws exactly the batches an uninterrupted one draws.
     """
-    if split not in SPLIT_ID:
-        raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLIT_ID)}")
+    assert 0 <= micro < n_micro and 0 <= rank < world_size, (micro, n_micro, rank, world_size)
+    chunk = rank * n_micro + micro
+    if isinstance(tokens, PackedRows):
+        if tokens.x.shape[1] != block_size:
+            raise ValueError(f"these pairs were packed into rows of {tokens.x.shape[1]} tokens, not block_size "
+                             f"{block_size}; prepare them with this block_size")
+        picked = _row_draw(tokens, batch_size * n_micro * world_size, seed, step, split)
+        picked = picked[chunk * batch_size:(chunk + 1) * batch_size]
+        return _to_device(tokens.x[picked], tokens.y[picked], device)
     arrays = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     starts_per_array = np.array([max(len(a) - block_size, 0) for a in arrays], dtype=np.int64)
     if not starts_per_array.sum():
         raise ValueError(f"{max(map(len, arrays), default=0)} tokens are fewer than block_size + 1 = "
                          f"{block_size + 1}; use a longer text or a smaller block_size")
-    assert 0 <= micro < n_micro and 0 <= rank < world_size, (micro, n_micro, rank, world_size)
-    # SeedSequence takes non-negative integers only; the modulo keeps any int seed usable.
-    rng = np.random.default_rng([seed % 2**64, step, SPLIT_ID[split]])
-    starts = rng.integers(0, starts_per_array.sum(), size=batch_size * n_micro * world_size)
-    chunk = rank * n_micro + micro
+    starts = _rng(seed, step, split).integers(0, starts_per_array.sum(), size=batch_size * n_micro * world_size)
     starts = starts[chunk * batch_size:(chunk + 1) * batch_size]
     ends = np.cumsum(starts_per_array)
     which = np.searchsorted(ends, starts, side="right")  # the array each window comes from
@@ -393,8 +450,36 @@ def get_batch(
     for k in np.unique(which):
         mine = which == k
         rows[mine] = arrays[k][offsets[mine, None] + np.arange(block_size + 1)]  # one gather per array
-    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
-    y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))  # (B, T)
+    return _to_device(rows[:, :-1], rows[:, 1:], device)
+
+
+def step_targets(tokens: np.ndarray | Sequence[np.ndarray] | PackedRows, batch_size: int, *, seed: int,
+                 step: int, n_micro: int = 1, world_size: int = 1) -> np.ndarray | None:
+    """For pairs: the trained targets of each (rank, micro) slice of the step's global train batch, as
+    an array indexed by rank * n_micro + micro; None for token arrays, where every target is trained.
+    Every rank computes the same numbers from (seed, step) alone, so normalizing by their sum needs no
+    communication."""
+    if not isinstance(tokens, PackedRows):
+        return None
+    picked = _row_draw(tokens, batch_size * n_micro * world_size, seed, step, "train")
+    return tokens.n_targets[picked].reshape(n_micro * world_size, batch_size).sum(axis=1)
+
+
+def _rng(seed: int, step: int, split: str) -> np.random.Generator:
+    if split not in SPLIT_ID:
+        raise ValueError(f"unknown split {split!r}; use one of: {', '.join(SPLIT_ID)}")
+    # SeedSequence takes non-negative integers only; the modulo keeps any int seed usable.
+    return np.random.default_rng([seed % 2**64, step, SPLIT_ID[split]])
+
+
+def _row_draw(rows: PackedRows, size: int, seed: int, step: int, split: str) -> np.ndarray:
+    return _rng(seed, step, split).integers(0, len(rows), size=size)
+
+
+def _to_device(x: np.ndarray, y: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) int64 tensors on the device."""
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))  # (B, T)
+    y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))  # (B, T)
     if torch.device(device).type == "cuda":
         # Pinned host memory lets the copy overlap with the GPU work already queued.
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

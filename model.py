@@ -183,6 +183,20 @@ class LanguageModel(nn.Module):
         return self.lm_head(h[:, -1, :])  # (B, V)
 
 
+def grow_vocab(state: dict[str, Tensor], vocab_size: int) -> dict[str, Tensor]:
+    """The state dict with its token embedding and LM head grown to vocab_size rows. The new ids come
+    last (e.g. an end-of-text id added for fine-tuning on pairs); each starts as the mean of the old rows,
+    so its logit starts near the average one rather than at a random extreme (Hewitt, "Initializing
+    New Word Embeddings for Pretrained Language Models", 2021)."""
+    grown = dict(state)
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        weight = state.get(key)
+        if weight is not None and weight.shape[0] < vocab_size:
+            extra = weight.mean(dim=0, keepdim=True).expand(vocab_size - weight.shape[0], -1)
+            grown[key] = torch.cat([weight, extra])  # (vocab_size, C)
+    return grown
+
+
 def _check_generate_args(idx: Tensor, max_new_tokens: int, temperature: float, top_k: int,
                          top_p: float) -> None:
     if idx.dim() != 2 or idx.size(1) == 0:

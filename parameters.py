@@ -104,8 +104,12 @@ class ModelConfig(Validated):
     tokenizer_train_bytes: int = knob(0, "bpe: train the tokenizer on the first this many bytes of the corpus "
                                          "(0 = all of it)")
     text_field: str = knob("text", "the field of a .jsonl line, or the column of a .parquet file, holding the text")
+    loss_on_prompt: bool = knob(False, "prompt/response pairs: the loss also counts the prompt's tokens; false = "
+                                       "only the responses (and their end-of-text)")
+    pack_pairs: bool = knob(True, "prompt/response pairs: pack whole examples into each block_size row; false = one "
+                                  "example per row, padded")
     val_fraction: float = knob(0.1, "fraction held out for validation: whole documents chosen by a hash of their "
-                                    "text; a single text (shakespeare, one file) gives its last tokens")
+                                    "text (pairs: of their prompt); a single text (shakespeare, one file) gives its last tokens")
 
     # --- model ---
     arch: str = knob("gpt2", "a registered block family: gpt2 (LayerNorm, learned positions, GELU, biases) or llama "

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_batch, resume_config
 from data import Corpus, check_same_corpus, prepare_corpus
-from model import LanguageModel
+from model import LanguageModel, grow_vocab
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
 from training import (Trainer, build_optimizer, check_sample_prompt, compile_model, describe_optimizer, restore_best,
@@ -199,7 +199,8 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = LanguageModel(cfg, corpus.tokenizer.vocab_size).to(device)
     if init:
-        raw_model.load_state_dict(init.model.state_dict())
+        # Fine-tuning on pairs may add an end-of-text id to a char vocabulary: the model gains its row.
+        raw_model.load_state_dict(grow_vocab(init.model.state_dict(), corpus.tokenizer.vocab_size))
         if d.is_main:
             source = record_init_source(run_dir, cfg.init_from)
             status.update(init_from=source)

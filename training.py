@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Corpus, get_batch
+from data import Corpus, get_batch, step_targets
 from model import LanguageModel
 # The schedules and optimizers live in optimization.py; the loop's callers import them from here too.
 from optimization import (OPTIMIZERS, SCHEDULES, build_optimizer, describe_optimizer, get_lr,  # noqa: F401
@@ -63,27 +63,41 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens,
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
     tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging).
     Under DDP each rank takes its slice of the step's global batch, and gradients are all-reduced
-    only on the last micro-step (no_sync before it)."""
+    only on the last micro-step (no_sync before it).
+
+    The loss is the mean over the trained targets of the whole step (every micro-batch of every rank),
+    so accumulation and DDP give the gradient of one big batch. Token windows train on every target, so
+    that is each micro-batch's mean / grad_accum_steps; with pairs, where micro-batches hold different
+    numbers of response tokens, each micro-batch's mean is weighted by its share of the step's targets
+    (times world_size, as DDP averages the ranks' gradients)."""
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+    n_micro, at = cfg.grad_accum_steps, batch_step(step, cfg)
+    targets = step_targets(tokens, cfg.batch_size, seed=cfg.seed, step=at, n_micro=n_micro,
+                           world_size=d.world_size)  # None: every target is trained
     loss_sum = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum_steps):
+    for micro in range(n_micro):
         with torch.profiler.record_function("data"):
-            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=batch_step(step, cfg), micro=micro,
-                             n_micro=cfg.grad_accum_steps, rank=d.rank, world_size=d.world_size, device=device)
-        last = micro == cfg.grad_accum_steps - 1
+            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=at, micro=micro,
+                             n_micro=n_micro, rank=d.rank, world_size=d.world_size, device=device)
+        last = micro == n_micro - 1
         with ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext():
             with torch.profiler.record_function("forward"), ctx:
                 _, loss = model(x, y)
+            if targets is None:
+                scaled = loss / n_micro
+            else:
+                scaled = loss * float(targets[d.rank * n_micro + micro] * d.world_size / targets.sum())
             with torch.profiler.record_function("backward"):
-                scaler.scale(loss / cfg.grad_accum_steps).backward()
-        loss_sum += loss.detach()
+                scaler.scale(scaled).backward()
+        loss_sum += (loss if targets is None else scaled).detach()
     with torch.profiler.record_function("optimizer"):
         scaler.unscale_(optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         scaler.step(optimizer)
         scaler.update()
-    return loss_sum / cfg.grad_accum_steps, grad_norm
+    # Pairs: this rank's part of the step's mean, x world_size; window_losses' mean over ranks is the mean.
+    return loss_sum / n_micro if targets is None else loss_sum, grad_norm
 
 
 @torch.no_grad()
@@ -110,13 +124,16 @@ def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, 
     it would end the run with nothing saved. The default prompt adapts to the corpus (returning a
     note), also when nothing is sampled, since inference.py starts from it; one the user chose must
     encode where samples are drawn, or it is a one-line error."""
+    default = ModelConfig.__dataclass_fields__["sample_prompt"].default
+    if corpus.kind == "pairs" and cfg.sample_prompt == default:  # show the model answering a held-out prompt
+        return (dataclasses.replace(cfg, sample_prompt=corpus.first_text),
+                f"samples answer the first held-out prompt, {corpus.first_text!r}")
     try:
         if corpus.tokenizer.encode(cfg.sample_prompt):
             return cfg, ""
         problem = "it encodes to no tokens"
     except ValueError as e:
         problem = str(e).split(";")[0]
-    default = ModelConfig.__dataclass_fields__["sample_prompt"].default
     if cfg.sample_prompt != default:
         if not cfg.sample_length:
             return cfg, ""
@@ -135,7 +152,10 @@ def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(prompt, cfg.sample_length, temperature=0.8, top_k=200, generator=gen)
     model.train(was_training)
-    return tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+    ids = out[0, prompt.shape[1]:].tolist()
+    if tokenizer.eot_id in ids:  # the model ended the document (or answer) there
+        ids = ids[:ids.index(tokenizer.eot_id)]
+    return tokenizer.decode(ids)
 
 
 @dataclass

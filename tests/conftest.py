@@ -78,6 +78,26 @@ def documents_dir(tmp_path: Path) -> Path:
     return root
 
 
+def write_pairs(path: Path, n: int = 120) -> Path:
+    """n prompt/response pairs in the tiny corpus' characters: two of its words, and the first reversed 1 to
+    4 times, so responses run from 2 to about 50 characters and micro-batches hold different numbers of
+    targets."""
+    import json
+
+    words = sorted(set(TINY_TEXT.split()))
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            first, second = words[i % len(words)], words[i // len(words) % len(words)]  # distinct prompts
+            f.write(json.dumps({"prompt": f"{first} {second}:\n", "response": " ".join([first[::-1]] * (i % 4 + 1))})
+                    + "\n")
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path: Path) -> Path:
+    return write_pairs(tmp_path / "pairs.jsonl")
+
+
 @pytest.fixture
 def shakespeare_path() -> Path:
     if not SHAKESPEARE.is_file():

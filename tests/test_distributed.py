@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 import train
-from conftest import REPO, call_main, resume_target, wait_for_line
+from conftest import REPO, call_main, resume_target, wait_for_line, write_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,13 @@ def export_of(root: Path) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(run_dir / "artifacts" / "export" / "model.safetensors")
 
 
-@pytest.mark.parametrize("data", ["text", "documents"])
+@pytest.mark.parametrize("data", ["text", "documents", "pairs"])
 def test_two_ranks_equal_one_process_with_twice_the_batch(data: str, tiny_corpus: Path, documents_dir: Path,
                                                           tmp_path: Path):
     if data == "documents":  # prepared into a sharded dataset by rank 0, then opened by every rank
         tiny_corpus = documents_dir
+    if data == "pairs":  # the ranks' batches hold different numbers of response tokens
+        tiny_corpus = write_pairs(tmp_path / "pairs.jsonl", 200)
     res = torchrun(*args(tiny_corpus, tmp_path, "ddp", "--batch-size", "4"))
     assert res.returncode == 0, res.stdout + res.stderr
     (run_dir,) = (tmp_path / "ddp").iterdir()  # one run directory, made by rank 0
