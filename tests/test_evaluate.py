@@ -1,7 +1,9 @@
-"""evaluate.py: its numbers against a reference computation, where the results go, and its errors."""
+"""evaluate.py and evaluation.py: their numbers against reference computations (text windows; pairs' loss
+and greedy exact match), where the results go, and the errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,6 +16,9 @@ import torch.nn.functional as F
 import evaluate
 from conftest import TINY_TEXT, call_main, run_cli, user_error
 from data import prepare_corpus
+from evaluation import score_pairs, score_windows
+from pairs import encode_pairs, read_pairs
+from tokenizer import CharTokenizer
 from utils.export import load_export
 
 
@@ -25,7 +30,7 @@ def test_scores_equal_a_window_by_window_reference(trained_run: Path, tmp_path: 
     (tmp_path / "t.txt").write_text(TINY_TEXT[::-1], encoding="utf-8")  # same characters, unseen text
     cfg = export.config.__class__(**{**export.config.to_dict(), "data": str(tmp_path / "t.txt"), "data_dir": str(tmp_path)})
     corpus = prepare_corpus(cfg, export.tokenizer)
-    got = evaluate.score(export.model, corpus, "val", cfg.block_size, 300, 3, torch.device("cpu"))
+    got = score_windows(export.model, corpus.splits["val"], corpus.tokenizer, cfg.block_size, 300, 3, torch.device("cpu"))
     ids = np.concatenate(corpus.splits["val"]).astype(np.int64)
     nll, top1, n, T = 0.0, 0, 0, cfg.block_size
     for start in range(0, len(ids) - 1, T):  # one window at a time, as a reader would score them
@@ -73,3 +78,53 @@ def test_bad_input_is_one_line(trained_run: Path, tmp_path: Path) -> None:
         call_main(evaluate.main, "--run", str(trained_run), "--data", str(tmp_path / "empty.txt"))
     res = run_cli("evaluate.py", "--run", str(tmp_path / "nope"), "--data", "pydoc")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
+
+
+def test_pair_scores_equal_a_one_prompt_at_a_time_reference(trained_run: Path, pairs_file: Path) -> None:
+    export = load_export(trained_run)
+    tok = CharTokenizer(export.tokenizer.chars, end_of_text=True)
+    from model import LanguageModel, grow_vocab
+    model = LanguageModel(export.config, tok.vocab_size)
+    model.load_state_dict(grow_vocab(export.model.state_dict(), tok.vocab_size))
+    model.eval()
+    with torch.no_grad():  # end-of-text wins wherever a newline would (logit x 1.01): answers end at a line
+        model.transformer.wte.weight[tok.eot_id] = 1.01 * model.transformer.wte.weight[tok.encode("\n")[0]]
+    examples = encode_pairs(read_pairs(pairs_file)[:20], tok)
+    for i in range(0, 20, 2):  # every other response is what the model answers, when it ends within 20 tokens
+        out = model.generate(torch.tensor(examples[i].prompt)[None], 20, temperature=0)[0, len(examples[i].prompt):]
+        if tok.eot_id in out.tolist():
+            answer = np.array(out.tolist()[:out.tolist().index(tok.eot_id)], dtype=np.int64)
+            examples[i] = dataclasses.replace(examples[i], response=answer)
+    got = score_pairs(model, examples, tok, export.config.block_size, 3, torch.device("cpu"))
+    nll, n, right, first_failure = 0.0, 0, 0, None
+    for e in examples:
+        ids = torch.tensor(np.concatenate([e.prompt, e.response, [tok.eot_id]]))[:export.config.block_size + 1]
+        logits, _ = model(ids[None, :-1])
+        answer = slice(len(e.prompt) - 1, None)
+        nll += F.cross_entropy(logits[0][answer], ids[1:][answer], reduction="sum").item()
+        n += len(ids) - len(e.prompt)
+        out = model.generate(torch.tensor(e.prompt)[None], len(e.response) + 1, temperature=0)[0, len(e.prompt):].tolist()
+        ended = tok.eot_id in out
+        text = tok.decode(out[:out.index(tok.eot_id)] if ended else out)
+        if ended and text == tok.decode(e.response):
+            right += 1
+        elif first_failure is None:
+            first_failure = {"prompt": tok.decode(e.prompt), "expected": tok.decode(e.response),
+                             "got": text + ("" if ended else " [no end-of-text]")}
+    assert got["pairs"] == 20 and got["tokens"] == n
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert 0 < right < 20 and got["exact_match"] == right / 20
+    assert got["failures"][0] == first_failure
+
+
+def test_pairs_report_exact_match_and_failures(trained_run: Path, pairs_file: Path, tmp_path: Path) -> None:
+    res = call_main(evaluate.main, "--run", str(trained_run), "--data", str(pairs_file), "--split", "all",
+                    "--max-pairs", "30", "--data-dir", str(tmp_path / "d"), "--name", "pairs")
+    assert "exact match" in res.stdout and "failed: " in res.stdout
+    assert "added id" in res.stderr  # the shared run's char vocabulary had no end-of-text id
+    record = json.loads(sorted((trained_run / "evals").glob("*_pairs.json"))[-1].read_text())
+    assert record["pairs"] == 30 and record["split"] == "all" and 0 <= record["exact_match"] <= 1
+    assert record["failures"] and set(record["failures"][0]) == {"prompt", "expected", "got"}
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', encoding="utf-8")
+    with user_error("line 2 is not JSON"):
+        call_main(evaluate.main, "--run", str(trained_run), "--data", str(tmp_path / "bad.jsonl"))
