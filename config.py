@@ -254,7 +254,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="print the merged, validated config as YAML and exit")
     parser.add_argument("--resume", metavar="RUN",
                         help="continue runs/<id> (or 'latest') from its newest good checkpoint, in the same "
-                             "directory; only flags that keep the past valid may change")
+                             "directory; only flags that keep the past valid may change; or continue a plan: "
+                             "runs/plans/<id>")
+    parser.add_argument("--plan", metavar="FILE",
+                        help="run the stages of a plan file (e.g. plans/reverse_words.yaml), each its own run, "
+                             "initialised from the one before; other flags apply to every stage")
 
 
 def load_config(argv: list[str] | None = None, description: str = "", config_dir: Path = CONFIG_DIR,

@@ -18,14 +18,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_batch, resume_config
 from data import Corpus, check_same_corpus, prepare_corpus
+from evaluation import evaluate_run, table
 from model import LanguageModel, grow_vocab
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
@@ -39,7 +43,8 @@ from utils.console import ProgressLine, format_duration, setup_console_log
 from utils.device import Compute, setup_compute
 from utils.export import Export, load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
-from utils.files import atomic_write_json, writable_dir
+from utils.files import atomic_write_json, read_json_object, writable_dir
+from utils.plans import Plan, load_plan
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop, Interrupted
@@ -47,22 +52,122 @@ from utils.tracking import Tracker, build_tracker
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parsed = load_config(argv, description=__doc__)
     if parsed.args.print_config:
         print(config_yaml(parsed.config, parsed.files), end="")
         return 0
+    plan = open_plan(parsed, argv)  # --plan FILE, or --resume of a plan directory; None for one run
     d, device_name = distributed.setup(parsed.config.device)
     try:
-        # Until the loop runs, SIGINT/SIGTERM stop the start-up at once (Interrupted); from then on they
-        # ask the loop to stop after its current step. The ExitStack holds the run directory's lock.
-        with GracefulStop(immediate=True, announce=d.is_main) as stop, contextlib.ExitStack() as held:
-            code = run(parsed, d, device_name, held, stop)
+        if plan and d.enabled:
+            raise ValueError("a plan runs in one process; under torchrun, launch each stage as its own run "
+                             "(python train.py --init-from RUN ...)")
+        code = run_plan(plan, d, device_name) if plan else run_once(parsed, d, device_name)
         # Tearing the group down is collective: a rank that left while rank 0 still exported aborted
         # in gloo's teardown ("terminate called without an active exception"), failing the launch.
         distributed.barrier(d)
         return code
     finally:
         distributed.teardown(d)
+
+
+def run_once(parsed, d: Dist, device_name: str, started: Callable[[Path], None] | None = None) -> int:
+    """One run. Until the loop runs, SIGINT/SIGTERM stop the start-up at once (Interrupted); from then
+    on they ask the loop to stop after its current step. The ExitStack holds the run directory's lock."""
+    with GracefulStop(immediate=True, announce=d.is_main) as stop, contextlib.ExitStack() as held:
+        return run(parsed, d, device_name, held, stop, started)
+
+
+def open_plan(parsed, argv: list[str]) -> Plan | None:
+    """A new plan (--plan FILE: checked whole, then its directory made) or the plan directory --resume
+    names; the other flags given apply to every stage."""
+    args = parsed.args
+    if not args.plan and not Plan.is_plan_dir(args.resume):
+        return None
+    flags = strip_flag(argv, "--resume" if not args.plan else "--plan")
+    if not args.plan:
+        plan = Plan.open(Path(args.resume))
+        plan.state["flags"] = [*plan.state.get("flags", []), *flags]
+        return plan
+    if args.resume or args.config:
+        raise ValueError("--plan takes its configs from the plan file (config:, settings:); continue a plan with "
+                         "--resume runs/plans/<id> alone")
+    spec = load_plan(Path(args.plan))
+    runs_dir = None
+    with tempfile.TemporaryDirectory() as tmp:  # every training stage's config validates before one trains
+        for stage in (s for s in spec.stages if s.evaluate is None):
+            stage_file = Path(tmp) / f"{stage.name}.yaml"
+            stage_file.write_text(yaml.safe_dump(stage.settings), encoding="utf-8")
+            config = [a for c in stage.config for a in ("--config", c)]
+            cfg = load_config([*config, "--config", str(stage_file), *flags]).config
+            runs_dir = runs_dir or cfg.runs_dir  # the plan lives beside its first stage's run
+    return Plan.create(spec, runs_dir, flags)
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` (or flag=VALUE)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def run_plan(plan: Plan, d: Dist, device_name: str) -> int:
+    """Each stage not yet completed, in order; a stage that is interrupted stops the plan, and --resume on
+    the plan directory continues it there."""
+    n = len(plan.spec.stages)
+    while (i := plan.next_stage()) is not None:
+        stage = plan.spec.stages[i]
+        print(f"== plan {plan.spec.name} ({plan.root}): stage {i + 1}/{n}, {stage.name}", flush=True)
+        try:
+            if stage.evaluate is not None:
+                code, results = evaluate_stage(plan, i), None
+            else:
+                code = run_once(load_config(plan.stage_argv(i), description=__doc__), d, device_name,
+                                started=lambda run_dir: plan.record(i, state="running", run=str(run_dir)))
+                results = run_results(plan.state["stages"][i]["run"])
+        except BaseException as e:
+            interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
+            plan.record(i, state="interrupted" if interrupted else "failed",
+                        error=f"{type(e).__name__}: {e}".splitlines()[0])
+            print(f"plan stopped in stage {stage.name}; continue with: python train.py --resume {plan.root}",
+                  file=sys.stderr)
+            raise
+        if code:
+            plan.record(i, state="interrupted")
+            print(f"plan interrupted in stage {stage.name}; continue with: python train.py --resume {plan.root}",
+                  file=sys.stderr)
+            return code
+        plan.record(i, state="completed", **({"results": results} if results else {}))
+    print(plan.summary())
+    return 0
+
+
+def evaluate_stage(plan: Plan, i: int) -> int:
+    """Score the last trained stage's run as evaluate.py would; the results go to that run's evals/ too."""
+    options = dict(plan.spec.stages[i].evaluate)
+    run_dir = Path(plan.last_run(i))
+    plan.record(i, state="running", run=str(run_dir))
+    data_dir = read_json_object(run_dir / "meta" / "full_config.json").get("data_dir", "data")
+    record, path, note = evaluate_run(run_dir, options.pop("data"), data_dir=data_dir, **options)
+    if note:
+        print(note)
+    print(table(record))
+    print(f"saved {path}")
+    plan.record(i, results={k: record[k] for k in ("exact_match", "loss", "top1_accuracy") if k in record})
+    return 0
+
+
+def run_results(run_dir: str | None) -> dict:
+    """What a training stage's run reached, for the plan's record."""
+    status = read_json_object(Path(run_dir) / "meta" / "status.json") if run_dir else {}
+    return {k: status[k] for k in ("iteration", "best_val_loss", "val_bpb") if k in status}
 
 
 @dataclass
@@ -134,8 +239,9 @@ def adopt_dataset_settings(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfi
     return dataclasses.replace(cfg, **differ), f"the dataset {corpus.name} was prepared with {said}: the run uses those"
 
 
-def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop) -> int:
-    """Start -> run dir (rank 0: locked, with a status) -> model -> loop -> export."""
+def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop,
+        started: Callable[[Path], None] | None = None) -> int:
+    """Start -> run dir (rank 0: locked, with a status; `started` hears of it) -> model -> loop -> export."""
     start = resolve_start(parsed, d, device_name, held)
     if start is None:
         return 0
@@ -149,6 +255,8 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
             status = RunStatus(run_dir)
             status.start(iteration=resume.iteration if resume else 0, world_size=d.world_size)
     run_dir = distributed.broadcast(d, run_dir if d.is_main else None)
+    if started:
+        started(run_dir)
     log_name = "train.log" if d.is_main else f"train.rank{d.rank}.log"
     close_log = setup_console_log(run_dir / "logs" / log_name, console=d.is_main)
     trainer = None

@@ -32,8 +32,9 @@ EMPTY_TREE_SHA = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 _RUN_NAME = re.compile(r"^(\d{8}_\d{6})_(.+?)(?:-(\d+))?$")
 
 
-def create_run_dir(runs_dir: str | Path, tag: str, now: datetime | None = None) -> Path:
-    """Create runs_dir/<YYYYMMDD_HHMMSS>_<tag>[-N]/ with its whole layout; return its path.
+def create_run_dir(runs_dir: str | Path, tag: str, now: datetime | None = None,
+                   subdirs: tuple[str, ...] | None = None) -> Path:
+    """Create runs_dir/<YYYYMMDD_HHMMSS>_<tag>[-N]/ with its whole layout (or these subdirs); return its path.
 
     os.mkdir is atomic and fails if the name exists, so two processes started in the same second
     can never both claim a name: the loser moves on to "-2", "-3", ...
@@ -50,7 +51,7 @@ def create_run_dir(runs_dir: str | Path, tag: str, now: datetime | None = None) 
                 continue
         else:
             raise FileExistsError(f"could not find a free run directory name for {runs_dir / name}")
-        for sub in RUN_SUBDIRS:
+        for sub in RUN_SUBDIRS if subdirs is None else subdirs:
             (run_dir / sub).mkdir(parents=True)
     except OSError as e:  # e.g. a read-only filesystem, or a name the filesystem refuses
         raise ValueError(f"cannot create the run directory '{runs_dir / name}': {e.strerror or e}") from None

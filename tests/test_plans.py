@@ -1,0 +1,96 @@
+"""Plans (train.py --plan): stages chained through their exports, the plan directory's record, checks of the
+whole file before any stage trains, and Ctrl-C then --resume continuing the stage that was running."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+from conftest import call_main, resume_target, start_cli, user_error, wait_for_line, write_pairs
+
+NEVER = 100_000
+
+
+def write_plan(path: Path, corpus: Path, pairs: Path, finetune_iters: int = 20) -> Path:
+    plan = {"name": "chain", "config": "debug", "settings": {"sample_length": 0, "histogram_interval": 0},
+            "stages": [{"name": "pretrain", "data": str(corpus), "max_iters": 20},
+                       {"name": "finetune", "data": str(pairs), "max_iters": finetune_iters, "eval_interval": 10,
+                        "log_interval": 1, "checkpoint_interval": 5},
+                       {"name": "score", "evaluate": {"data": str(pairs), "split": "val"}}]}
+    path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def flags(tmp_path: Path) -> list[str]:
+    return ["--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+
+
+def plan_dir(tmp_path: Path) -> Path:
+    (root,) = (tmp_path / "runs" / "plans").iterdir()
+    return root
+
+
+def test_a_plan_chains_its_stages_and_records_them(tmp_path, tiny_corpus, pairs_file):
+    plan = write_plan(tmp_path / "chain.yaml", tiny_corpus, pairs_file)
+    res = call_main(train.main, "--plan", str(plan), *flags(tmp_path))
+    assert res.returncode == 0, res.stderr
+    root = plan_dir(tmp_path)
+    state = json.loads((root / "state.json").read_text())
+    assert [(s["name"], s["kind"], s["state"]) for s in state["stages"]] == [
+        ("pretrain", "train", "completed"), ("finetune", "train", "completed"), ("score", "evaluate", "completed")]
+    pretrain, finetune = (Path(s["run"]) for s in state["stages"][:2])
+    assert pretrain.name.endswith("_chain-pretrain") and finetune.name.endswith("_chain-finetune")
+    assert state["stages"][2]["run"] == str(finetune)  # the evaluation scores the last trained stage
+    status = json.loads((finetune / "meta" / "status.json").read_text())
+    assert status["init_from"].startswith(str(pretrain))  # initialised from the stage before
+    config = json.loads((finetune / "meta" / "full_config.json").read_text())
+    assert config["data"] == str(pairs_file) and config["max_iters"] == 20 and config["run_tag"] == "chain-finetune"
+    assert (root / "plan.yaml").read_text() == plan.read_text()
+    assert list((finetune / "evals").glob("*_pairs.json")) and "exact_match" in state["stages"][2]["results"]
+    assert "finetune       completed" in res.stdout  # the summary
+
+
+@pytest.mark.parametrize("change,fragments", [
+    ({"stages": [{"name": "a", "n_layr": 2}]}, ("stage 'a'", "n_layr", "n_layer")),
+    ({"stages": [{"name": "a"}, {"name": "a"}]}, ("stage names must differ", "'a'")),
+    ({"stages": [{"name": "a", "evaluate": {"data": "x"}}]}, ("the first stage must train",)),
+    ({"stages": [{"name": "a"}, {"name": "e", "evaluate": {"data": "x", "splt": "val"}}]}, ("evaluate option splt",)),
+    ({"stages": [{"name": "a"}, {"name": "b", "warmup_iters": 50, "max_iters": 10}]}, ("warmup_iters",)),
+    ({"stages": [], "extra": 1}, ("unknown key 'extra'",)),
+])
+def test_a_bad_plan_is_refused_before_anything_trains(tmp_path, change, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"config": "debug", **change}), encoding="utf-8")
+    with user_error(*fragments):
+        call_main(train.main, "--plan", str(path), *flags(tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_continues_the_running_stage(tmp_path, tiny_corpus):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 200)
+    plan = write_plan(tmp_path / "chain.yaml", tiny_corpus, pairs, finetune_iters=NEVER)
+    proc = start_cli("train.py", "--plan", str(plan), *flags(tmp_path))
+    wait_for_line(proc, "stage 2/3")
+    out = "".join(wait_for_line(proc, f" 12/{NEVER} "))
+    proc.send_signal(signal.SIGINT)
+    out += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    root = plan_dir(tmp_path)
+    assert f"continue with: python train.py --resume {root}" in out
+    stages = json.loads((root / "state.json").read_text())["stages"]
+    assert [s["state"] for s in stages] == ["completed", "interrupted", "pending"]
+    interrupted_run = stages[1]["run"]
+    target = resume_target(out, 20)
+    res = call_main(train.main, "--resume", str(root), "--max-iters", str(target))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from step_" in res.stdout and "stage 1/3" not in res.stdout  # pretrain is not run again
+    stages = json.loads((root / "state.json").read_text())["stages"]
+    assert [s["state"] for s in stages] == ["completed"] * 3
+    assert stages[1]["run"] == interrupted_run and stages[1]["results"]["iteration"] == target
+    assert len(list((tmp_path / "runs").glob("*_chain-finetune"))) == 1  # the same run, continued

@@ -1,0 +1,196 @@
+"""Plans: several stages in one command (`python train.py --plan plans/X.yaml`), and their record.
+
+    plan = Plan.create(load_plan(Path("plans/reverse_words.yaml")), runs_dir)   # runs/plans/<ts>_<name>/
+    plan = Plan.open(Path("runs/plans/<id>"))                                  # --resume: continue it
+
+A plan file names its stages in order:
+
+    name: reverse_words            # optional; default the file's stem
+    config: [shakespeare_char]     # optional: presets or files for every stage, as --config takes them
+    settings: {n_layer: 4}         # optional: config keys for every stage
+    stages:
+      - name: pretrain             # a training stage: any config keys (data, max_iters, ...)
+        data: shakespeare
+      - name: finetune             # starts from the previous training stage's export (init_from)
+        data: reverse_words
+      - name: exact-match          # an evaluation of the last trained stage (evaluate.py's options)
+        evaluate: {data: reverse_words, split: val}
+
+Each training stage is its own run (runs/<ts>_<plan>-<stage>/), started as train.py would be with
+--config <each plan config> --config <plan dir>/stages/<stage>.yaml plus the flags given with --plan,
+which therefore apply to every stage. The plan directory keeps plan.yaml (the file as given) and
+state.json: each stage's state (pending, running, completed, interrupted, failed), its run and its
+results, written atomically whenever one changes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config import check_values, read_config_file
+from parameters import ModelConfig
+from utils.files import atomic_write_json, atomic_write_text, read_json_object
+from utils.run_state import run_state
+from utils.runs import create_run_dir, utc_now
+
+PLAN_KEYS = ("name", "config", "settings", "stages")
+EVALUATE_KEYS = {"data": str, "split": str, "name": str, "max_tokens": int, "max_pairs": int}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Stage:
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)  # config keys (training)
+    config: list[str] = field(default_factory=list)         # --config files of this stage
+    evaluate: dict[str, Any] | None = None                 # evaluate options (an evaluation stage)
+
+
+@dataclass
+class PlanSpec:
+    name: str
+    stages: list[Stage]
+    source: Path
+
+
+def load_plan(path: Path) -> PlanSpec:
+    """The plan file, checked whole before anything runs: unknown keys, config keys and their types,
+    stage names, evaluate options; every problem is a ValueError naming the file and the stage."""
+    raw = read_config_file(path)
+    where = str(path)
+    unknown = sorted(set(raw) - set(PLAN_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key '{unknown[0]}'; a plan has {', '.join(PLAN_KEYS)}")
+    name = str(raw.get("name") or path.stem)
+    if not NAME.match(name):
+        raise ValueError(f"{where}: name {name!r} must be letters, digits, '_', '-' or '.'")
+    shared_config = _as_list(raw.get("config"), f"{where}: config")
+    shared = check_values(ModelConfig, raw.get("settings") or {}, f"{where} settings")
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ValueError(f"{where}: 'stages' must be a list of stages, each a mapping with a name")
+    stages = [_stage(s, i, where, shared, shared_config) for i, s in enumerate(stages_raw)]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: stage names must differ; {sorted(n for n in names if names.count(n) > 1)[0]!r} "
+                         "repeats")
+    if stages[0].evaluate is not None:
+        raise ValueError(f"{where}: the first stage must train; an evaluate stage scores the run before it")
+    return PlanSpec(name, stages, path)
+
+
+def _as_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{where}: expected a preset name or file, or a list of them")
+    return values
+
+
+def _stage(raw: Any, i: int, where: str, shared: dict, shared_config: list[str]) -> Stage:
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not NAME.match(raw["name"]):
+        raise ValueError(f"{where}: stage {i + 1} must be a mapping with a name of letters, digits, '_', '-' or '.'")
+    where = f"{where} stage '{raw['name']}'"
+    if "evaluate" in raw:
+        options = raw["evaluate"]
+        if set(raw) - {"name", "evaluate"} or not isinstance(options, dict) or "data" not in options:
+            raise ValueError(f"{where}: an evaluate stage is `evaluate: {{data: ..., split: val}}` and nothing else")
+        for key, value in options.items():
+            if key not in EVALUATE_KEYS or not isinstance(value, EVALUATE_KEYS[key]) or isinstance(value, bool):
+                raise ValueError(f"{where}: evaluate option {key}: {value!r} is not one of "
+                                 f"{', '.join(f'{k} ({t.__name__})' for k, t in EVALUATE_KEYS.items())}")
+        if options.get("split", "val") not in ("train", "val", "all"):
+            raise ValueError(f"{where}: evaluate split must be train, val or all, not {options['split']!r}")
+        return Stage(raw["name"], evaluate=options)
+    settings = {k: v for k, v in raw.items() if k not in ("name", "config")}
+    settings = {**shared, **check_values(ModelConfig, settings, where)}
+    return Stage(raw["name"], settings, shared_config + _as_list(raw.get("config"), f"{where}: config"))
+
+
+class Plan:
+    """A plan directory and its state.json: which stage runs, with which run, and what it reached."""
+
+    def __init__(self, root: Path, spec: PlanSpec, state: dict) -> None:
+        self.root, self.spec, self.state = root, spec, state
+
+    @classmethod
+    def create(cls, spec: PlanSpec, runs_dir: str | Path, flags: list[str]) -> "Plan":
+        root = create_run_dir(Path(runs_dir) / "plans", spec.name, subdirs=("stages",))
+        shutil.copyfile(spec.source, root / "plan.yaml")
+        state = {"name": spec.name, "source": str(spec.source), "created": utc_now(), "flags": flags,
+                 "stages": [{"name": s.name, "kind": "evaluate" if s.evaluate else "train", "state": "pending",
+                             "run": None} for s in spec.stages]}
+        plan = cls(root, spec, state)
+        plan.save()
+        return plan
+
+    @classmethod
+    def open(cls, root: Path) -> "Plan":
+        state = read_json_object(root / "state.json")
+        if not state.get("stages"):
+            raise FileNotFoundError(f"'{root}' is not a plan directory (no readable state.json); pass --resume with "
+                                    "runs/plans/<id> as `python train.py --plan` printed it")
+        spec = load_plan(root / "plan.yaml")
+        spec.source = Path(state.get("source", spec.source))
+        return cls(root, spec, state)
+
+    @staticmethod
+    def is_plan_dir(path: str | None) -> bool:
+        return bool(path) and (Path(path) / "state.json").is_file() and (Path(path) / "plan.yaml").is_file()
+
+    def save(self) -> None:
+        atomic_write_json(self.root / "state.json", self.state)
+
+    def record(self, i: int, **changes: Any) -> None:
+        self.state["stages"][i].update(changes, updated=utc_now())
+        self.save()
+
+    def next_stage(self) -> int | None:
+        """The first stage not completed; a stage whose run completed while the plan was not looking
+        (killed right after it) counts as completed."""
+        for i, entry in enumerate(self.state["stages"]):
+            if entry["state"] != "completed" and entry["run"] and run_state(Path(entry["run"])).state == "completed" \
+                    and entry["kind"] == "train":
+                self.record(i, state="completed")
+            if entry["state"] != "completed":
+                return i
+        return None
+
+    def last_run(self, before: int) -> str | None:
+        """The run of the last training stage before stage `before`."""
+        runs = [e["run"] for e in self.state["stages"][:before] if e["kind"] == "train" and e["run"]]
+        return runs[-1] if runs else None
+
+    def stage_argv(self, i: int) -> list[str]:
+        """train.py's arguments for training stage i: resuming its run where it has a checkpoint, else a
+        fresh run from its stage file (init_from the previous training stage's run)."""
+        from utils.checkpoint import latest_good
+
+        entry, stage = self.state["stages"][i], self.spec.stages[i]
+        flags = list(self.state.get("flags", []))
+        if entry["run"] and latest_good(Path(entry["run"]) / "artifacts" / "checkpoints")[0]:
+            return ["--resume", entry["run"], *flags]
+        settings = {"run_tag": f"{self.spec.name}-{stage.name}", **stage.settings}
+        if i and "init_from" not in stage.settings:
+            settings["init_from"] = self.last_run(i)
+        path = self.root / "stages" / f"{i + 1}_{stage.name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+        return [*(a for c in stage.config for a in ("--config", c)), "--config", str(path), *flags]
+
+    def summary(self) -> str:
+        """One line per stage: state, run, and its result."""
+        lines = [f"plan {self.root}"]
+        for entry in self.state["stages"]:
+            result = entry.get("results") or {}
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+            lines.append(f"  {entry['name']:<14} {entry['state']:<11} {Path(entry['run']).name if entry['run'] else '-'}"
+                         + (f"  {shown}" if shown else ""))
+        return "\n".join(lines)
