@@ -38,14 +38,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="text: score at most this many tokens (default 100000; 0 = the whole split)")
     parser.add_argument("--max-pairs", "--max_pairs", type=int, default=0,
                         help="pairs: score at most this many, in file order (default 0 = all of the split)")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=8, help="windows per forward (default 8)")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=0,
+                        help="windows (pairs: prompts) per forward (default 8 windows, 64 prompts)")
     parser.add_argument("--name", help="the evaluation's name in evals/ and eval/<name>/ (default: the data's name)")
     parser.add_argument("--runs-dir", "--runs_dir", default="runs", help="where the runs are (default runs)")
     parser.add_argument("--data-dir", "--data_dir", default="data", help="data cache and prepared datasets (default data)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     args = parser.parse_args(argv)
-    if args.max_tokens < 0 or args.max_pairs < 0 or args.batch_size < 1:
-        raise ValueError("--max-tokens and --max-pairs must be >= 0 and --batch-size >= 1")
+    if args.max_tokens < 0 or args.max_pairs < 0 or args.batch_size < 0:
+        raise ValueError("--max-tokens, --max-pairs and --batch-size must be >= 0")
     return args
 
 

@@ -147,10 +147,11 @@ def greedy_answers(model: torch.nn.Module, examples: Sequence[Example], eot: int
 
 
 def evaluate_run(run_dir: Path, data: str, *, split: str = "val", name: str = "", data_dir: str = "data",
-                 max_tokens: int = 100_000, max_pairs: int = 0, batch_size: int = 8,
+                 max_tokens: int = 100_000, max_pairs: int = 0, batch_size: int = 0,
                  device: torch.device = torch.device("cpu")) -> tuple[dict, Path, str]:
     """Score the run's export on `data` (anything --data takes) and save the results: (record, its
-    path, a note for the console or ""). Pairs get score_pairs, anything else score_windows."""
+    path, a note for the console or ""). Pairs get score_pairs, anything else score_windows; batch_size
+    0 is 64 prompts or 8 windows (a window's logits are block_size x vocab floats)."""
     export = load_export(run_dir, device)
     cfg = dataclasses.replace(export.config, data=data, data_dir=data_dir)
     corpus = prepare_corpus(cfg, export.tokenizer)
@@ -161,10 +162,10 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "val", name: str = ""
     parts = [corpus.splits[s] for s in (("train", "val") if split == "all" else (split,))]
     if corpus.kind == "pairs":
         examples = sorted((e for rows in parts for e in rows.examples), key=lambda e: e.line)[:max_pairs or None]
-        results = score_pairs(model, examples, corpus.tokenizer, cfg.block_size, batch_size, device)
+        results = score_pairs(model, examples, corpus.tokenizer, cfg.block_size, batch_size or 64, device)
     else:
         arrays = [a for arrays in parts for a in arrays]
-        results = score_windows(model, arrays, corpus.tokenizer, cfg.block_size, max_tokens, batch_size, device)
+        results = score_windows(model, arrays, corpus.tokenizer, cfg.block_size, max_tokens, batch_size or 8, device)
     record = {"run": run_dir.name, "data": corpus.name, "split": split, "name": name or default_name(data),
               "iteration": read_json_object(run_dir / "meta" / "status.json").get("iteration"), **results}
     return record, save(run_dir, record["name"], record), corpus.note

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 import train
-from conftest import call_main, resume_target, start_cli, user_error, wait_for_line, write_pairs
+from conftest import REPO, call_main, resume_target, start_cli, user_error, wait_for_line, write_pairs
+from utils.plans import load_plan
 
 NEVER = 100_000
 
@@ -94,3 +95,17 @@ def test_ctrl_c_then_resume_continues_the_running_stage(tmp_path, tiny_corpus):
     assert [s["state"] for s in stages] == ["completed"] * 3
     assert stages[1]["run"] == interrupted_run and stages[1]["results"]["iteration"] == target
     assert len(list((tmp_path / "runs").glob("*_chain-finetune"))) == 1  # the same run, continued
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "plans").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_plans_run_end_to_end_in_miniature(path, tmp_path):
+    """Every stage of the shipped plan, shortened by flags (which apply to every stage): offline, so
+    shakespeare falls back to pydoc, whose characters hold the task's too."""
+    spec = load_plan(path)
+    assert [s.evaluate is None for s in spec.stages][:2] == [True, True]
+    res = call_main(train.main, "--plan", str(path), *flags(tmp_path), "--max-iters", "4", "--eval-interval", "2",
+                    "--warmup-iters", "0", "--eval-iters", "1", "--sample-length", "0", "--n-layer", "1",
+                    "--n-embd", "16", "--n-head", "2")
+    assert res.returncode == 0, res.stderr
+    state = json.loads((plan_dir(tmp_path) / "state.json").read_text())
+    assert all(s["state"] == "completed" for s in state["stages"])

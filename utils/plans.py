@@ -40,7 +40,7 @@ from utils.run_state import run_state
 from utils.runs import create_run_dir, utc_now
 
 PLAN_KEYS = ("name", "config", "settings", "stages")
-EVALUATE_KEYS = {"data": str, "split": str, "name": str, "max_tokens": int, "max_pairs": int}
+EVALUATE_KEYS = {"data": str, "split": str, "name": str, "max_tokens": int, "max_pairs": int, "batch_size": int}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
