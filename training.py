@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Corpus, get_batch, step_targets
+from batches import get_batch, step_targets
+from data import Corpus
 from model import LanguageModel
 # The schedules and optimizers live in optimization.py; the loop's callers import them from here too.
 from optimization import (OPTIMIZERS, SCHEDULES, build_optimizer, describe_optimizer, get_lr,  # noqa: F401

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import data
-from data import check_same_corpus, get_batch, load_text, prepare_corpus, split_tokens, tokenize_cached
+from batches import get_batch
+from data import check_same_corpus, load_text, prepare_corpus, split_tokens, tokenize_cached
 from parameters import ModelConfig
 from tokenizer import CharTokenizer, Gpt2Tokenizer
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import inference
 import train
 from conftest import TINY_TEXT, call_main, user_error
-from data import get_batch, prepare_corpus, step_targets
+from batches import get_batch, step_targets
+from data import prepare_corpus
 from model import LanguageModel, grow_vocab
 from pairs import PackedRows, encode_pairs, pack, read_pairs, split_pairs
 from parameters import ModelConfig

@@ -211,7 +211,7 @@ def test_a_compiled_run_exports_and_resumes_uncompiled(tiny_corpus: Path, tmp_pa
 
 def test_compiled_training_exports_load_into_an_uncompiled_model(tiny_cfg, tmp_path: Path):
     """The export is saved from the raw module, so no `_orig_mod.` prefix leaks into it (nanoGPT's bug)."""
-    from data import get_batch
+    from batches import get_batch
     tok = CharTokenizer.from_text("abcdefghij \n")
     torch.manual_seed(0)
     raw = LanguageModel(tiny_cfg, tok.vocab_size)

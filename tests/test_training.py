@@ -17,7 +17,7 @@ from model import LanguageModel
 from optimization import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer, describe_optimizer, get_lr, set_lrs
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
-from data import get_batch
+from batches import get_batch
 from training import Trainer, train_step
 from utils.runs import RunStatus
 from utils.signals import NeverStop
