@@ -28,7 +28,8 @@ def get_batch(
     """Inputs and next-token targets, (B, T) int64 each, for one micro-step of one rank.
 
     `tokens` is one array or a list of them (a prepared dataset's shards; a window never spans two),
-    or the PackedRows of prompt/response pairs (a batch is rows; targets of -1 are not trained on).
+    or the PackedRows of prompt/response pairs (a batch is rows, cut to its longest: T <= block_size;
+    targets of -1 are not trained on).
     The global batch of a step, batch_size * n_micro * world_size windows (rows), is one draw from
     np.random.default_rng([seed, step, SPLIT_ID[split]]) over every window start of every array (every
     row): a pure function of (seed, step, split). Each (rank, micro) takes its own slice of it, so 2
@@ -43,7 +44,8 @@ def get_batch(
                              f"{block_size}; prepare them with this block_size")
         picked = _row_draw(tokens, batch_size * n_micro * world_size, seed, step, split)
         picked = picked[chunk * batch_size:(chunk + 1) * batch_size]
-        return _to_device(tokens.x[picked], tokens.y[picked], device)
+        width = int(tokens.lengths[picked].max())  # the padding after the longest row is never computed
+        return _to_device(tokens.x[picked, :width], tokens.y[picked, :width], device)
     arrays = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
     starts_per_array = np.array([max(len(a) - block_size, 0) for a in arrays], dtype=np.int64)
     if not starts_per_array.sum():

@@ -100,8 +100,9 @@ def score_pairs(model: torch.nn.Module, examples: Sequence[Example], tokenizer, 
     rows = pack(examples, block_size, eot, pack_rows=False)  # one example per row: nothing else in its context
     nll, top1, top5 = 0.0, 0, 0
     for i in range(0, len(rows), batch_size):
-        x = torch.from_numpy(rows.x[i:i + batch_size]).to(device)  # (B, T)
-        y = torch.from_numpy(rows.y[i:i + batch_size]).to(device)  # (B, T), -1 outside the responses
+        width = int(rows.lengths[i:i + batch_size].max())  # nothing after the longest row's end is scored
+        x = torch.from_numpy(rows.x[i:i + batch_size, :width]).to(device)  # (B, T)
+        y = torch.from_numpy(rows.y[i:i + batch_size, :width]).to(device)  # (B, T), -1 outside the responses
         logits, _ = model(x)  # (B, T, V)
         scored = y >= 0
         logits, y = logits[scored].float(), y[scored]  # (N, V), (N,)

@@ -50,10 +50,13 @@ class Example:
 @dataclass(frozen=True)
 class PackedRows:
     """A split of pairs as training reads it: inputs x and targets y, (N, block_size) int64 each, y = -1
-    where nothing is trained (prompt, padding); n_targets counts each row's trained targets."""
+    where nothing is trained (prompt, padding); n_targets counts each row's trained targets, and lengths
+    its positions before the padding (a batch needs only its longest row's: causal attention never lets
+    padding after a position change it)."""
     x: np.ndarray
     y: np.ndarray
     n_targets: np.ndarray
+    lengths: np.ndarray
     examples: list[Example] = field(repr=False)
     truncated: int = 0  # examples cut to a row
     dropped: int = 0    # examples cut so short that no target was left
@@ -163,7 +166,7 @@ def example_tokens(example: Example, eot_id: int, loss_on_prompt: bool) -> tuple
 
 
 def pack(examples: Sequence[Example], block_size: int, eot_id: int, loss_on_prompt: bool = False,
-         pack_rows: bool = True) -> PackedRows:
+         pack_rows: bool = False) -> PackedRows:
     """Rows of block_size + 1 tokens, each holding whole examples in order (one each without pack_rows),
     padded with end-of-text ids that no target reads. x = row[:-1]; y = row[1:] where trained, else -1."""
     width = block_size + 1
@@ -190,12 +193,14 @@ def pack(examples: Sequence[Example], block_size: int, eot_id: int, loss_on_prom
         raise ValueError(f"no example has a target within block_size + 1 = {width} tokens; raise block_size")
     ids = np.full((len(rows), width), eot_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=bool)
+    lengths = np.zeros(len(rows), dtype=np.int64)
     for r, (row_tokens, row_trained) in enumerate(rows):
         joined = np.concatenate(row_tokens)
         ids[r, :len(joined)] = joined
         mask[r, :len(joined)] = np.concatenate(row_trained)
+        lengths[r] = len(joined) - 1  # input positions: the last token is only a target
     y = np.where(mask[:, 1:], ids[:, 1:], -1)
-    return PackedRows(ids[:, :-1].copy(), y, mask[:, 1:].sum(axis=1), list(examples), truncated, dropped)
+    return PackedRows(ids[:, :-1].copy(), y, mask[:, 1:].sum(axis=1), lengths, list(examples), truncated, dropped)
 
 
 def trained_text_bytes(examples: Sequence[Example], tokenizer: Tokenizer, loss_on_prompt: bool) -> int:

@@ -106,8 +106,8 @@ class ModelConfig(Validated):
     text_field: str = knob("text", "the field of a .jsonl line, or the column of a .parquet file, holding the text")
     loss_on_prompt: bool = knob(False, "prompt/response pairs: the loss also counts the prompt's tokens; false = "
                                        "only the responses (and their end-of-text)")
-    pack_pairs: bool = knob(True, "prompt/response pairs: pack whole examples into each block_size row; false = one "
-                                  "example per row, padded")
+    pack_pairs: bool = knob(False, "prompt/response pairs: pack several whole examples into each block_size row "
+                                   "(fewer rows; each example sees others before it); false = one per row, padded")
     val_fraction: float = knob(0.1, "fraction held out for validation: whole documents chosen by a hash of their "
                                     "text (pairs: of their prompt); a single text (shakespeare, one file) gives its last tokens")
 

@@ -95,7 +95,7 @@ def test_targets_are_the_response_and_its_end_of_text(pairs_file, loss_on_prompt
 
 
 def test_packing_keeps_examples_whole_and_in_order(pairs_file):
-    packed, single = rows_of(pairs_file, 64), rows_of(pairs_file, 64, pack_rows=False)
+    packed, single = rows_of(pairs_file, 64, pack_rows=True), rows_of(pairs_file, 64)
     assert len(packed) < len(single) / 1.5
     assert packed.total_targets == single.total_targets
     # Reading the rows back, example by example, gives every example's targets in file order.
@@ -127,14 +127,17 @@ def test_a_character_outside_a_char_vocabulary_is_named_with_its_line(tmp_path):
 # --- batches and the loss ---
 
 def test_row_batches_are_a_pure_function_of_seed_and_step_split_over_ranks_and_micro_steps(pairs_file):
-    rows = rows_of(pairs_file)
-    whole = get_batch(rows, 8, 32, seed=3, step=5)
-    assert torch.equal(whole[0], get_batch(rows, 8, 32, seed=3, step=5)[0])
-    assert not torch.equal(whole[0], get_batch(rows, 8, 32, seed=3, step=6)[0])
-    parts = [get_batch(rows, 2, 32, seed=3, step=5, micro=m, n_micro=2, rank=r, world_size=2)
+    rows = rows_of(pairs_file, 64)
+    whole = get_batch(rows, 8, 64, seed=3, step=5)
+    assert torch.equal(whole[0], get_batch(rows, 8, 64, seed=3, step=5)[0])
+    assert not torch.equal(whole[0], get_batch(rows, 8, 64, seed=3, step=6)[0])
+    parts = [get_batch(rows, 2, 64, seed=3, step=5, micro=m, n_micro=2, rank=r, world_size=2)
              for r in range(2) for m in range(2)]
-    assert torch.equal(torch.cat([x for x, _ in parts]), whole[0])
-    assert torch.equal(torch.cat([y for _, y in parts]), whole[1])
+    assert len({x.shape[1] for x, _ in parts}) > 1  # each batch is cut to its longest row
+    for k, (x, y) in enumerate(parts):  # the same rows; what a part leaves off is padding
+        width = x.shape[1]
+        assert torch.equal(x, whole[0][2 * k:2 * k + 2, :width]) and torch.equal(y, whole[1][2 * k:2 * k + 2, :width])
+        assert (whole[1][2 * k:2 * k + 2, width:] == -1).all()
     counts = step_targets(rows, 2, seed=3, step=5, n_micro=2, world_size=2)
     assert counts.tolist() == [int((y >= 0).sum()) for _, y in parts]
     assert step_targets([np.arange(100)], 2, seed=3, step=5) is None
@@ -150,9 +153,10 @@ def step_gradients(cfg: ModelConfig, rows: PackedRows) -> dict[str, torch.Tensor
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_accumulated_micro_batches_equal_the_big_batch_though_their_targets_differ(tiny_cfg, pairs_file):
+@pytest.mark.parametrize("packed", [False, True])
+def test_accumulated_micro_batches_equal_the_big_batch_though_their_targets_differ(tiny_cfg, pairs_file, packed):
     cfg = dataclasses.replace(tiny_cfg, block_size=32, grad_clip=0.0)
-    rows = rows_of(pairs_file)
+    rows = rows_of(pairs_file, pack_rows=packed)
     counts = step_targets(rows, 2, seed=cfg.seed, step=0, n_micro=4)
     assert len(set(counts.tolist())) > 1  # the micro-batches hold different numbers of response tokens
     big = step_gradients(dataclasses.replace(cfg, batch_size=8), rows)
