@@ -21,6 +21,7 @@ download; the length and SHA-256 recorded beside token ids).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -249,11 +250,11 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
     if kind == "text":
         return _text_corpus(cfg, tokenizer)
     if kind == "pairs":
-        from tasks import TASKS, write_task
+        from tasks import TASKS, ensure_task
 
-        if cfg.data in TASKS and not target.exists():
-            write_task(cfg.data, target)
-        return _pairs_corpus(cfg, tokenizer, target)
+        note = ensure_task(cfg.data, target) if cfg.data in TASKS and not Path(cfg.data).exists() else ""
+        corpus = _pairs_corpus(cfg, tokenizer, target)
+        return dataclasses.replace(corpus, note="\n".join(filter(None, [note, corpus.note])))
     from dataset import DatasetSettings, prepare
     from shards import open_dataset
 
@@ -318,7 +319,7 @@ def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path) -> 
     for split, part in split_pairs(pairs, cfg.val_fraction).items():
         examples = encode_pairs(part, tokenizer, path)
         splits[split] = pack(examples, cfg.block_size, tokenizer.eot_id, cfg.loss_on_prompt, cfg.pack_pairs)
-        split_bytes[split] = trained_text_bytes(examples, tokenizer, cfg.loss_on_prompt)
+        split_bytes[split] = trained_text_bytes(part, cfg.loss_on_prompt)
     cut, dropped = (sum(getattr(r, k) for r in splits.values()) for k in ("truncated", "dropped"))
     if cut:
         note = "\n".join(filter(None, [note, (
@@ -339,7 +340,7 @@ def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path) -> 
 def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:
     """What --data names: ("text", None) for shakespeare, pydoc or one text file; ("pairs", file) for a
     .jsonl of prompt/response pairs or a generated task's (tasks.py: data_dir/tasks/<name>.jsonl, which
-    prepare_corpus writes on first use); ("dataset", dir) for a prepared dataset (its directory, or a name under data_dir/tokens/);
+    prepare_corpus writes when it is missing or differs); ("dataset", dir) for a prepared dataset (its directory, or a name under data_dir/tokens/);
     ("directory" | "files", None) for corpus files that are prepared into a dataset first."""
     from pairs import looks_like_pairs
     from tasks import TASKS, task_path

@@ -1,13 +1,14 @@
 """Small tasks of prompt/response pairs that the repo generates itself: data to fine-tune on and to score
 exact match with, offline and the same on every machine.
 
-    python train.py --init-from runs/<id> --data reverse_words    # writes data/tasks/reverse_words.jsonl once
-    head -3 data/tasks/reverse_words.jsonl                         # {"prompt": "reverse: kmgq\\n", "response": "qgmk"}
+    python train.py --init-from runs/<id> --data reverse_words    # writes data/tasks/reverse_words.jsonl
+    head -2 data/tasks/reverse_words.jsonl                         # {"prompt": "reverse: yzaznr\\n", "response": "rnzazy"}
 
 Each task draws its pairs from numpy's PCG64 with a fixed seed, so the file is byte-identical
-everywhere; prompts never repeat, so the held-out split (a hash of the prompt, pairs.py) holds prompts
-that training never saw. Every character is one tiny shakespeare has, so a char model pretrained on it
-can be fine-tuned on any task here. Add a task: a function (rng) -> (prompt, response) and a TASKS entry.
+everywhere (a copy that differs, e.g. from an older tasks.py, is written again). Prompts never repeat,
+so the held-out split (a hash of the prompt, pairs.py) holds prompts that training never saw. Every
+character is one tiny shakespeare has, so a char model pretrained on it can be fine-tuned on any task
+here. Add a task: a function (rng) -> (prompt, response) and a TASKS entry.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import numpy as np
 
 from shards import atomic_write_bytes
 
-LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 SEED = 1234
 
 
 def _word(rng: np.random.Generator, shortest: int, longest: int) -> str:
-    return "".join(rng.choice(LETTERS, size=int(rng.integers(shortest, longest + 1))))
+    """shortest to longest random lowercase letters."""
+    letters = rng.integers(ord("a"), ord("z") + 1, size=int(rng.integers(shortest, longest + 1)), dtype=np.uint8)
+    return letters.tobytes().decode("ascii")
 
 
 def reverse_word(rng: np.random.Generator) -> tuple[str, str]:
@@ -67,12 +69,17 @@ def generate(name: str) -> list[tuple[str, str]]:
     return list(pairs.items())
 
 
-def write_task(name: str, path: Path) -> None:
-    """The task's pairs as .jsonl at path, written atomically."""
-    lines = (json.dumps({"prompt": p, "response": r}) + "\n" for p, r in generate(name))
+def ensure_task(name: str, path: Path) -> str:
+    """The task's pairs as .jsonl at path, written atomically unless the file already holds exactly them
+    (a file from an older tasks.py is replaced); returns a note when it was replaced, else ""."""
+    data = "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in generate(name)).encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return ""
+    replaced = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, "".join(lines).encode("utf-8"))
+        atomic_write_bytes(path, data)
     except OSError as e:
         raise ValueError(f"cannot write the task file '{path}': {e.strerror or e}; pass --data-dir with a "
                          "writable directory") from None
+    return f"{path} differed from what tasks.py generates for {name}: written again" if replaced else ""

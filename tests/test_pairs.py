@@ -225,7 +225,7 @@ def test_tasks_are_deterministic_distinct_and_in_shakespeares_characters():
     assert response == prompt.removeprefix("reverse: ").removesuffix("\n")[::-1]
 
 
-def test_a_task_name_writes_its_file_once(tmp_path):
+def test_a_task_name_writes_its_file_and_keeps_it_true(tmp_path):
     cfg = ModelConfig(data="reverse_words", data_dir=str(tmp_path), block_size=32).validate()
     corpus = prepare_corpus(cfg)
     path = tmp_path / "tasks" / "reverse_words.jsonl"
@@ -233,6 +233,9 @@ def test_a_task_name_writes_its_file_once(tmp_path):
     assert corpus.tokenizer.eot_id == corpus.tokenizer.vocab_size - 1
     mtime = path.stat().st_mtime_ns
     assert prepare_corpus(cfg).sha256 == corpus.sha256 and path.stat().st_mtime_ns == mtime
+    path.write_text('{"prompt": "reverse: ab\\n", "response": "ba"}\n' * 3)  # e.g. an older tasks.py's
+    again = prepare_corpus(cfg)
+    assert again.sha256 == corpus.sha256 and "written again" in again.note
 
 
 def test_grow_vocab_appends_mean_rows_and_keeps_the_rest():
