@@ -20,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 
-from shards import atomic_write_bytes
 
 SEED = 1234
 
@@ -75,11 +74,8 @@ def ensure_task(name: str, path: Path) -> str:
     data = "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in generate(name)).encode("utf-8")
     if path.is_file() and path.read_bytes() == data:
         return ""
+    from data import write_atomic  # data.py imports this module when --data names a task
+
     replaced = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-    except OSError as e:
-        raise ValueError(f"cannot write the task file '{path}': {e.strerror or e}; pass --data-dir with a "
-                         "writable directory") from None
+    write_atomic(path, data)
     return f"{path} differed from what tasks.py generates for {name}: written again" if replaced else ""
