@@ -68,10 +68,15 @@ def generate(name: str) -> list[tuple[str, str]]:
     return list(pairs.items())
 
 
+def task_bytes(name: str) -> bytes:
+    """The task's .jsonl file: one {"prompt", "response"} object per line."""
+    return "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in generate(name)).encode("utf-8")
+
+
 def ensure_task(name: str, path: Path) -> str:
     """The task's pairs as .jsonl at path, written atomically unless the file already holds exactly them
     (a file from an older tasks.py is replaced); returns a note when it was replaced, else ""."""
-    data = "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in generate(name)).encode("utf-8")
+    data = task_bytes(name)
     if path.is_file() and path.read_bytes() == data:
         return ""
     from data import write_atomic  # data.py imports this module when --data names a task

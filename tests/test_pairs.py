@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from data import prepare_corpus
 from model import LanguageModel, grow_vocab
 from pairs import PackedRows, encode_pairs, pack, read_pairs, split_pairs
 from parameters import ModelConfig
-from tasks import TASKS, generate
+from tasks import TASKS, ensure_task, generate, task_bytes
 from tokenizer import CharTokenizer
 from training import train_step
 
@@ -214,13 +215,19 @@ def test_changing_a_prompt_tokens_target_changes_no_gradient(tiny_cfg, pairs_fil
 
 # --- generated tasks ---
 
-def test_tasks_are_deterministic_distinct_and_in_shakespeares_characters():
+# The bytes of each task's file, the same on every machine; a new task adds its hash here.
+TASK_SHA256 = {"reverse_words": "b3a000893671596f61e93efd386d73e847bb5835487484588f41b6623c629432",
+               "sort_words": "c5af6b5a701d97ed238af038caa9991709d7391ec8ae2b504ad5308327814898"}
+
+
+def test_tasks_are_pinned_distinct_and_in_shakespeares_characters():
     shakespeare_chars = set("\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz")
     for name in TASKS:
-        pairs = generate(name)
-        assert pairs == generate(name)
-        assert len({p for p, _ in pairs}) == len(pairs) == TASKS[name].n_pairs
-        assert set("".join(p + r for p, r in pairs)) <= shakespeare_chars
+        data = task_bytes(name)
+        assert hashlib.sha256(data).hexdigest() == TASK_SHA256[name]
+        pairs = [json.loads(line) for line in data.splitlines()]
+        assert len({p["prompt"] for p in pairs}) == len(pairs) == TASKS[name].n_pairs
+        assert set("".join(p["prompt"] + p["response"] for p in pairs)) <= shakespeare_chars
     prompt, response = generate("reverse_words")[0]
     assert response == prompt.removeprefix("reverse: ").removesuffix("\n")[::-1]
 
@@ -232,10 +239,10 @@ def test_a_task_name_writes_its_file_and_keeps_it_true(tmp_path):
     assert corpus.kind == "pairs" and corpus.name == str(path)
     assert corpus.tokenizer.eot_id == corpus.tokenizer.vocab_size - 1
     mtime = path.stat().st_mtime_ns
-    assert prepare_corpus(cfg).sha256 == corpus.sha256 and path.stat().st_mtime_ns == mtime
+    assert ensure_task("reverse_words", path) == "" and path.stat().st_mtime_ns == mtime  # kept as it was
     path.write_text('{"prompt": "reverse: ab\\n", "response": "ba"}\n' * 3)  # e.g. an older tasks.py's
-    again = prepare_corpus(cfg)
-    assert again.sha256 == corpus.sha256 and "written again" in again.note
+    assert "written again" in ensure_task("reverse_words", path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == corpus.sha256
 
 
 def test_grow_vocab_appends_mean_rows_and_keeps_the_rest():
