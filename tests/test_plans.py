@@ -72,6 +72,11 @@ def test_a_bad_plan_is_refused_before_anything_trains(tmp_path, change, fragment
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_plan_names_the_shipped_ones(tmp_path):
+    with user_error("plan file", "does not exist", "plans/reverse_words.yaml", kind=FileNotFoundError):
+        call_main(train.main, "--plan", str(tmp_path / "nope.yaml"), *flags(tmp_path))
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_resume_continues_the_running_stage(tmp_path, tiny_corpus):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 200)

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from config import check_values, read_config_file
+from config import PROJECT_DIR, check_values, read_config_file
 from parameters import ModelConfig
 from utils.files import atomic_write_json, atomic_write_text, read_json_object
 from utils.run_state import run_state
@@ -62,6 +62,9 @@ class PlanSpec:
 def load_plan(path: Path) -> PlanSpec:
     """The plan file, checked whole before anything runs: unknown keys, config keys and their types,
     stage names, evaluate options; every problem is a ValueError naming the file and the stage."""
+    if not path.is_file():
+        shipped = ", ".join(str(p.relative_to(PROJECT_DIR)) for p in sorted((PROJECT_DIR / "plans").glob("*.yaml")))
+        raise FileNotFoundError(f"plan file '{path}' does not exist; the shipped plans: {shipped or 'none'}")
     raw = read_config_file(path)
     where = str(path)
     unknown = sorted(set(raw) - set(PLAN_KEYS))
