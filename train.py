@@ -40,7 +40,7 @@ from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
 from utils.console import ProgressLine, format_duration, setup_console_log
-from utils.device import Compute, setup_compute
+from utils.device import Compute, resolve_device, setup_compute
 from utils.export import Export, load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, read_json_object, writable_dir
@@ -57,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if parsed.args.print_config:
         print(config_yaml(parsed.config, parsed.files), end="")
         return 0
-    plan = open_plan(parsed, argv)  # --plan FILE, or --resume of a plan directory; None for one run
     d, device_name = distributed.setup(parsed.config.device)
     try:
-        if plan and d.enabled:
-            raise ValueError("a plan runs in one process; under torchrun, launch each stage as its own run "
-                             "(python train.py --init-from RUN ...)")
+        plan = open_plan(parsed, argv, d)  # --plan FILE, or --resume of a plan directory; None for one run
         code = run_plan(plan, d, device_name) if plan else run_once(parsed, d, device_name)
         # Tearing the group down is collective: a rank that left while rank 0 still exported aborted
         # in gloo's teardown ("terminate called without an active exception"), failing the launch.
@@ -79,12 +76,15 @@ def run_once(parsed, d: Dist, device_name: str, started: Callable[[Path], None] 
         return run(parsed, d, device_name, held, stop, started)
 
 
-def open_plan(parsed, argv: list[str]) -> Plan | None:
+def open_plan(parsed, argv: list[str], d: Dist) -> Plan | None:
     """A new plan (--plan FILE: checked whole, then its directory made) or the plan directory --resume
     names; the other flags given apply to every stage."""
     args = parsed.args
     if not args.plan and not Plan.is_plan_dir(args.resume):
         return None
+    if d.enabled:
+        raise ValueError("a plan runs in one process; under torchrun, launch each stage as its own run "
+                         "(python train.py --init-from RUN ...)")
     flags = strip_flag(argv, "--resume" if not args.plan else "--plan")
     if not args.plan:
         plan = Plan.open(Path(args.resume))
@@ -154,8 +154,9 @@ def evaluate_stage(plan: Plan, i: int) -> int:
     options = dict(plan.spec.stages[i].evaluate)
     run_dir = Path(plan.last_run(i))
     plan.record(i, state="running", run=str(run_dir))
-    data_dir = read_json_object(run_dir / "meta" / "full_config.json").get("data_dir", "data")
-    record, path, note = evaluate_run(run_dir, options.pop("data"), data_dir=data_dir, **options)
+    config = read_json_object(run_dir / "meta" / "full_config.json")  # where and on what the run trained
+    record, path, note = evaluate_run(run_dir, options.pop("data"), data_dir=config.get("data_dir", "data"),
+                                      device=resolve_device(config.get("device", "cpu")), **options)
     if note:
         print(note)
     print(table(record))

@@ -114,3 +114,13 @@ def test_the_shipped_plans_run_end_to_end_in_miniature(path, tmp_path):
     assert res.returncode == 0, res.stderr
     state = json.loads((plan_dir(tmp_path) / "state.json").read_text())
     assert all(s["state"] == "completed" for s in state["stages"])
+
+
+def test_a_plan_under_torchrun_is_refused_before_its_directory_exists(tmp_path, tiny_corpus, pairs_file):
+    from config import load_config
+    from utils.distributed import Dist
+
+    argv = ["--plan", str(write_plan(tmp_path / "chain.yaml", tiny_corpus, pairs_file)), *flags(tmp_path)]
+    with user_error("a plan runs in one process"):
+        train.open_plan(load_config(argv), argv, Dist(rank=0, world_size=2))
+    assert not (tmp_path / "runs").exists()
