@@ -21,7 +21,6 @@ download; the length and SHA-256 recorded beside token ids).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import http.client
 import json
@@ -250,11 +249,11 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
     if kind == "text":
         return _text_corpus(cfg, tokenizer)
     if kind == "pairs":
-        from tasks import TASKS, ensure_task
+        from tasks import TASKS
 
-        note = ensure_task(cfg.data, target) if cfg.data in TASKS and not Path(cfg.data).exists() else ""
-        corpus = _pairs_corpus(cfg, tokenizer, target)
-        return dataclasses.replace(corpus, note="\n".join(filter(None, [note, corpus.note])))
+        if cfg.data in TASKS and not Path(cfg.data).exists():
+            return _pairs_corpus(cfg, tokenizer, target, *ensure_task(cfg.data, target))
+        return _pairs_corpus(cfg, tokenizer, target, target.read_bytes())
     from dataset import DatasetSettings, prepare
     from shards import open_dataset
 
@@ -302,19 +301,32 @@ def _text_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Corpus:
                   source.text[0], source.note)
 
 
-def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path) -> Corpus:
-    """Prompt/response pairs -> held-out split by prompt -> tokenizer (built from them unless given; given
-    one without an end-of-text id gains one) -> packed rows whose targets are the responses."""
+def ensure_task(name: str, path: Path) -> tuple[bytes, str]:
+    """(the bytes of task `name`'s .jsonl, a note or ""): written to path unless the file there already
+    holds exactly them; one from an older tasks.py is written again, with a note."""
+    from tasks import task_bytes
+
+    data = task_bytes(name)
+    if path.is_file() and path.read_bytes() == data:
+        return data, ""
+    replaced = path.exists()
+    write_atomic(path, data)
+    return data, f"{path} differed from what tasks.py generates for {name}: written again" if replaced else ""
+
+
+def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path, data: bytes, note: str = "") -> Corpus:
+    """Prompt/response pairs (the file's bytes) -> held-out split by prompt -> tokenizer (built from them
+    unless given; given one without an end-of-text id gains one) -> rows whose targets are the responses."""
     from pairs import encode_pairs, pack, read_pairs, split_pairs, trained_text_bytes, with_end_of_text
     from tokenizer import build_tokenizer
 
-    pairs = read_pairs(path)
-    note = ""
+    pairs, notes = read_pairs(path, data), [note]
     if tokenizer is None:
         texts = (text for pair in pairs for text in (pair.prompt, pair.response))
         tokenizer = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, end_of_text=True)
     elif tokenizer.eot_id is None:
-        tokenizer, note = with_end_of_text(tokenizer)
+        tokenizer, grown = with_end_of_text(tokenizer)
+        notes.append(grown)
     splits, split_bytes = {}, {}
     for split, part in split_pairs(pairs, cfg.val_fraction).items():
         examples = encode_pairs(part, tokenizer, path)
@@ -322,19 +334,17 @@ def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path) -> 
         split_bytes[split] = trained_text_bytes(part, cfg.loss_on_prompt)
     cut, dropped = (sum(getattr(r, k) for r in splits.values()) for k in ("truncated", "dropped"))
     if cut:
-        note = "\n".join(filter(None, [note, (
-            f"{cut:,} of {len(pairs):,} pairs are longer than block_size + 1 = {cfg.block_size + 1} tokens and were "
-            "cut to it, losing the end of their response" + (f"; {dropped:,} had no response left and were dropped"
-                                                            if dropped else "") + "; raise block_size to keep them whole")]))
+        dropped_note = f"; {dropped:,} had no response left and were dropped" if dropped else ""
+        notes.append(f"{cut:,} of {len(pairs):,} pairs are longer than block_size + 1 = {cfg.block_size + 1} tokens "
+                     f"and were cut to it, losing the end of their response{dropped_note}; raise block_size to keep "
+                     "them whole")
     train, val = splits["train"], splits["val"]
     summary = (f"data {path}: {len(pairs):,} prompt/response pairs ({len(train.examples):,} train, "
                f"{len(val.examples):,} held-out val prompts) -> {len(train) + len(val):,} rows of {cfg.block_size + 1} "
                f"tokens{' (packed)' if cfg.pack_pairs else ''}; loss on the {'prompts and ' if cfg.loss_on_prompt else ''}"
                f"responses: {train.total_targets:,} train targets ({tokenizer.name}, vocab {tokenizer.vocab_size:,})")
-    with open(path, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    return Corpus(str(path), tokenizer, splits, split_bytes, sha256, "pairs", summary,
-                  tokenizer.decode(val.examples[0].prompt), note)
+    return Corpus(str(path), tokenizer, splits, split_bytes, hashlib.sha256(data).hexdigest(), "pairs", summary,
+                  tokenizer.decode(val.examples[0].prompt), "\n".join(filter(None, notes)))
 
 
 def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:

@@ -82,14 +82,12 @@ def looks_like_pairs(path: Path) -> bool:
     return isinstance(record, dict) and "prompt" in record
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    """Every line of a .jsonl file as a Pair; a line that is not one is a ValueError naming it."""
+def read_pairs(path: str | Path, data: bytes | None = None) -> list[Pair]:
+    """Every line of a .jsonl file (its bytes, when the caller has read them) as a Pair; a line that is
+    not one is a ValueError naming it."""
     path = Path(path)
-    pairs = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if raw.strip():
-                pairs.append(_pair(raw, n, path))
+    data = path.read_bytes() if data is None else data
+    pairs = [_pair(raw, n, path) for n, raw in enumerate(data.split(b"\n"), 1) if raw.strip()]
     if not pairs:
         raise ValueError(f"'{path}' holds no prompt/response pairs; write one JSON object per line, e.g. "
                          '{"prompt": "reverse: cat\\n", "response": "tac"}')

@@ -30,7 +30,7 @@ from utils.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
 from utils.files import atomic_path, read_json_object
 from utils.run_state import RunLock, run_state
-from utils.console import format_duration
+from utils.console import format_duration, format_metrics
 from utils.runs import find_runs, resolve_run
 
 REMOVED_STATES = ("failed", "killed")
@@ -152,9 +152,7 @@ def show(run_dir: Path) -> None:
 
 
 def _eval_line(path: Path) -> str:
-    record = read_json_object(path)
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                     if isinstance(v, (int, float, str)))
+    return format_metrics({k: v for k, v in read_json_object(path).items() if isinstance(v, (int, float, str))})
 
 
 def diff(a: Path, b: Path) -> None:

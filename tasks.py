@@ -1,7 +1,7 @@
 """Small tasks of prompt/response pairs that the repo generates itself: data to fine-tune on and to score
 exact match with, offline and the same on every machine.
 
-    python train.py --init-from runs/<id> --data reverse_words    # writes data/tasks/reverse_words.jsonl
+    python train.py --init-from runs/<id> --data reverse_words    # data.py writes data/tasks/reverse_words.jsonl
     head -2 data/tasks/reverse_words.jsonl                         # {"prompt": "reverse: yzaznr\\n", "response": "rnzazy"}
 
 Each task draws its pairs from numpy's PCG64 with a fixed seed, so the file is byte-identical
@@ -71,16 +71,3 @@ def generate(name: str) -> list[tuple[str, str]]:
 def task_bytes(name: str) -> bytes:
     """The task's .jsonl file: one {"prompt", "response"} object per line."""
     return "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in generate(name)).encode("utf-8")
-
-
-def ensure_task(name: str, path: Path) -> str:
-    """The task's pairs as .jsonl at path, written atomically unless the file already holds exactly them
-    (a file from an older tasks.py is replaced); returns a note when it was replaced, else ""."""
-    data = task_bytes(name)
-    if path.is_file() and path.read_bytes() == data:
-        return ""
-    from data import write_atomic  # data.py imports this module when --data names a task
-
-    replaced = path.exists()
-    write_atomic(path, data)
-    return f"{path} differed from what tasks.py generates for {name}: written again" if replaced else ""

@@ -44,7 +44,7 @@ from utils.device import Compute, resolve_device, setup_compute
 from utils.export import Export, load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, read_json_object, writable_dir
-from utils.plans import Plan, load_plan
+from utils.plans import Plan, load_plan, stage_args
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop, Interrupted
@@ -99,8 +99,7 @@ def open_plan(parsed, argv: list[str], d: Dist) -> Plan | None:
         for stage in (s for s in spec.stages if s.evaluate is None):
             stage_file = Path(tmp) / f"{stage.name}.yaml"
             stage_file.write_text(yaml.safe_dump(stage.settings), encoding="utf-8")
-            config = [a for c in stage.config for a in ("--config", c)]
-            cfg = load_config([*config, "--config", str(stage_file), *flags]).config
+            cfg = load_config(stage_args(stage, stage_file, flags)).config
             runs_dir = runs_dir or cfg.runs_dir  # the plan lives beside its first stage's run
     return Plan.create(spec, runs_dir, flags)
 

@@ -18,11 +18,11 @@ import inference
 import train
 from conftest import TINY_TEXT, call_main, user_error
 from batches import get_batch, step_targets
-from data import prepare_corpus
+from data import ensure_task, prepare_corpus
 from model import LanguageModel, grow_vocab
 from pairs import PackedRows, encode_pairs, pack, read_pairs, split_pairs
 from parameters import ModelConfig
-from tasks import TASKS, ensure_task, generate, task_bytes
+from tasks import TASKS, generate, task_bytes
 from tokenizer import CharTokenizer
 from training import train_step
 
@@ -239,9 +239,9 @@ def test_a_task_name_writes_its_file_and_keeps_it_true(tmp_path):
     assert corpus.kind == "pairs" and corpus.name == str(path)
     assert corpus.tokenizer.eot_id == corpus.tokenizer.vocab_size - 1
     mtime = path.stat().st_mtime_ns
-    assert ensure_task("reverse_words", path) == "" and path.stat().st_mtime_ns == mtime  # kept as it was
+    assert ensure_task("reverse_words", path)[1] == "" and path.stat().st_mtime_ns == mtime  # kept as it was
     path.write_text('{"prompt": "reverse: ab\\n", "response": "ba"}\n' * 3)  # e.g. an older tasks.py's
-    assert "written again" in ensure_task("reverse_words", path)
+    assert "written again" in ensure_task("reverse_words", path)[1]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == corpus.sha256
 
 

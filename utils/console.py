@@ -130,6 +130,11 @@ def setup_console_log(log_path: Path, console: bool = True) -> Callable[[], None
     return restore
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """"loss 0.0356, exact_match 0.9752, iteration 800": floats to four decimals, the rest as they are."""
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 def format_duration(seconds: float) -> str:
     """Compact duration for progress and ETA displays: "1h02m", "3m07s", "42s"; "?" when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:

@@ -35,6 +35,7 @@ import yaml
 
 from config import PROJECT_DIR, check_values, read_config_file
 from parameters import ModelConfig
+from utils.console import format_metrics
 from utils.files import atomic_write_json, atomic_write_text, read_json_object
 from utils.run_state import run_state
 from utils.runs import create_run_dir, utc_now
@@ -117,6 +118,12 @@ def _stage(raw: Any, i: int, where: str, shared: dict, shared_config: list[str])
     return Stage(raw["name"], settings, shared_config + _as_list(raw.get("config"), f"{where}: config"))
 
 
+def stage_args(stage: Stage, settings_file: Path, flags: list[str]) -> list[str]:
+    """train.py's arguments for a training stage whose settings are in settings_file: the plan's and the
+    stage's --config files, then that file, then the flags given with --plan."""
+    return [*(a for c in stage.config for a in ("--config", c)), "--config", str(settings_file), *flags]
+
+
 class Plan:
     """A plan directory and its state.json: which stage runs, with which run, and what it reached."""
 
@@ -184,16 +191,14 @@ class Plan:
         if i and "init_from" not in stage.settings:
             settings["init_from"] = self.last_run(i)
         path = self.root / "stages" / f"{i + 1}_{stage.name}.yaml"
-        path.parent.mkdir(exist_ok=True)
         atomic_write_text(path, yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
-        return [*(a for c in stage.config for a in ("--config", c)), "--config", str(path), *flags]
+        return stage_args(stage, path, flags)
 
     def summary(self) -> str:
         """One line per stage: state, run, and its result."""
         lines = [f"plan {self.root}"]
         for entry in self.state["stages"]:
-            result = entry.get("results") or {}
-            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+            shown = format_metrics(entry.get("results") or {})
             lines.append(f"  {entry['name']:<14} {entry['state']:<11} {Path(entry['run']).name if entry['run'] else '-'}"
                          + (f"  {shown}" if shown else ""))
         return "\n".join(lines)
