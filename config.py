@@ -37,6 +37,9 @@ class Parsed:
     files: list[Path]           # config files merged, lowest precedence first
     cli: dict[str, Any]         # the fields set on the command line, typed
     args: argparse.Namespace    # the stage's own flags (e.g. print_config)
+    from_files: dict[str, Any] = dataclasses.field(default_factory=dict)  # the files' values, merged
+    origins: dict[str, Path] = dataclasses.field(default_factory=dict)    # the file each of those came from
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the merge changed, for the stage to print
 
 
 class Parser(argparse.ArgumentParser):
@@ -192,6 +195,12 @@ def _config_files(config_dir: Path | None, specs: list[str]) -> list[Path]:
     return files + [resolve_config_arg(spec, config_dir) for spec in specs]
 
 
+def shown_path(path: Path) -> str:
+    """A config file as a user names it: relative to the project where it lies inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(PROJECT_DIR) if path.is_relative_to(PROJECT_DIR) else path)
+
+
 def _defaults_for_help(cls: type, argv: list[str], config_dir: Path | None) -> dict[str, tuple[Any, str]]:
     """(value, file) of every field a config file sets, as a run with these flags would merge them.
     Only for --help, which must show something even where a file is broken: those are left out."""
@@ -207,8 +216,7 @@ def _defaults_for_help(cls: type, argv: list[str], config_dir: Path | None) -> d
             values = check_values(cls, read_config_file(path), str(path))
         except (ValueError, FileNotFoundError):
             continue
-        where = path.relative_to(PROJECT_DIR) if path.is_relative_to(PROJECT_DIR) else path
-        shown.update({k: (v, str(where)) for k, v in values.items()})
+        shown.update({k: (v, shown_path(path)) for k, v in values.items()})
     return shown
 
 
@@ -228,16 +236,18 @@ def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Pa
         hint = f" (did you mean '--{match[0].replace('_', '-')}'?)" if match else ""
         raise ValueError(f"command line: unknown option '{flag}'{hint}; see --help")
     files = _config_files(config_dir, getattr(ns, "config", None) or [])
-    values: dict[str, Any] = {}
+    from_files: dict[str, Any] = {}
+    origins: dict[str, Path] = {}
     for path in files:
-        values.update(check_values(cls, read_config_file(path), str(path)))
+        values = check_values(cls, read_config_file(path), str(path))
+        from_files.update(values)
+        origins.update(dict.fromkeys(values, path))
     # Field flags default to SUPPRESS, so the namespace holds only flags given plus the stage's own.
     types = _types(cls)
     cli = check_values(cls, {k: v for k, v in vars(ns).items() if k in types}, "command line")
-    values.update(cli)
     stage_args = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in types})
-    config = cls(**values)
-    return Parsed(config.validate() if validate else config, files, cli, stage_args)
+    config = cls(**{**from_files, **cli})
+    return Parsed(config.validate() if validate else config, files, cli, stage_args, from_files, origins)
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -268,8 +278,39 @@ def load_config(argv: list[str] | None = None, description: str = "", config_dir
     parsed = parse(ModelConfig, argv, description, config_dir=config_dir, add_stage_args=add_stage_args,
                    validate=False)
     if not getattr(parsed.args, "resume", None):
+        parsed.config = fit_to_max_iters(parsed)
         check_registered(parsed.config.validate())
     return parsed
+
+
+# Step counts that a shorter --max-iters can leave behind: the schedule's lengths, scaled with the run (a
+# warmup as long as the run is an error; a decay past its end never reaches min_lr), and an eval interval
+# longer than the run, cut to its length (the run evaluates at its end: the ETA then counts that eval).
+SCHEDULE_LENGTHS, INTERVALS = ("warmup_iters", "lr_decay_iters"), ("eval_interval",)
+
+
+def fit_to_max_iters(parsed: Parsed) -> ModelConfig:
+    """A --max-iters typed on the command line that is shorter than the files' (a short try of a preset)
+    scales the step counts it no longer fits, where they came from a file or a default, and says so in
+    parsed.notes. A value typed on the command line is kept as typed, and validate() judges it."""
+    cfg, cli = parsed.config, parsed.cli
+    planned = parsed.from_files.get("max_iters", ModelConfig.max_iters)
+    if "max_iters" not in cli or not 0 < cfg.max_iters < planned:
+        return cfg
+    changed = {}
+    for key in (*SCHEDULE_LENGTHS, *INTERVALS):
+        value = getattr(cfg, key)
+        limit = cfg.max_iters - 1 if key == "warmup_iters" else cfg.max_iters
+        if key in cli or value <= limit:
+            continue
+        changed[key] = min(value * cfg.max_iters // planned, limit) if key in SCHEDULE_LENGTHS else limit
+        changed[key] = max(changed[key], 0 if key in SCHEDULE_LENGTHS else 1)
+    if changed:
+        where = shown_path(parsed.origins["max_iters"]) if "max_iters" in parsed.origins else "the defaults"
+        said = ", ".join(f"{k} {getattr(cfg, k)} -> {v}" for k, v in changed.items())
+        parsed.notes.append(f"--max-iters {cfg.max_iters} is shorter than the {planned} planned ({where}): {said}, "
+                            "to fit; set them on the command line to choose")
+    return dataclasses.replace(cfg, **changed)
 
 
 def check_registered(cfg: ModelConfig) -> ModelConfig:
@@ -325,7 +366,9 @@ def init_config(cfg: ModelConfig, source: ModelConfig, cli: dict[str, Any]) -> M
     return ModelConfig(**{**cfg.to_dict(), **{k: getattr(source, k) for k in keys}}).validate()
 
 
-def config_yaml(config: Any, files: list[Path]) -> str:
-    """The merged config as YAML, headed by the files it came from (for --print-config)."""
+def config_yaml(config: Any, files: list[Path], notes: list[str] = ()) -> str:
+    """The merged config as YAML, headed by the files it came from and what the merge changed (for
+    --print-config)."""
     header = "# merged from: defaults" + "".join(f" < {p}" for p in files) + " < command line\n"
+    header += "".join(f"# {note}\n" for note in notes)
     return header + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)

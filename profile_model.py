@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_sizes = check_args(args)
     compute = setup_compute(cfg.device, cfg.dtype, cfg.torch_compile)
     device, dtype, compiled = compute.device, compute.dtype, compute.compiled
-    for note in compute.notes:
+    for note in [*parsed.notes, *compute.notes]:
         print(note, file=sys.stderr)
     tokenizer, splits, raw_model, model, optimizer = build(cfg, device, compiled)
     # The peak is sampled before, between the timed rounds and after: a shared machine's speed drifts,

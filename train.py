@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parsed = load_config(argv, description=__doc__)
     if parsed.args.print_config:
-        print(config_yaml(parsed.config, parsed.files), end="")
+        print(config_yaml(parsed.config, parsed.files, parsed.notes), end="")
         return 0
     d, device_name = distributed.setup(parsed.config.device)
     try:
@@ -186,7 +186,7 @@ class Start:
 def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack) -> Start | None:
     """Fresh, resumed or fine-tuned: the config, the compute setup, the corpus, and every check that can
     refuse the run; None when a resumed run has nothing left to train. Resuming locks the run (rank 0)."""
-    cfg, args, notes, run_dir, resume, init = parsed.config, parsed.args, [], None, None, None
+    cfg, args, notes, run_dir, resume, init = parsed.config, parsed.args, list(parsed.notes), None, None, None
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the config from the run; pass flags (e.g. --max-iters), not --config")

@@ -91,14 +91,34 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens,
             with torch.profiler.record_function("backward"):
                 scaler.scale(scaled).backward()
         loss_sum += (loss if targets is None else scaled).detach()
+    # Pairs: this rank's part of the step's mean, x world_size; window_losses' mean over ranks is the mean.
+    loss = loss_sum / n_micro if targets is None else loss_sum
     with torch.profiler.record_function("optimizer"):
         scaler.unscale_(optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")  # inf: measure the norm, clip nothing
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = gradient_norm(model, cfg.grad_clip)
+        # float16's GradScaler skips a step with inf gradients itself (and lowers its scale). Otherwise a
+        # non-finite gradient would turn every weight it touches into NaN, so the step stops here, before the
+        # update. This costs one host sync per step: nothing on a CPU, a short pipeline bubble on a GPU.
+        if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+            raise NonFiniteStep(loss.item(), grad_norm.item())
         scaler.step(optimizer)
         scaler.update()
-    # Pairs: this rank's part of the step's mean, x world_size; window_losses' mean over ranks is the mean.
-    return loss_sum / n_micro if targets is None else loss_sum, grad_norm
+    return loss, grad_norm
+
+
+class NonFiniteStep(ValueError):
+    """A step whose gradients are not finite, stopped before the optimizer applied them."""
+
+    def __init__(self, loss: float, grad_norm: float) -> None:
+        self.loss, self.grad_norm = loss, grad_norm
+        super().__init__(f"gradient norm {grad_norm} (loss {loss:.4f}): the step was not applied")
+
+
+def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+    """The global gradient norm, clipping the gradients to grad_clip (0: measured only, nothing rescaled)."""
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 @torch.no_grad()
@@ -206,8 +226,13 @@ class Trainer:
         while self.iteration < cfg.max_iters:
             lr = get_lr(self.iteration, cfg)  # learning_rate's groups: what is logged
             set_lrs(self.optimizer, self.iteration, cfg)  # each group scaled to its own peak (Muon's: muon_lr)
-            loss, grad_norm = train_step(self.model, self.optimizer, self.splits["train"], self.iteration, cfg,
-                                         scaler=self.scaler, ctx=self.ctx, device=self.device, d=self.d)
+            try:
+                loss, grad_norm = train_step(self.model, self.optimizer, self.splits["train"], self.iteration, cfg,
+                                             scaler=self.scaler, ctx=self.ctx, device=self.device, d=self.d)
+            except NonFiniteStep as e:
+                what = (f"loss is {e.loss}" if not math.isfinite(e.loss) else
+                        f"gradient norm is {e.grad_norm} (loss {e.loss:.4f}), so the step was not applied")
+                raise self.diverged(what, self.iteration + 1) from None
             self.iteration += 1
             steps_timed += 1
             it = self.iteration
@@ -257,14 +282,16 @@ class Trainer:
         values = distributed.mean_across(self.d, window).tolist()  # a NaN on any rank stops every rank
         for i, v in enumerate(values):
             if not math.isfinite(v):
-                at = self.iteration - len(values) + i + 1
-                good = latest_good(self.ckpt_dir)[0]
-                raise ValueError(
-                    f"loss is {v} at iteration {at}: training diverged. Likely causes: learning_rate "
-                    f"{self.cfg.learning_rate:g} too high (try a third of it, or a longer warmup), or float16 "
-                    f"overflow (use --dtype bfloat16 or float32). Last good checkpoint: "
-                    f"{good.path if good else 'none'}")
+                raise self.diverged(f"loss is {v}", self.iteration - len(values) + i + 1)
         return values
+
+    def diverged(self, what: str, at: int) -> ValueError:
+        """The one-line error that ends a run whose loss or gradients stopped being finite."""
+        good = latest_good(self.ckpt_dir)[0]
+        return ValueError(
+            f"{what} at iteration {at}: training diverged. Likely causes: learning_rate "
+            f"{self.cfg.learning_rate:g} too high (try a third of it, or a longer warmup), or float16 "
+            f"overflow (use --dtype bfloat16 or float32). Last good checkpoint: {good.path if good else 'none'}")
 
     def log(self, lr: float, grad_norm: torch.Tensor, tok_s: float, sec_per_step: float) -> None:
         losses = self.window_losses()

@@ -37,7 +37,17 @@ class Block(nn.Module):
     @classmethod
     def final_norm(cls, cfg: ModelConfig) -> nn.Module:
         """The norm between the last block and the LM head."""
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in float32 and returned in the input's dtype, as CUDA autocast runs norms and
+    Hugging Face's Llama and Qwen3 compute them. CPU autocast would hand a bf16 input (QK-norm's queries,
+    fresh from a Linear) to the float32 weight: torch then warns that it cannot use its fused kernel and
+    normalizes in bf16. A float32 input, the residual stream, is normalized exactly as before."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type_as(x)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -140,8 +150,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
         self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if rotary else None
 

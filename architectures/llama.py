@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from architectures.layers import ARCHITECTURES, Block, CausalSelfAttention, LayerKV, dropout
+from architectures.layers import ARCHITECTURES, Block, CausalSelfAttention, LayerKV, RMSNorm, dropout
 from parameters import ModelConfig
 
 
@@ -34,9 +34,9 @@ class SwiGLU(nn.Module):
 class LlamaBlock(Block):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.ln_1 = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg, bias=False, rotary=True)
-        self.ln_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.ln_2 = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:

@@ -36,6 +36,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if cap := half_precision_cap():
         os.environ["ONEDNN_MAX_CPU_ISA"] = cap
 
+@pytest.fixture
+def isa_cap_restored() -> Iterator[None]:
+    """ONEDNN_MAX_CPU_ISA as it was before the test, whatever the code under test set. (monkeypatch.delenv
+    of an unset variable records nothing to undo, so a cap set by resolve_dtype would leak.)"""
+    saved = os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+    yield
+    os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+    if saved is not None:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = saved
+
+
 TINY_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "All:\nSpeak, speak.\n\n"

@@ -52,6 +52,22 @@ def test_round_trip_restores_weights_optimizer_and_every_rng(tiny_cfg, tmp_path:
     assert model2.lm_head.weight.data_ptr() == model2.transformer.wte.weight.data_ptr()
 
 
+@pytest.mark.parametrize("poison", ["weight", "optimizer"])
+def test_non_finite_weights_or_optimizer_state_are_never_checkpointed(tiny_cfg, tmp_path: Path, poison: str):
+    model, opt, scaler = make(tiny_cfg)
+    good = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 1})
+    with torch.no_grad():
+        if poison == "weight":
+            model.transformer.h[1].mlp.c_fc.weight[3, 4] = float("nan")
+        else:
+            next(iter(opt.state.values()))["exp_avg_sq"].view(-1)[0] = float("inf")
+    name = "transformer.h.1.mlp.c_fc.weight" if poison == "weight" else "optimizer state 0.exp_avg_sq"
+    with pytest.raises(ValueError, match=f"checkpoint step_000002 not written: {name} holds non-finite values"):
+        save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 2})
+    assert find_checkpoints(tmp_path) == [good] and latest_good(tmp_path)[0].path == good
+    assert not list(tmp_path.glob(".tmp_*"))
+
+
 def test_damaged_checkpoint_is_refused_and_resume_falls_back(tiny_cfg, tmp_path: Path):
     model, opt, scaler = make(tiny_cfg)
     first = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 1})

@@ -220,3 +220,35 @@ def test_cli_config_error_is_one_line_exit_2():
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "n_layer: expected an integer" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_shorter_max_iters_on_the_command_line_scales_what_the_files_no_longer_fit(tmp_path: Path):
+    preset = write(tmp_path / "long.yaml", "max_iters: 5000\nwarmup_iters: 100\nlr_decay_iters: 4000\n"
+                                           "eval_interval: 250\n")
+    parsed = load_config(["--config", str(preset), "--max-iters", "30"], config_dir=tmp_path / "absent")
+    cfg = parsed.config
+    # 100 and 4000 of 5000 steps: 0 and 24 of 30 (rounded down); the eval interval is cut to the run
+    assert (cfg.max_iters, cfg.warmup_iters, cfg.lr_decay_iters, cfg.eval_interval) == (30, 0, 24, 30)
+    (note,) = parsed.notes
+    assert note == (f"--max-iters 30 is shorter than the 5000 planned ({preset}): warmup_iters 100 -> 0, "
+                    "lr_decay_iters 4000 -> 24, eval_interval 250 -> 30, to fit; set them on the command line to "
+                    "choose")
+    # what fits is kept; what was typed is kept as typed, and judged
+    cfg = load_config(["--config", str(preset), "--max-iters", "200", "--eval-interval", "500"],
+                      config_dir=tmp_path / "absent").config
+    assert (cfg.warmup_iters, cfg.lr_decay_iters, cfg.eval_interval) == (100, 160, 500)
+    with pytest.raises(ValueError, match="warmup_iters: 100 must be < max_iters=30"):
+        load_config(["--config", str(preset), "--max-iters", "30", "--warmup-iters", "100"],
+                    config_dir=tmp_path / "absent")
+    # a longer run, or max_iters and warmup both from files: nothing is scaled
+    parsed = load_config(["--config", str(preset), "--max-iters", "9000"], config_dir=tmp_path / "absent")
+    assert parsed.config.warmup_iters == 100 and not parsed.notes
+    short = write(tmp_path / "short.yaml", "max_iters: 50\n")
+    with pytest.raises(ValueError, match="warmup_iters: 100 must be < max_iters=50"):
+        load_config(["--config", str(short)], config_dir=tmp_path / "absent")
+
+
+def test_every_preset_takes_a_short_max_iters(tmp_path: Path):
+    for preset in sorted((CONFIG_DIR / "presets").glob("*.yaml")):
+        cfg = load_config(["--config", str(preset), "--max-iters", "3"]).config
+        assert cfg.max_iters == 3 and cfg.warmup_iters < 3 and cfg.eval_interval <= 3, preset.name

@@ -49,17 +49,6 @@ def test_explicit_cpu_half_precision_is_kept_with_a_warning_when_slower(monkeypa
     assert resolve_dtype("float32", CPU) == (torch.float32, "")
 
 
-@pytest.fixture
-def isa_cap_restored():
-    """ONEDNN_MAX_CPU_ISA as it was before the test, whatever the code under test set. (monkeypatch.delenv
-    of an unset variable records nothing to undo, so a cap set by resolve_dtype would leak.)"""
-    saved = os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
-    yield
-    os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
-    if saved is not None:
-        os.environ["ONEDNN_MAX_CPU_ISA"] = saved
-
-
 def test_a_crash_the_cap_avoids_sets_the_cap_and_says_so(monkeypatch, isa_cap_restored):
     fake_probe(monkeypatch, isa_cap="AVX512_CORE_BF16", speedup=0.5, problem="killed by SIGILL")
     dtype, note = resolve_dtype("bfloat16", CPU)
@@ -85,6 +74,7 @@ RAISES = CHILD_HEAD + "raise RuntimeError('addmm not implemented for BFloat16')"
 
 @pytest.fixture
 def probe_env(monkeypatch, tmp_path, isa_cap_restored):
+    monkeypatch.delenv("GPTLAB_CPU_PROBE", raising=False)  # these tests measure
     monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PROBE_LOG", str(tmp_path / "children.log"))
     return tmp_path / "children.log"
@@ -157,3 +147,29 @@ def test_one_cap_serves_both_half_precision_dtypes(monkeypatch):
     assert cpu_probe.half_precision_cap() == "AVX2"
     caps.update(bfloat16=None, float16=None)
     assert cpu_probe.half_precision_cap() is None
+
+
+@pytest.mark.parametrize("cpu, auto, cap", [("faster", torch.bfloat16, None), ("slower", torch.float32, None),
+                                            ("crashes", torch.bfloat16, "AVX512_CORE_BF16"),
+                                            ("unusable", torch.float32, None)])
+def test_gptlab_cpu_probe_forces_each_kind_of_cpu_and_is_never_cached(cpu, auto, cap, monkeypatch, tmp_path,
+                                                                        isa_cap_restored):
+    monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTLAB_CPU_PROBE", cpu)
+    answer = probe_half_precision("bfloat16")
+    assert answer.forced == cpu and answer.isa_cap == cap and answer.usable == (cpu != "unusable")
+    dtype, note = resolve_dtype("auto", CPU)
+    assert dtype == auto and os.environ.get("ONEDNN_MAX_CPU_ISA") == cap
+    if auto == torch.bfloat16:
+        assert f"(as GPTLAB_CPU_PROBE={cpu} says)" in note
+    if cpu == "unusable":
+        with pytest.raises(ValueError, match="dtype float16 cannot run on this CPU: .*SIGILL.*; use --dtype float32"):
+            resolve_dtype("float16", CPU)
+    assert not (tmp_path / "cache").exists()  # a forced answer is not this machine's
+
+
+def test_an_unknown_gptlab_cpu_probe_is_one_line(monkeypatch):
+    monkeypatch.setenv("GPTLAB_CPU_PROBE", "fast")
+    with pytest.raises(ValueError, match="^GPTLAB_CPU_PROBE='fast' is not one of faster, slower, crashes, unusable; "
+                                         "unset it to measure this CPU$"):
+        resolve_dtype("auto", CPU)

@@ -25,6 +25,17 @@ def export(tiny_cfg: ModelConfig, tmp_path: Path) -> Path:
     return tmp_path / "export"
 
 
+def test_non_finite_weights_are_never_exported_and_the_previous_export_stays(export: Path, tiny_cfg: ModelConfig):
+    before = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
+    model = LanguageModel(tiny_cfg, TOKENIZER.vocab_size)
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="not written: transformer.wte.weight holds non-finite values"):
+        save_export(export, model, tiny_cfg.to_dict(), TOKENIZER.to_dict())
+    assert {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()} == before
+    load_export(export)  # still whole and verified
+
+
 def flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01

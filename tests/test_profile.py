@@ -12,6 +12,7 @@ import torch
 
 import profile_model
 from conftest import call_main, run_cli
+from utils.device import resolve_dtype
 from profile_model import (GEN_KEYS, GenerationMismatch, check_args, generation_figures, measure_generation,
                            measure_peak_flops)
 
@@ -31,7 +32,8 @@ def test_profile_debug_preset(tmp_path: Path, tiny_corpus: Path):
     assert res.returncode == 0, res.stderr
     figures = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(FIGURE_KEYS) <= set(figures)
-    assert figures["device"] == "cpu" and figures["dtype"] == "float32" and figures["steps"] == 2
+    auto = str(resolve_dtype("auto", torch.device("cpu"))[0]).removeprefix("torch.")  # what this CPU gets
+    assert figures["device"] == "cpu" and figures["dtype"] == auto and figures["steps"] == 2
     assert figures["tokens_per_step"] == 8 * 32 and figures["flops_per_token"] > 0
     for key in ("ms_per_step", "tokens_per_sec", "loop_ms_per_step", "loop_tokens_per_sec", "peak_tflops",
                 "gen_cached_tokens_per_sec", "gen_recompute_tokens_per_sec", "gen_speedup"):

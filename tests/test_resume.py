@@ -5,6 +5,7 @@ accumulation, mixed precision."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -169,7 +170,7 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_good_checkpoint(tiny_cor
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_corpus, tmp_path):
     with user_error("loss is nan at iteration", "learning_rate", "float16") as error:
         train.main([*base_args(tiny_corpus, tmp_path, max_iters=120), "--learning-rate", "1e4", "--grad-clip", "0",
-                    "--warmup-iters", "0", "--checkpoint-interval", "1"])
+                    "--warmup-iters", "0", "--checkpoint-interval", "1", "--dtype", "float32"])
     bad_at = int(str(error.value).split("at iteration ")[1].split(":")[0])
     run_dir = only_run(tmp_path)
     status = json.loads((run_dir / "meta" / "status.json").read_text())
@@ -177,6 +178,36 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_
     good = latest_good(run_dir / "artifacts" / "checkpoints")[0]
     assert good.iteration == bad_at - 1
     assert all(torch.isfinite(t).all() for t in safetensors.torch.load_file(good.path / "model.safetensors").values())
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_inf_gradients_with_a_finite_loss_stop_before_the_update(tiny_corpus, tmp_path, monkeypatch, grad_clip):
+    """Step 7's loss is finite but its gradients are inf (a hook on the loss): the step must not reach the
+    optimizer, with clipping (which would turn inf into NaN) or without it. In float32: any CPU."""
+    forward, train_calls = LanguageModel.forward, []
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training and torch.is_grad_enabled():
+            train_calls.append(loss.item())
+            if len(train_calls) == 7:
+                loss.register_hook(lambda g: g * float("inf"))
+        return logits, loss
+
+    monkeypatch.setattr(LanguageModel, "forward", poisoned)
+    with user_error("gradient norm is ", " at iteration 7: training diverged", "the step was not applied",
+                    "Last good checkpoint: ") as error:
+        train.main([*base_args(tiny_corpus, tmp_path, max_iters=20), "--dtype", "float32", "--grad-clip", grad_clip,
+                    "--checkpoint-interval", "1"])
+    assert len(train_calls) == 7 and all(map(math.isfinite, train_calls))
+    run_dir = only_run(tmp_path)
+    good = latest_good(run_dir / "artifacts" / "checkpoints")[0]
+    assert good.iteration == 6 and str(good.path) in str(error.value)
+    assert [p.name for p in find_checkpoints(run_dir / "artifacts" / "checkpoints")][-1] == "step_000006"
+    assert all(torch.isfinite(t).all() for t in safetensors.torch.load_file(good.path / "model.safetensors").values())
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    assert status["state"] == "failed" and "gradient norm is" in status["error"]
+    assert not (run_dir / "artifacts" / "export" / "model.safetensors").exists()
 
 
 def test_early_stopping_exports_the_best_weights(tiny_corpus, tmp_path):

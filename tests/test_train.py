@@ -6,6 +6,7 @@ import json
 import re
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,62 @@ def test_a_console_closed_early_does_not_stop_training(tmp_path: Path, tiny_corp
     assert json.loads((run_dir / "meta" / "status.json").read_text())["state"] == "completed"
     log = (run_dir / "logs" / "train.log").read_text()
     assert "step 20/20" in log and "done in" in log
+
+
+def test_a_short_try_of_a_preset_trains_and_says_what_it_scaled(tmp_path: Path, tiny_corpus: Path):
+    """`--config shakespeare_char --max-iters 30` (here with a model small enough for a test)."""
+    res = call_main(train.main, "--config", "shakespeare_char", "--max-iters", "4", "--data", str(tiny_corpus),
+                    "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                    "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+                    "--eval-iters", "2", "--sample-length", "0")
+    assert res.returncode == 0, res.stderr
+    assert ("--max-iters 4 is shorter than the 5000 planned (configs/presets/shakespeare_char.yaml): warmup_iters "
+            "100 -> 0, eval_interval 250 -> 4, to fit; set them on the command line to choose") in res.stdout
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    recorded = json.loads((run_dir / "meta" / "full_config.json").read_text())
+    assert (recorded["max_iters"], recorded["warmup_iters"], recorded["eval_interval"]) == (4, 0, 4)
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["state"] == "completed"
+
+
+def forced_cpu_run(root: Path, corpus: Path, dtype: str) -> tuple[subprocess.CompletedProcess, dict]:
+    res = call_main(train.main, "--config", "debug", "--data", str(corpus), "--runs-dir", str(root), "--data-dir",
+                    str(root / "data"), "--device", "cpu", "--dtype", dtype, "--sample-length", "0", "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (p for p in root.iterdir() if p.name != "data")
+    return res, json.loads((run_dir / "meta" / "status.json").read_text())
+
+
+@pytest.mark.parametrize("cpu, chosen", [("faster", "bfloat16"), ("slower", "float32"), ("crashes", "bfloat16"),
+                                         ("unusable", "float32")])
+def test_dtype_auto_trains_as_each_kind_of_cpu_would(cpu, chosen, monkeypatch, tmp_path: Path, tiny_corpus: Path,
+                                                     isa_cap_restored):
+    """GPTLAB_CPU_PROBE makes this machine answer as a Zen 5 (faster), a Zen 3 (slower), a Sapphire Rapids VM
+    (crashes uncapped) or a CPU whose half precision cannot run at all. In float32 the run is the float32
+    run, bit for bit; in bfloat16 its val loss is float32's within bf16's rounding (a wrong run misses it)."""
+    _, reference = forced_cpu_run(tmp_path / "float32", tiny_corpus, "float32")
+    monkeypatch.setenv("GPTLAB_CPU_PROBE", cpu)
+    res, status = forced_cpu_run(tmp_path / cpu, tiny_corpus, "auto")
+    assert status["dtype"] == chosen and status["state"] == "completed"
+    assert (f"dtype auto: bfloat16, whose matmuls run {dict(faster=4.37, crashes=2.0).get(cpu, 0):.2f}x float32's "
+            f"(as GPTLAB_CPU_PROBE={cpu} says)" in res.stdout) == (chosen == "bfloat16")
+    if cpu == "crashes":
+        assert "oneDNN capped at ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in res.stdout
+    first_eval = float(re.search(r"eval step 0: train loss [\d.]+, val loss ([\d.]+)", res.stdout).group(1))
+    if chosen == "float32":
+        assert status["best_val_loss"] == reference["best_val_loss"]
+    else:  # measured (Zen 4): bf16 ends 8e-5 from float32; another seed 4e-3 to 4e-2; training moves it 0.3
+        assert abs(status["best_val_loss"] - reference["best_val_loss"]) < 2e-3
+        assert first_eval - status["best_val_loss"] > 0.2
+
+
+def test_a_bf16_run_prints_no_torch_warnings(tmp_path: Path, tiny_corpus: Path):
+    """QK-norm's RMSNorm meets bf16 queries under CPU autocast; torch warned once per process that it could
+    not use its fused kernel. A process of its own: torch warns only once, so an earlier test would hide it."""
+    from utils.cpu_probe import probe_half_precision
+    if not probe_half_precision("bfloat16").usable:
+        pytest.skip(f"bfloat16 cannot run on this CPU: {probe_half_precision('bfloat16').problem}")
+    res = run_cli("train.py", "--config", "debug", "--arch", "llama", "--qk-norm", "true", "--dtype", "bfloat16",
+                  "--max-iters", "2", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"), "--data-dir",
+                  str(tmp_path / "data"), "--device", "cpu", "--sample-length", "5")
+    assert res.returncode == 0 and "| bfloat16 |" in res.stdout, res.stderr
+    assert "Warning" not in res.stdout + res.stderr, res.stderr

@@ -22,7 +22,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import safetensors.torch
@@ -70,9 +70,13 @@ def restore_rng(meta: dict[str, Any], trainer: dict[str, Any]) -> None:
 def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Write step_<iteration>/ atomically; meta (JSON) must hold "iteration"; extra (tensors, e.g. every
-    rank's RNG state) goes into trainer.pt. Returns the checkpoint path."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    rank's RNG state) goes into trainer.pt. Returns the checkpoint path. Weights or optimizer state that
+    are not finite are refused (ValueError): a checkpoint is always one that training can go on from."""
     final = ckpt_dir / f"{PREFIX}{meta['iteration']:06d}"
+    optimizer_state = ((f"optimizer state {i}.{k}", v) for i, state in optimizer.state_dict()["state"].items()
+                       for k, v in state.items())
+    check_finite([*model.state_dict().items(), *optimizer_state], f"checkpoint {final.name}")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".tmp_{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -97,6 +101,14 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
     os.rename(tmp, final)
     _fsync(ckpt_dir)
     return final
+
+
+def check_finite(named: Iterable[tuple[str, Any]], what: str) -> None:
+    """ValueError naming the first tensor that holds a NaN or an inf: `what` (a checkpoint, an export) is
+    not written from it."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{what} not written: {name} holds non-finite values (NaN or inf); the weights diverged")
 
 
 def _raise_if_disk_full(error: BaseException, ckpt_dir: Path, model: torch.nn.Module,

@@ -11,6 +11,10 @@ layouts against float32. If the child is killed by a signal, it runs again with 
 older instruction sets (ONEDNN_MAX_CPU_ISA; the issue's VM ran with AVX512_CORE_BF16); the first cap
 that survives is the one to use. The answer is cached per CPU (model and flags), torch version and
 existing cap, in ~/.cache/gptlab/ (GPTLAB_CACHE_DIR overrides), so it costs one child per machine.
+
+GPTLAB_CPU_PROBE=faster|slower|crashes|unusable replaces the measurement with the answer one kind of
+CPU gives (FORCED below), so that on any machine the suite, or a run, takes the path another CPU
+takes: `GPTLAB_CPU_PROBE=faster make test` runs the suite as an AVX-512 BF16 machine (Zen 5) would.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import platform
 import signal
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +38,7 @@ ISA_CAPS = {"bfloat16": ("AVX512_CORE_BF16", "AVX2"), "float16": ("AVX10_1_512",
 ISA_ORDER = ("AVX2", "AVX512_CORE_BF16", "AVX10_1_512")  # oldest first: the lowest of two caps satisfies both
 TIMEOUT_S = 300
 MATMUL_N = 512
+FORCE_VAR = "GPTLAB_CPU_PROBE"
 
 CHILD = r"""
 import json, sys, time
@@ -75,6 +80,34 @@ class HalfPrecision:
     isa_cap: str | None      # ONEDNN_MAX_CPU_ISA without which it crashed; None: runs as it is
     speedup: float | None    # float32 matmul time / this dtype's (both layouts); < 1 means slower
     problem: str             # why it is unusable, or what crashed before the cap; "" when nothing did
+    forced: str = ""         # the GPTLAB_CPU_PROBE value that decided this answer; "" when measured
+
+    @property
+    def basis(self) -> str:
+        """How the speedup is known, for the notes that quote it."""
+        return f"as {FORCE_VAR}={self.forced} says" if self.forced else "measured on this CPU"
+
+
+# The answers of the CPUs seen so far, each forced by GPTLAB_CPU_PROBE=<name> (speedups: bf16's as measured).
+FORCED = {
+    "faster": lambda dtype: HalfPrecision(dtype, True, None, 4.37, ""),  # AMD Zen 5: AVX-512 BF16
+    "slower": lambda dtype: HalfPrecision(dtype, True, None, 0.15, ""),  # AMD Zen 3: AVX2 emulates bf16
+    # An Intel Sapphire Rapids VM: AMX advertised but not executable; runs (and gains) under the first cap.
+    "crashes": lambda dtype: HalfPrecision(dtype, True, ISA_CAPS[dtype][0], 2.0, "killed by SIGILL (an instruction "
+                                           "the CPU advertises but cannot execute, e.g. AMX in a VM)"),
+    "unusable": lambda dtype: HalfPrecision(dtype, False, None, None, "killed by SIGILL, even with "
+                                            f"ONEDNN_MAX_CPU_ISA={ISA_CAPS[dtype][-1]}"),
+}
+
+
+def forced_answer(dtype: str) -> HalfPrecision | None:
+    """The answer GPTLAB_CPU_PROBE forces, or None when it is unset (the probe then measures)."""
+    name = os.environ.get(FORCE_VAR, "")
+    if not name:
+        return None
+    if name not in FORCED:
+        raise ValueError(f"{FORCE_VAR}={name!r} is not one of {', '.join(FORCED)}; unset it to measure this CPU")
+    return replace(FORCED[name](dtype), forced=name)
 
 
 def half_precision_cap() -> str | None:
@@ -134,8 +167,10 @@ def measure(dtype: str, code: str = CHILD) -> HalfPrecision:
 
 
 def probe_half_precision(dtype: str, code: str = CHILD) -> HalfPrecision:
-    """The cached answer for this machine, measured on first use. A cache that cannot be read or
-    written is ignored: the probe is then simply run again."""
+    """The cached answer for this machine, measured on first use (or the one GPTLAB_CPU_PROBE forces,
+    never cached). A cache that cannot be read or written is ignored: the probe is then simply run again."""
+    if forced := forced_answer(dtype):
+        return forced
     path = cache_dir() / f"half_precision_{machine_key()}.json"
     cached = read_json_object(path)
     try:

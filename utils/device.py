@@ -66,7 +66,7 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
         if device.type == "cpu":
             probe = probe_half_precision("bfloat16")
             if probe.usable and probe.speedup >= CPU_BF16_MIN_SPEEDUP:
-                chose = f"dtype auto: bfloat16, whose matmuls measured {probe.speedup:.2f}x float32's on this CPU"
+                chose = f"dtype auto: bfloat16, whose matmuls run {probe.speedup:.2f}x float32's ({probe.basis})"
                 return torch.bfloat16, "; ".join(n for n in (chose, _apply_cap(probe)) if n)
         return torch.float32, ""
     if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -84,8 +84,8 @@ def cpu_half_precision_note(name: str) -> str:
                          "use --dtype float32")
     notes = [_apply_cap(probe)]
     if probe.speedup < 1.0:
-        notes.append(f"warning: {name} matmuls measured {probe.speedup:.2f}x float32's speed on this CPU "
-                     f"({torch.backends.cpu.get_cpu_capability()}), so {name} autocast will be slower; "
+        notes.append(f"warning: {name} matmuls run at {probe.speedup:.2f}x float32's speed ({probe.basis}; "
+                     f"{torch.backends.cpu.get_cpu_capability()}), so {name} autocast will be slower; "
                      "use --dtype float32")
     return "; ".join(n for n in notes if n)
 
@@ -97,7 +97,7 @@ def _apply_cap(probe: HalfPrecision) -> str:
         return ""
     os.environ["ONEDNN_MAX_CPU_ISA"] = probe.isa_cap
     return (f"{probe.dtype} on this CPU: oneDNN capped at ONEDNN_MAX_CPU_ISA={probe.isa_cap}, because "
-            f"uncapped the probe was {probe.problem}")
+            f"uncapped the probe was {probe.problem}" + (f" ({probe.basis})" if probe.forced else ""))
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:

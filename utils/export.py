@@ -25,7 +25,7 @@ from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
-from utils.checkpoint import verify
+from utils.checkpoint import check_finite, verify
 from utils import files
 from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
 from utils.hf import remove_hf_export, write_hf_export
@@ -39,7 +39,9 @@ FORMAT = "gptlab-export-1"  # in the weights' metadata: such an export must have
 
 def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenizer: dict) -> None:
     """Write the export; the manifest goes last, so a complete, checkable export is one with export.json.
-    Then hf/, the Hugging Face view of it (or a note on stderr saying why there is none)."""
+    Then hf/, the Hugging Face view of it (or a note on stderr saying why there is none). Non-finite
+    weights are refused (ValueError) before anything is touched: an export is always usable."""
+    check_finite(model.state_dict().items(), f"export {export_dir}")
     export_dir.mkdir(parents=True, exist_ok=True)
     (export_dir / MANIFEST).unlink(missing_ok=True)  # a stale manifest must never vouch for new files
     remove_hf_export(export_dir)  # nor a stale hf/ stand beside new weights
