@@ -257,13 +257,17 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
     from dataset import DatasetSettings, prepare
     from shards import open_dataset
 
+    note = ""
     if kind != "dataset":
         settings = DatasetSettings(cfg.tokenizer, cfg.vocab_size, cfg.tokenizer_train_bytes, cfg.text_field,
                                    cfg.val_fraction)
         target = auto_dataset_dir(cfg.data, cfg.data_dir, settings, tokenizer)
         if not open_only:
-            prepare([cfg.data], target, settings, tokenizer=tokenizer, progress=progress,
-                    command=f"python train.py --data {cfg.data} (prepared into {target})")
+            result = prepare([cfg.data], target, settings, tokenizer=tokenizer, progress=progress,
+                             command=f"python train.py --data {cfg.data} (prepared into {target})")
+            if result.progress.empty:
+                note = (f"{result.progress.empty:,} documents (jsonl lines or parquet rows) had a null or empty "
+                        f"{cfg.text_field!r} and were skipped")
     ds = open_dataset(target)
     if tokenizer is not None and tokenizer.fingerprint() != ds.tokenizer.fingerprint():
         raise ValueError(f"the dataset '{target}' was tokenized with {ds.tokenizer.name} "
@@ -273,32 +277,50 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
     summary = (f"data {ds.root}: prepared dataset, {sum(t['documents'] for t in totals.values()):,} documents, "
                f"{totals['train']['tokens']:,} train + {totals['val']['tokens']:,} val {ds.tokenizer.name} tokens "
                f"in {len(ds.manifest['shards'])} shards (vocab {ds.tokenizer.vocab_size:,})")
+    n_docs = sum(t["documents"] for t in totals.values())
     for split, arrays in ds.splits.items():
+        if not totals[split]["tokens"]:
+            vf = ds.manifest["settings"]["val_fraction"]
+            raise ValueError(f"no document of '{ds.root}' landed in the {split} split: whole documents are held out "
+                             f"by a hash of their text, each with chance val_fraction {vf:g}, and {n_docs:,} documents "
+                             f"left it empty (about {n_docs * (vf if split == 'val' else 1 - vf):.1f} expected); add "
+                             "documents, or pass another --val-fraction")
         if not any(len(a) > cfg.block_size for a in arrays):
             raise ValueError(f"the {split} split of '{ds.root}' has no shard longer than block_size + 1 = "
                              f"{cfg.block_size + 1} tokens: use more documents, a smaller block_size, or "
                              "prepare it with another val_fraction")
     first = next(a for a in ds.splits["train"] if len(a))[:1]
-    settings = {"tokenizer": ds.tokenizer.name, **ds.manifest["settings"]}
+    settings = {"tokenizer": ds.tokenizer.name, **ds.manifest["settings"],
+                **(learned_vocab(ds.tokenizer) if tokenizer is None else {})}
     return Corpus(str(ds.root), ds.tokenizer, ds.splits, ds.split_bytes, ds.identity, "dataset", summary,
-                  ds.tokenizer.decode(first), settings=settings)
+                  ds.tokenizer.decode(first), note, settings=settings)
 
 
 def _text_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None) -> Corpus:
     """One text -> tokenizer (built from it unless given) -> cached ids -> a tail split."""
-    from tokenizer import build_tokenizer
+    from tokenizer import build_tokenizer, check_vocab_fits
 
     source = load_text(cfg.data, cfg.data_dir)
-    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer, source.text, vocab_size=cfg.vocab_size)
+    text_bytes = len(source.text.encode("utf-8", "surrogatepass"))
+    learned = tokenizer is None
+    if learned:
+        check_vocab_fits(cfg.tokenizer, cfg.vocab_size, text_bytes)
+        tokenizer = build_tokenizer(cfg.tokenizer, source.text, vocab_size=cfg.vocab_size)
     cached = tokenize_cached(source.text, tokenizer, cfg.data_dir)
     splits = split_tokens(cached.ids, cfg.val_fraction, cfg.block_size)
     val_bytes = len(tokenizer.decode(splits["val"]).encode("utf-8", "surrogatepass"))
-    text_bytes = len(source.text.encode("utf-8", "surrogatepass"))
     summary = (f"data {source.name}: {len(source.text):,} characters -> {len(cached.ids):,} {tokenizer.name} tokens "
                f"(vocab {tokenizer.vocab_size:,}; token cache {cached.cache})")
     return Corpus(source.name, tokenizer, {k: [v] for k, v in splits.items()},
                   {"train": text_bytes - val_bytes, "val": val_bytes}, cached.text_sha256, "text", summary,
-                  source.text[0], source.note)
+                  source.text[0], source.note, settings=learned_vocab(tokenizer) if learned else {})
+
+
+def learned_vocab(tokenizer: Tokenizer) -> dict:
+    """The real size of a bpe tokenizer learned from this corpus, which a small corpus leaves below the
+    vocab_size asked: the run records it (train.py's adopt_dataset_settings says so). Other tokenizers'
+    sizes are not a config value."""
+    return {"vocab_size": tokenizer.vocab_size} if tokenizer.name == "bpe" else {}
 
 
 def ensure_task(name: str, path: Path) -> tuple[bytes, str]:
@@ -318,10 +340,11 @@ def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path, dat
     """Prompt/response pairs (the file's bytes) -> held-out split by prompt -> tokenizer (built from them
     unless given; given one without an end-of-text id gains one) -> rows whose targets are the responses."""
     from pairs import encode_pairs, pack, read_pairs, split_pairs, trained_text_bytes, with_end_of_text
-    from tokenizer import build_tokenizer
+    from tokenizer import build_tokenizer, check_vocab_fits
 
-    pairs, notes = read_pairs(path, data), [note]
-    if tokenizer is None:
+    pairs, notes, learned = read_pairs(path, data), [note], tokenizer is None
+    if learned:
+        check_vocab_fits(cfg.tokenizer, cfg.vocab_size, len(data))
         texts = (text for pair in pairs for text in (pair.prompt, pair.response))
         tokenizer = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, end_of_text=True)
     elif tokenizer.eot_id is None:
@@ -344,7 +367,8 @@ def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path, dat
                f"tokens{' (packed)' if cfg.pack_pairs else ''}; loss on the {'prompts and ' if cfg.loss_on_prompt else ''}"
                f"responses: {train.total_targets:,} train targets ({tokenizer.name}, vocab {tokenizer.vocab_size:,})")
     return Corpus(str(path), tokenizer, splits, split_bytes, hashlib.sha256(data).hexdigest(), "pairs", summary,
-                  tokenizer.decode(val.examples[0].prompt), "\n".join(filter(None, notes)))
+                  tokenizer.decode(val.examples[0].prompt), "\n".join(filter(None, notes)),
+                  settings=learned_vocab(tokenizer) if learned else {})
 
 
 def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:

@@ -25,6 +25,7 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ import numpy as np
 from documents import document_texts, file_kind, find_inputs, read_pieces
 from shards import (FORMAT, MANIFEST, VERSION, ShardWriter, atomic_write_bytes, read_manifest, token_dtype, totals,
                     write_manifest)
-from tokenizer import Tokenizer, build_tokenizer, tokenizer_from_dict
+from tokenizer import Tokenizer, build_tokenizer, check_vocab_fits, tokenizer_from_dict
 
 TASK_CHARS = 1 << 22          # text per task sent to a worker (at most; less for small shards)
 HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
@@ -69,6 +70,7 @@ class Progress:
     documents: int
     tokens: int
     seconds: float
+    empty: int = 0      # documents (jsonl lines, parquet rows) whose text was null or empty: skipped
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float, field:
 
 def _texts(task: list[tuple]) -> Iterator[tuple[str, int, bool, str]]:
     """(text, split or HASH_IN_WORKER, ends a document, where) for every document or text piece of a
-    task; a WHOLE_FILE item is read here, in the worker."""
+    task ("" for a jsonl line or parquet row whose text is null or empty); a WHOLE_FILE item is read
+    here, in the worker."""
     field = _worker["field"]
     for payload, split, last, path, index in task:
         pieces = read_pieces(Path(path), field) if payload is WHOLE_FILE else [(payload, index, last, 0)]
@@ -106,11 +109,14 @@ def _texts(task: list[tuple]) -> Iterator[tuple[str, int, bool, str]]:
 
 def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
     """ids of the task's texts, with end-of-text after each document's last; and per text: its tokens,
-    split, UTF-8 bytes and whether it ended a document."""
+    split, UTF-8 bytes and whether it ended a document; and how many documents were empty (skipped)."""
     tok, dtype = _worker["tok"], _worker["dtype"]
     eot = np.array([tok.eot_id], dtype=dtype)
-    parts, counts, splits, n_bytes, lasts = [], [], [], [], []
+    parts, counts, splits, n_bytes, lasts, empty = [], [], [], [], [], 0
     for text, split, last, where in _texts(task):
+        if not text:
+            empty += 1
+            continue
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate, from a JSON \ud800 escape
@@ -126,7 +132,8 @@ def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
         n_bytes.append(len(data))
         lasts.append(last)
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    return ids, np.array(counts, np.int64), np.array(splits, np.uint8), np.array(n_bytes, np.int64), np.array(lasts, bool)
+    return (ids, np.array(counts, np.int64), np.array(splits, np.uint8), np.array(n_bytes, np.int64),
+            np.array(lasts, bool), empty)
 
 
 def _chars_task(task: list[tuple]) -> set[str]:
@@ -137,8 +144,15 @@ def _chars_task(task: list[tuple]) -> set[str]:
 
 
 def _ordered(fn: Callable, tasks: Iterator, workers: int, initargs: tuple) -> Iterator:
-    """fn over tasks in worker processes, results in task order, with a bounded number in flight (so a
-    fast reader never piles the corpus up in memory); workers=1 runs in this process."""
+    """fn over tasks in worker processes, results in task order; workers=1 runs in this process.
+
+    Task k goes to worker k % workers, each worker holding one task at a time, so reading results round
+    robin gives them in order and bounds what is in flight (a fast reader never piles the corpus up in
+    memory). Each worker has its own pipe: no queue, lock or thread is shared, so stopping early (Ctrl-C,
+    SIGTERM, a full disk, a bad document; close the generator, e.g. contextlib.closing) kills the
+    workers at once and cannot hang. (multiprocessing.Pool hung in Ctrl-C in 3 of 6 tries on a queue
+    lock a dying worker held; concurrent.futures hung reading a result its killed worker had half sent.)
+    """
     if workers == 1:
         _init_worker(*initargs)
         yield from (fn(task) for task in tasks)
@@ -148,14 +162,61 @@ def _ordered(fn: Callable, tasks: Iterator, workers: int, initargs: tuple) -> It
         # Not fork: the caller may hold threads (torch's), and a fork of them can deadlock. The server
         # imports this module only, not the caller's __main__ (train.py would bring torch to every worker).
         context.set_forkserver_preload([__name__])
-    with context.Pool(workers, _init_worker, initargs) as pool:
-        pending: collections.deque = collections.deque()
-        for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= 2 * workers + 2:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    pipes, processes = [], []
+    try:
+        for _ in range(workers):
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs, fn, initargs), daemon=True)
+            process.start()
+            theirs.close()
+            pipes.append(mine)
+            processes.append(process)
+        n = 0
+        for n, task in enumerate(tasks, 1):
+            w = (n - 1) % workers
+            if n > workers:  # the worker's previous task, the oldest in flight
+                yield _result(pipes[w], processes[w])
+            pipes[w].send(task)
+        for k in range(max(n - workers, 0), n):
+            yield _result(pipes[k % workers], processes[k % workers])
+    finally:
+        for process in processes:
+            process.terminate()  # SIGTERM: a worker that is done or busy ends now; nothing of it is needed
+        for process in processes:
+            process.join()
+        for pipe in pipes:
+            pipe.close()
+
+
+def _serve(pipe, fn: Callable, initargs: tuple) -> None:
+    """A worker: tasks in, results (or the error a task raised) out, until the main process goes away.
+    A terminal's Ctrl-C reaches the whole process group; the main process alone decides what it means
+    (it stops the workers), so a worker neither dies mid-task nor prints a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*initargs)
+    try:
+        while True:
+            task = pipe.recv()
+            try:
+                result = (True, fn(task))
+            except Exception as e:  # noqa: BLE001 - a bad document: its one-line error goes to the main process
+                result = (False, e)
+            pipe.send(result)
+    except (EOFError, OSError):  # the main process is gone: nothing left to do
+        pass
+
+
+def _result(pipe, process) -> object:
+    """The next result from one worker; its error is raised here, in the main process."""
+    try:
+        ok, value = pipe.recv()
+    except EOFError:
+        process.join(timeout=5)
+        raise ValueError(f"a tokenizing worker process died (exit code {process.exitcode}: killed, or out of memory); "
+                         "run the same command again: it continues from the last shard") from None
+    if not ok:
+        raise value
+    return value
 
 
 # --- reading the sources ---
@@ -351,6 +412,10 @@ def _build_tokenizer(sources: list[dict], settings: DatasetSettings, workers: in
                              "that have some")
         texts: Iterator[str] | list[str] = ["".join(sorted(chars))]
     else:
+        expanded = sum(s["size"] * (COMPRESSION if s["path"].endswith((".gz", ".zst", ".parquet")) else 1)
+                       for s in sources)  # at most this much text: a generous bound
+        check_vocab_fits(settings.tokenizer, settings.vocab_size, min(settings.tokenizer_train_bytes or expanded,
+                                                                      expanded))
         texts = _training_sample(sources, settings)
     return build_tokenizer(settings.tokenizer, texts, vocab_size=settings.vocab_size, end_of_text=True)
 
@@ -361,6 +426,8 @@ def _training_sample(sources: list[dict], settings: DatasetSettings) -> Iterator
     _init_worker(None, "uint16", 0.0, settings.text_field)
     for task in _tasks(sources, (0, 0), settings.text_field, 0.0):
         for text, *_ in _texts(task.pieces):
+            if not text:
+                continue
             yield text
             budget -= len(text.encode("utf-8", "surrogatepass"))
             if budget <= 0:
@@ -374,33 +441,34 @@ def _tokenize(root: Path, manifest: dict, settings: DatasetSettings, workers: in
     writer = ShardWriter(root, dtype)
     cursor = tuple(manifest["cursor"])
     total = sum(s["size"] for s in manifest["sources"][cursor[0]:])
-    start, text_bytes, documents, tokens, source_bytes = time.perf_counter(), 0, 0, 0, 0
+    start, text_bytes, documents, tokens, source_bytes, empty = time.perf_counter(), 0, 0, 0, 0, 0
     initargs = (manifest["tokenizer"], dtype.name, settings.val_fraction, settings.text_field)
     # Shards are committed between tasks: tasks of at most a shard's worth of text keep shards near size.
     tasks = _tasks(manifest["sources"], cursor, settings.text_field, settings.val_fraction,
                    min(TASK_CHARS, max(shard_tokens, 1024)))
+    ends: collections.deque = collections.deque()
     try:
-        ends = collections.deque()
-        results = _ordered(_encode_task, _remember(tasks, ends), workers, initargs)
-        for ids, counts, splits, n_bytes, last in results:
-            task = ends.popleft()
-            per_piece = np.repeat(splits, counts)
-            for split in (0, 1):
-                mine = splits == split
-                writer.write(split, ids[per_piece == split], int((last & mine).sum()), int(n_bytes[mine].sum()))
-            text_bytes, tokens = text_bytes + int(n_bytes.sum()), tokens + len(ids)
-            documents, source_bytes = documents + int(last.sum()), task.source_bytes
-            if task.at_boundary and writer.tokens >= shard_tokens:
-                _commit(root, manifest, writer, task.end)
-            if progress:
-                progress(Progress(source_bytes, total, text_bytes, documents, tokens, time.perf_counter() - start))
+        with contextlib.closing(_ordered(_encode_task, _remember(tasks, ends), workers, initargs)) as results:
+            for ids, counts, splits, n_bytes, last, skipped in results:
+                task, empty = ends.popleft(), empty + skipped
+                per_piece = np.repeat(splits, counts)
+                for split in (0, 1):
+                    mine = splits == split
+                    writer.write(split, ids[per_piece == split], int((last & mine).sum()), int(n_bytes[mine].sum()))
+                text_bytes, tokens = text_bytes + int(n_bytes.sum()), tokens + len(ids)
+                documents, source_bytes = documents + int(last.sum()), task.source_bytes
+                if task.at_boundary and writer.tokens >= shard_tokens:
+                    _commit(root, manifest, writer, task.end)
+                if progress:
+                    progress(Progress(source_bytes, total, text_bytes, documents, tokens, time.perf_counter() - start,
+                                      empty))
         _commit(root, manifest, writer, (len(manifest["sources"]), 0))
     except OSError as e:
         raise ValueError(f"cannot write the dataset '{root}': {e.strerror or e}; free some space (or fix the "
                          "permissions) and run the same command again: it continues from the last shard") from None
     finally:
         writer.discard()
-    return Progress(source_bytes, total, text_bytes, documents, tokens, time.perf_counter() - start)
+    return Progress(source_bytes, total, text_bytes, documents, tokens, time.perf_counter() - start, empty)
 
 
 def _remember(tasks: Iterator[Task], ends: collections.deque) -> Iterator[list]:
@@ -411,9 +479,28 @@ def _remember(tasks: Iterator[Task], ends: collections.deque) -> Iterator[list]:
 
 
 def _commit(root: Path, manifest: dict, writer: ShardWriter, cursor: tuple[int, int]) -> None:
+    """Commit the shards written since the last commit, up to `cursor`, once the sources they were read
+    from are checked to be what the manifest records."""
+    _check_unchanged(manifest["sources"][manifest["cursor"][0]:cursor[0] + 1])
     manifest["shards"] += writer.commit(len(manifest["shards"]))
     manifest.update(cursor=list(cursor), totals=totals(manifest["shards"]))
     write_manifest(root, manifest)
+
+
+def _check_unchanged(sources: list[dict]) -> None:
+    """The manifest records each source's size, mtime and SHA-256 from before it was read: a file that was
+    written to meanwhile (truncated, appended, replaced) no longer matches them, and what was read from
+    it is not committed."""
+    for src in sources:
+        try:
+            stat = os.stat(src["path"])
+        except OSError as e:
+            raise ValueError(f"'{src['path']}' went away while it was being read ({e.strerror or e}); restore it "
+                             "and run the same command again: it continues from the last shard") from None
+        if (stat.st_size, stat.st_mtime_ns) != (src["size"], src["mtime_ns"]):
+            raise ValueError(f"'{src['path']}' changed while it was being read ({src['size']:,} bytes -> "
+                             f"{stat.st_size:,}); nothing read from it was kept. Let whatever writes it finish, then "
+                             "run the same command again")
 
 
 def _finish(root: Path, manifest: dict, settings: DatasetSettings) -> None:

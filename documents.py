@@ -197,12 +197,11 @@ def _parquet_pieces(path: Path, field: str, skip: int) -> Iterator[Piece]:
 
 
 def document_texts(payload: str | bytes | Any, path: str, index: int, field: str) -> Iterator[str]:
-    """The documents of a piece: a text piece itself; a jsonl line's field; a parquet batch's rows
-    (empty and null ones skipped)."""
+    """The documents of a piece: a text piece itself; a jsonl line's field; a parquet batch's rows. A null
+    or empty field is "" (no document: the caller skips it, and counts it)."""
     if isinstance(payload, str):
         yield payload
     elif isinstance(payload, bytes):
-        if text := _jsonl_text(path, index, payload, field):
-            yield text
+        yield _jsonl_text(path, index, payload, field)
     else:
-        yield from (text for text in payload.to_pylist() if text)
+        yield from (text or "" for text in payload.to_pylist())

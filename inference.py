@@ -68,6 +68,10 @@ def load_model(cfg: GenerateConfig, device: torch.device):
     path = Path(cfg.run)
     if is_checkpoint(path):
         run_dir, ckpt = path.parent.parent.parent, path
+    elif path.parent.name == "checkpoints" and path.parent.parent.name == "artifacts":
+        # a checkpoint that rotation removed (or a typo): find_checkpoint names the ones that exist
+        run_dir = resolve_run(str(path.parents[2]), cfg.runs_dir, need_export=False)
+        ckpt = find_checkpoint(run_dir, path.name)
     elif cfg.checkpoint:
         run_dir = resolve_run(cfg.run, cfg.runs_dir, need_export=False)
         ckpt = find_checkpoint(run_dir, cfg.checkpoint)

@@ -117,26 +117,34 @@ def _pair(raw: bytes, n: int, path: Path) -> Pair:
     return Pair(prompt, response, n)
 
 
-def is_val(prompt: str, val_fraction: float) -> bool:
-    """Held out when BLAKE2b-64 of the prompt, as a fraction of 2**64, is below val_fraction: the same
-    prompt is always on the same side, so val prompts are never trained on."""
+def prompt_hash(prompt: str) -> float:
+    """BLAKE2b-64 of the prompt as a fraction of 2**64: where the prompt falls in [0, 1)."""
     digest = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2**64
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def is_val(prompt: str, val_fraction: float) -> bool:
+    """Held out when the prompt's hash is below val_fraction: the same prompt is always on the same side,
+    so val prompts are never trained on."""
+    return prompt_hash(prompt) < val_fraction
 
 
 def split_pairs(pairs: Sequence[Pair], val_fraction: float) -> dict[str, list[Pair]]:
-    """{"train", "val"} by is_val. Too few pairs for the hash to put one on each side: the last goes to val
-    (or the first to train), so both splits exist."""
-    splits: dict[str, list[Pair]] = {"train": [], "val": []}
-    for pair in pairs:
-        splits["val" if is_val(pair.prompt, val_fraction) else "train"].append(pair)
+    """{"train", "val"} by is_val. Too few prompts for the hash to put one on each side: the prompt whose
+    hash is nearest the other side moves there, with every pair that has it, so a prompt is never on both."""
     if len(pairs) < 2:
         raise ValueError(f"{len(pairs)} pair: training needs at least 2 (one to train on, one to validate)")
-    if not splits["val"]:
-        splits["val"].append(splits["train"].pop())
-    elif not splits["train"]:
-        splits["train"].append(splits["val"].pop(0))
-    return splits
+    prompts = sorted({pair.prompt for pair in pairs}, key=prompt_hash)
+    if len(prompts) < 2:
+        raise ValueError(f"all {len(pairs):,} pairs have the same prompt, so none can be held out without training "
+                         "on it too; a held-out split needs at least 2 different prompts")
+    held_out = {prompt for prompt in prompts if prompt_hash(prompt) < val_fraction}
+    if not held_out:
+        held_out = {prompts[0]}
+    elif len(held_out) == len(prompts):
+        held_out.discard(prompts[-1])
+    return {"train": [pair for pair in pairs if pair.prompt not in held_out],
+            "val": [pair for pair in pairs if pair.prompt in held_out]}
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, path: str | Path = "") -> list[Example]:

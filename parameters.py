@@ -166,7 +166,7 @@ class ModelConfig(Validated):
     target_val_loss: float = knob(0.0, "stop, export and record stop_reason target_reached once the val loss is "
                                        "at or below this; 0 disables")
     init_from: str = knob("", "start from the weights (and tokenizer) of this run or export directory, or of a "
-                                  "local Hugging Face GPT-2 or Llama model folder: fine-tuning")
+                                  "local Hugging Face GPT-2, Llama or Qwen3 model folder: fine-tuning")
     aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
     aim_repo: str = knob(".", "directory of the Aim repository (.aim is created inside it)")
 

@@ -26,6 +26,7 @@ from parameters import ModelConfig
 from tokenizer import TOKENIZERS
 from utils.cli import run_main
 from utils.console import ProgressLine, format_duration
+from utils.signals import GracefulStop
 
 SHARED = ("tokenizer", "vocab_size", "tokenizer_train_bytes", "text_field", "val_fraction", "data_dir")
 
@@ -62,9 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                                cfg.val_fraction)
     progress = ProgressLine(f"preparing {root}")
     command = shlex.join(["python", "prepare_data.py", *(sys.argv[1:] if argv is None else argv)])
+    # Ctrl-C and SIGTERM stop at once, with one line (exit 130 / 143); the workers are stopped with it.
+    again = "while preparing; run the same command again: it continues from the last shard"
     try:
-        result = prepare(args.data, root, settings, workers=args.workers, shard_tokens=args.shard_tokens,
-                         command=command, progress=progress)
+        with GracefulStop(immediate=True, during=again):
+            result = prepare(args.data, root, settings, workers=args.workers, shard_tokens=args.shard_tokens,
+                             command=command, progress=progress)
     finally:
         progress.close()
     print(summary(root, result))
@@ -86,6 +90,13 @@ def summary(root: Path, result: PrepareResult) -> str:
     work = (f"this run: {p.text_bytes / 1e6:,.1f} MB of text, {p.documents:,} documents, {p.tokens:,} tokens in "
             f"{format_duration(p.seconds)} ({p.text_bytes / 1e6 / max(p.seconds, 1e-9):,.2f} MB/s)"
             if p.seconds else "nothing to do: the inputs are unchanged")
+    if p.empty:
+        rows.append(f"note: {p.empty:,} documents (jsonl lines or parquet rows) had a null or empty "
+                    f"{m['settings']['text_field']!r} and were skipped")
+    asked = m["settings"].get("vocab_size")
+    if m["tokenizer"]["type"] == "bpe" and asked and m["vocab_size"] < asked:
+        rows.append(f"note: the bpe tokenizer learned {m['vocab_size']:,} ids, not --vocab-size {asked:,}: a corpus "
+                    "this small holds too few distinct merges; runs on it record the real size")
     return "\n".join([f"dataset {root}: {result.action} | {len(m['sources'])} source files | tokenizer "
                       f"{m['tokenizer']['type']} (vocab {m['vocab_size']:,}, end-of-text id {m['eot_id']}, "
                       f"{m['dtype']} shards)", *rows, work,

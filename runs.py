@@ -28,12 +28,14 @@ from config import PROJECT_DIR, Parser
 from parameters import ModelConfig
 from utils.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
+from utils.export import verify_export
 from utils.files import atomic_path, read_json_object
 from utils.run_state import RunLock, run_state
 from utils.console import format_duration, format_metrics
 from utils.runs import find_runs, resolve_run
 
 REMOVED_STATES = ("failed", "killed")
+STATES = ("running", "completed", "interrupted", "failed", "killed", "stale", "unreadable")  # utils/run_state.py
 
 
 COLUMNS = ("run", "tag", "state", "arch", "params", "tokens", "best_val", "val_bpb", "wall", "started")
@@ -45,7 +47,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     verbs = parser.add_subparsers(dest="verb", required=True)
     listing = verbs.add_parser("list", help="one line per run: id, tag, state, arch, params, tokens seen, best val "
                                             "loss, val bpb, wall time, start")
-    listing.add_argument("--state", help="only runs in this state (running, completed, interrupted, failed, killed, stale)")
+    listing.add_argument("--state", choices=STATES, help="only runs in this state")
     listing.add_argument("--tag", help="only runs with this tag")
     listing.add_argument("--sort", default="started", choices=COLUMNS, help="the column to sort by (default started)")
     listing.add_argument("--reverse", action="store_true", help="largest (or latest) first")
@@ -99,7 +101,7 @@ def _cell(key: str, value: object) -> str:
     if key == "params":
         return f"{value / 1e6:.2f}M"
     if key == "tokens":
-        return f"{value / 1e6:.1f}M" if value >= 1e5 else f"{value:,}"
+        return f"{value:,}"
     if key in ("best_val", "val_bpb"):
         return f"{value:.4f}"
     if key == "wall":
@@ -192,8 +194,10 @@ def loss_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line torn by a kill
+            if not isinstance(record, dict) or not isinstance(record.get("tokens_seen"), (int, float)):
+                continue  # not a line train.py wrote
             for name, tag in CURVES.items():
-                if isinstance(record.get(tag), (int, float)):
+                if isinstance(record.get(tag), (int, float)) and not isinstance(record[tag], bool):
                     curves[name][0].append(record["tokens_seen"])
                     curves[name][1].append(record[tag])
         return curves
@@ -220,7 +224,7 @@ def plot(run_dirs: list[Path], out: Path) -> None:
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out} must be a .png file")
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    drawn = 0
+    drawn, empty = 0, []
     for i, run_dir in enumerate(run_dirs):
         curves, color = loss_curves(run_dir), f"C{i % 10}"
         for name, style in (("val", {"marker": "o", "linewidth": 2}), ("train", {"linestyle": "--", "linewidth": 1})):
@@ -228,6 +232,8 @@ def plot(run_dirs: list[Path], out: Path) -> None:
             if tokens:
                 ax.plot(tokens, losses, color=color, label=f"{run_dir.name} {name}", **style)
                 drawn += 1
+        if not any(tokens for tokens, _ in curves.values()):
+            empty.append(run_dir.name)
     if not drawn:
         raise ValueError(f"none of {', '.join(str(r) for r in run_dirs)} has logged a loss yet; train first")
     ax.set(xlabel="tokens seen", ylabel="loss (nats per token)", title="loss against tokens seen")
@@ -237,7 +243,8 @@ def plot(run_dirs: list[Path], out: Path) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    print(f"wrote {out} ({drawn} curves from {len(run_dirs)} runs)")
+    runs = f"{len(run_dirs) - len(empty)} of {len(run_dirs)} runs" if empty else f"{len(run_dirs)} runs"
+    print(f"wrote {out} ({drawn} curves from {runs})" + (f"; no loss logged yet in {', '.join(empty)}" if empty else ""))
 
 
 def _git_field(text: str, name: str) -> str | None:
@@ -261,23 +268,38 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
+def has_verified_export(run_dir: Path) -> bool:
+    """Whether the run's export is whole: every file matches export.json."""
+    export = run_dir / "artifacts" / "export"
+    try:
+        return verify_export(export)
+    except (ValueError, FileNotFoundError):
+        return False
+
+
 def cleanup_plan(run_dir: Path) -> list[tuple[Path, str]]:
-    """(path to remove, why) for one run; nothing for a run that is running or stale."""
+    """(path to remove, why) for one run; nothing for a run that is running, stale or unreadable. A failed
+    or killed run goes whole, unless it has a verified export: then only the checkpoints that an
+    interrupted run would lose go (it keeps its best and its newest)."""
     state = run_state(run_dir).state
-    if state in REMOVED_STATES:
-        return [(run_dir, f"the run {state}")]
-    if state not in ("completed", "interrupted"):
+    if state in REMOVED_STATES and not has_verified_export(run_dir):
+        return [(run_dir, f"a {state} run")]
+    if state not in ("completed", "interrupted", *REMOVED_STATES):
         return []
     ckpt_dir = run_dir / "artifacts" / "checkpoints"
     keep = {best_checkpoint(ckpt_dir)}
-    if state == "interrupted":
+    if state != "completed":
         keep.add(getattr(latest_good(ckpt_dir)[0], "path", None))  # what --resume needs
     return [(path, f"an old checkpoint of a {state} run") for path in find_checkpoints(ckpt_dir) if path not in keep]
 
 
 def clean(runs_dir: Path, really: bool) -> None:
-    freed = 0
+    freed, removed = 0, 0
     for run_dir in find_runs(runs_dir):
+        state = run_state(run_dir)
+        if state.state == "unreadable":
+            print(f"kept {run_dir.name}: {state.detail}; look at it and remove it yourself if it should go")
+            continue
         plan = cleanup_plan(run_dir)
         if not plan:
             continue
@@ -289,14 +311,25 @@ def clean(runs_dir: Path, really: bool) -> None:
         try:
             for path, why in plan:
                 size = size_of(path)
-                freed += size
-                print(f"{'removed' if really else 'would remove'} {path} ({size / 1e6:,.1f} MB): {why}")
+                freed, removed = freed + size, removed + 1
+                print(f"{'removed' if really else 'would remove'} {path} ({format_bytes(size)}): {why}")
                 if really:
                     shutil.rmtree(path)
         finally:
             lock.release()
+    if not removed:
+        print(f"nothing to clean in '{runs_dir}': no failed or killed runs, no old checkpoints")
+        return
     verb = "freed" if really else "would free"
-    print(f"{verb} {freed / 1e6:,.1f} MB" + ("" if really or not freed else "; run again with --yes to remove it"))
+    print(f"{verb} {format_bytes(freed)}" + ("" if really else "; run again with --yes to remove it"))
+
+
+def format_bytes(n: int) -> str:
+    """1.5 kB, 12.3 MB, 2.0 GB: a size as people read it."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_batch, resume_config
-from data import Corpus, check_same_corpus, prepare_corpus
+from data import Corpus, check_same_corpus, prepare_corpus, resolve_data
 from evaluation import evaluate_run, table
 from model import LanguageModel, grow_vocab
 from parameters import ModelConfig
@@ -44,7 +44,7 @@ from utils.device import Compute, resolve_device, setup_compute
 from utils.export import Export, load_init_source, record_init_source, save_export
 from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, read_json_object, writable_dir
-from utils.plans import Plan, load_plan, stage_args
+from utils.plans import Plan, PlanSpec, load_plan, stage_args
 from utils.run_state import RunLock
 from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop, Interrupted
@@ -69,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown(d)
 
 
-def run_once(parsed, d: Dist, device_name: str, started: Callable[[Path], None] | None = None) -> int:
+def run_once(parsed, d: Dist, device_name: str, started: Callable[[Path], None] | None = None,
+             continue_with: str | None = None) -> int:
     """One run. Until the loop runs, SIGINT/SIGTERM stop the start-up at once (Interrupted); from then
-    on they ask the loop to stop after its current step. The ExitStack holds the run directory's lock."""
+    on they ask the loop to stop after its current step. The ExitStack holds the run directory's lock.
+    continue_with: the command that continues it after an interruption (a plan's own; default: --resume
+    of the run directory)."""
     with GracefulStop(immediate=True, announce=d.is_main) as stop, contextlib.ExitStack() as held:
-        return run(parsed, d, device_name, held, stop, started)
+        return run(parsed, d, device_name, held, stop, started, continue_with)
 
 
 def open_plan(parsed, argv: list[str], d: Dist) -> Plan | None:
@@ -87,21 +90,39 @@ def open_plan(parsed, argv: list[str], d: Dist) -> Plan | None:
                          "(python train.py --init-from RUN ...)")
     flags = strip_flag(argv, "--resume" if not args.plan else "--plan")
     if not args.plan:
-        plan = Plan.open(Path(args.resume))
-        plan.state["flags"] = [*plan.state.get("flags", []), *flags]
-        return plan
+        # The flags apply from the next stage on; they are recorded once a stage has accepted them
+        # (Plan.accept_flags), so a flag that is refused never sticks to the plan.
+        return Plan.open(Path(args.resume), flags)
     if args.resume or args.config:
         raise ValueError("--plan takes its configs from the plan file (config:, settings:); continue a plan with "
                          "--resume runs/plans/<id> alone")
     spec = load_plan(Path(args.plan))
+    return Plan.create(spec, check_plan(spec, flags), flags)
+
+
+def check_plan(spec: PlanSpec, flags: list[str]) -> str:
+    """Every stage's config validates and every stage's data exists, before one trains; returns the
+    runs_dir of the first stage, where the plan lives."""
     runs_dir = None
-    with tempfile.TemporaryDirectory() as tmp:  # every training stage's config validates before one trains
-        for stage in (s for s in spec.stages if s.evaluate is None):
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in spec.stages:
+            if stage.evaluate is not None:
+                check_data(stage.evaluate["data"], data_dir, f"plan stage '{stage.name}'")
+                continue
             stage_file = Path(tmp) / f"{stage.name}.yaml"
             stage_file.write_text(yaml.safe_dump(stage.settings), encoding="utf-8")
             cfg = load_config(stage_args(stage, stage_file, flags)).config
-            runs_dir = runs_dir or cfg.runs_dir  # the plan lives beside its first stage's run
-    return Plan.create(spec, runs_dir, flags)
+            check_data(cfg.data, cfg.data_dir, f"plan stage '{stage.name}'")
+            runs_dir, data_dir = runs_dir or cfg.runs_dir, cfg.data_dir
+    return runs_dir
+
+
+def check_data(spec: str, data_dir: str, where: str) -> None:
+    """What --data names must exist (or be a name gptlab knows) before anything trains."""
+    try:
+        resolve_data(spec, data_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{where}: {e}") from None
 
 
 def strip_flag(argv: list[str], flag: str) -> list[str]:
@@ -118,32 +139,36 @@ def strip_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def run_plan(plan: Plan, d: Dist, device_name: str) -> int:
-    """Each stage not yet completed, in order; a stage that is interrupted stops the plan, and --resume on
-    the plan directory continues it there."""
-    n = len(plan.spec.stages)
-    while (i := plan.next_stage()) is not None:
-        stage = plan.spec.stages[i]
-        print(f"== plan {plan.spec.name} ({plan.root}): stage {i + 1}/{n}, {stage.name}", flush=True)
-        try:
-            if stage.evaluate is not None:
-                code, results = evaluate_stage(plan, i), None
-            else:
-                code = run_once(load_config(plan.stage_argv(i), description=__doc__), d, device_name,
-                                started=lambda run_dir: plan.record(i, state="running", run=str(run_dir)))
-                results = run_results(plan.state["stages"][i]["run"])
-        except BaseException as e:
-            interrupted = isinstance(e, (KeyboardInterrupt, Interrupted))
-            plan.record(i, state="interrupted" if interrupted else "failed",
-                        error=f"{type(e).__name__}: {e}".splitlines()[0])
-            print(f"plan stopped in stage {stage.name}; continue with: python train.py --resume {plan.root}",
-                  file=sys.stderr)
-            raise
-        if code:
-            plan.record(i, state="interrupted")
-            print(f"plan interrupted in stage {stage.name}; continue with: python train.py --resume {plan.root}",
-                  file=sys.stderr)
-            return code
-        plan.record(i, state="completed", **({"results": results} if results else {}))
+    """Each stage not yet completed, in order, holding the plan's lock; a stage that is interrupted stops the
+    plan, and --resume on the plan directory continues it there. Whatever stops it says so in one line,
+    with the command that continues the plan."""
+    n, again = len(plan.spec.stages), f"python train.py --resume {plan.root}"
+    with plan.locked():
+        while (i := plan.next_stage()) is not None:
+            stage = plan.spec.stages[i]
+            print(f"== plan {plan.spec.name} ({plan.root}): stage {i + 1}/{n}, {stage.name}", flush=True)
+            try:
+                if stage.evaluate is not None:
+                    code, results = evaluate_stage(plan, i), None
+                else:
+                    code = run_once(load_config(plan.stage_argv(i), description=__doc__), d, device_name,
+                                    started=lambda run_dir: plan.started(i, run_dir), continue_with=again)
+                    results = run_results(plan.state["stages"][i]["run"])
+            except (KeyboardInterrupt, Interrupted):
+                plan.record(i, state="interrupted")
+                print(f"plan interrupted in stage {stage.name}; continue with: {again}", file=sys.stderr)
+                return 130
+            except (ValueError, FileNotFoundError) as e:
+                plan.record(i, state="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+                raise type(e)(f"{e} (plan stopped in stage {stage.name}; continue with: {again})") from None
+            except BaseException as e:
+                plan.record(i, state="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+                print(f"plan stopped in stage {stage.name}; continue with: {again}", file=sys.stderr)
+                raise
+            if code:  # the run said how it stopped, and that `again` continues it
+                plan.record(i, state="interrupted")
+                return code
+            plan.record(i, state="completed", **({"results": results} if results else {}))
     print(plan.summary())
     return 0
 
@@ -233,14 +258,18 @@ def adopt_dataset_settings(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfi
     """A prepared dataset's tokens were made with its own tokenizer, val_fraction, ...: the run's
     config records those (meta/full_config.json explains the run), with a note where they differ."""
     differ = {k: v for k, v in corpus.settings.items() if k in ModelConfig.__dataclass_fields__ and getattr(cfg, k) != v}
-    if not differ:
-        return cfg, ""
-    said = ", ".join(f"{k} {v!r} (not {getattr(cfg, k)!r})" for k, v in differ.items())
-    return dataclasses.replace(cfg, **differ), f"the dataset {corpus.name} was prepared with {said}: the run uses those"
+    notes = []
+    if "vocab_size" in differ:  # a bpe tokenizer that the corpus left smaller than asked
+        notes.append(f"the bpe tokenizer learned {differ['vocab_size']:,} ids, not vocab_size {cfg.vocab_size:,} (a "
+                     "corpus this small holds too few distinct merges): the run records the real size")
+    said = ", ".join(f"{k} {v!r} (not {getattr(cfg, k)!r})" for k, v in differ.items() if k != "vocab_size")
+    if said:
+        notes.append(f"the dataset {corpus.name} was prepared with {said}: the run uses those")
+    return dataclasses.replace(cfg, **differ), "\n".join(notes)
 
 
 def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: GracefulStop,
-        started: Callable[[Path], None] | None = None) -> int:
+        started: Callable[[Path], None] | None = None, continue_with: str | None = None) -> int:
     """Start -> run dir (rank 0: locked, with a status; `started` hears of it) -> model -> loop -> export."""
     start = resolve_start(parsed, d, device_name, held)
     if start is None:
@@ -274,10 +303,11 @@ def run(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, stop: Gra
         # From here a signal only asks to stop: the loop ends after its current step, and one that comes
         # while the export is written lets it finish, so status.json always records how the run ended.
         stop.immediate = False
-        return finish(trainer, trainer.run(stop), stop)
+        return finish(trainer, trainer.run(stop), stop, continue_with or f"python train.py --resume {run_dir}")
     except Interrupted as e:
         status.finish("interrupted", stop_reason=str(e))
-        then = f"continue with: python train.py --resume {run_dir}" if resume else "nothing was trained"
+        then = (f"continue with: {continue_with or f'python train.py --resume {run_dir}'}" if resume or continue_with
+                else "nothing was trained")
         print(f"{e}: stopped before the first step; {then}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -344,7 +374,7 @@ def build_trainer(cfg: ModelConfig, corpus: Corpus, compute: Compute, run_dir: P
     return trainer
 
 
-def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
+def finish(trainer: Trainer, reason: str, stop: GracefulStop, continue_with: str) -> int:
     """Export (the best weights if early stopping ended the run), sample, and close the status; a run that
     reached target_val_loss completes there, recording when (target_reached_at)."""
     run_dir, cfg = trainer.run_dir, trainer.cfg
@@ -367,9 +397,10 @@ def finish(trainer: Trainer, reason: str, stop: GracefulStop) -> int:
         metrics["target_reached_at"] = trainer.target_reached_at
     if reason == "interrupted":
         trainer.status.finish("interrupted", **metrics)
-        print(f"interrupted at iteration {trainer.iteration}; continue with: python train.py --resume {run_dir}")
+        print(f"interrupted at iteration {trainer.iteration}; continue with: {continue_with}")
         return stop.exit_code
     trainer.status.finish("completed", **metrics)
+    stop.ignore()  # completed and recorded: a Ctrl-C now (while the trackers close) changes nothing
     print(summary(trainer))
     return 0
 

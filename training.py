@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shlex
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from utils.console import format_duration
 from utils.device import autocast
 from utils.distributed import Dist
 from utils.runs import RunStatus
-from utils.signals import GracefulStop
+from utils.signals import GracefulStop, Interrupted
 from utils.tracking import Tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
@@ -123,19 +125,25 @@ def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device: torch.device, ctx,
-                  d: Dist = Dist()) -> dict[str, float]:
+                  d: Dist = Dist(), stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
     """Mean loss over eval_iters fixed batches per split, in eval mode (no dropout); under DDP each
-    rank scores its slice and the means are averaged, so every rank gets the same numbers."""
+    rank scores its slice and the means are averaged, so every rank gets the same numbers. None when
+    `stop` (asked before each batch, and the same on every rank) says to stop: a Ctrl-C does not wait
+    for a long eval."""
     model.eval()
     losses = torch.zeros(2, cfg.eval_iters, device=device)
-    for i, split in enumerate(("train", "val")):
-        for k in range(cfg.eval_iters):
-            x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, seed=cfg.seed + EVAL_SEED_OFFSET,
-                             step=k, split=split, rank=d.rank, world_size=d.world_size, device=device)
-            with ctx:
-                _, loss = model(x, y)
-            losses[i, k] = loss.float()
-    model.train()
+    try:
+        for i, split in enumerate(("train", "val")):
+            for k in range(cfg.eval_iters):
+                if stop():
+                    return None
+                x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, seed=cfg.seed + EVAL_SEED_OFFSET,
+                                 step=k, split=split, rank=d.rank, world_size=d.world_size, device=device)
+                with ctx:
+                    _, loss = model(x, y)
+                losses[i, k] = loss.float()
+    finally:
+        model.train()
     train, val = distributed.mean_across(d, losses.mean(dim=1)).tolist()
     return {"train": train, "val": val}
 
@@ -209,6 +217,7 @@ class Trainer:
     target_reached_at: dict | None = None  # step, val_loss, seconds, tokens of the eval that reached target_val_loss
 
     def __post_init__(self) -> None:
+        self.stop_requested: Callable[[], bool] = lambda: False  # run() asks its GracefulStop
         self.started = time.perf_counter()
         self.ctx = autocast(self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -220,8 +229,11 @@ class Trainer:
         cfg, reason = self.cfg, "completed"
         clock, steps_timed, train_time = time.perf_counter(), 0, 0.0
         self.first_iteration = self.iteration
+        self.stop_requested = lambda: distributed.any_rank(self.d, stop.requested)  # every rank agrees
         if self.iteration == 0 and cfg.eval_at_start:
             self.initial_eval()
+            if self.stop_requested():  # during the step-0 eval: nothing was trained, nothing to save
+                raise Interrupted(stop.signum or signal.SIGINT, "during the step-0 eval")
             clock = time.perf_counter()  # eval time is not training time
         while self.iteration < cfg.max_iters:
             lr = get_lr(self.iteration, cfg)  # learning_rate's groups: what is logged
@@ -309,10 +321,13 @@ class Trainer:
                                       "tokens_seen": self.tokens_seen()})
         self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (utils/run_state.py)
 
-    def measure(self, sample: bool = True) -> tuple[dict[str, float], float | None]:
-        """Loss on both splits (and val bits per byte), tracked at this iteration, with a sample."""
+    def measure(self, sample: bool = True) -> tuple[dict[str, float] | None, float | None]:
+        """Loss on both splits (and val bits per byte), tracked at this iteration, with a sample; (None,
+        None) when a stop was asked for during it."""
         it, t0 = self.iteration, time.perf_counter()
-        losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d)
+        losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d, self.stop_requested)
+        if losses is None:
+            return None, None
         self.eval_seconds = time.perf_counter() - t0
         bpb = self.bits_per_byte("val", losses["val"]) if self.bits_per_byte else None
         for split, value in losses.items():
@@ -326,12 +341,19 @@ class Trainer:
     def initial_eval(self) -> None:
         """Step 0 of a fresh run: the loss before any training beside ln(vocab_size), the loss of uniform
         predictions, with a warning when they are far apart: a broken initialization or data is caught
-        before any training time is spent. Tracked only: no checkpoint, best, early stopping or target.
+        before any training time is spent. Tracked only (no checkpoint, best, early stopping or target),
+        except when fine-tuning (init_from): the starting weights are then the first best, checkpointed.
         It draws no random numbers (eval mode, fixed eval batches), so training goes on bit-identically."""
         losses, bpb = self.measure(sample=False)
+        if losses is None:
+            return
         line = eval_line(0, losses, bpb)
         if self.cfg.init_from:  # a trained model's loss is meant to be below ln(vocab)
             print(line, flush=True)
+            # Fine-tuning starts from weights worth keeping: they are the first best, so a run that only makes
+            # them worse says so, and early stopping exports them.
+            self.new_best(losses["val"])
+            self.status.update(best_val_loss=self.best_val_loss)
             return
         uniform = math.log(self.raw_model.vocab_size)
         print(f"{line} (ln(vocab {self.raw_model.vocab_size}) = {uniform:.4f})", flush=True)
@@ -347,20 +369,25 @@ class Trainer:
         any other result counts towards early stopping."""
         it = self.iteration
         losses, bpb = self.measure()
+        if losses is None:  # stopped during the eval: the loop saves a checkpoint and ends
+            return
         print(eval_line(it, losses, bpb), flush=True)
         if self.cfg.target_val_loss and losses["val"] <= self.cfg.target_val_loss:
             self.target_reached_at = {"step": it, "val_loss": losses["val"], "seconds": round(self.elapsed(), 3),
                                       "tokens": self.tokens_seen()}
-        improved = losses["val"] < self.best_val_loss
-        if improved:
-            self.best_val_loss, self.evals_since_best, self.best_step = losses["val"], 0, it
-            path = self.save()
-            if self.d.is_main:
-                mark_best(self.ckpt_dir, path, losses["val"])
+        if losses["val"] < self.best_val_loss:
+            self.new_best(losses["val"])
         else:
             self.evals_since_best += 1
         self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
                            best_val_loss=self.best_val_loss, **({"val_bpb": bpb} if bpb is not None else {}))
+
+    def new_best(self, val_loss: float) -> None:
+        """This iteration's weights are the best so far: checkpointed, and named in best.json."""
+        self.best_val_loss, self.evals_since_best, self.best_step = val_loss, 0, self.iteration
+        path = self.save()
+        if self.d.is_main:
+            mark_best(self.ckpt_dir, path, val_loss)
 
     def save(self) -> Path:
         """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state),
@@ -429,6 +456,17 @@ def summary(trainer: Trainer) -> str:
     tokens = trainer.iteration * cfg.tokens_per_step * trainer.d.world_size
     best = (f"best val loss {trainer.best_val_loss:.4f} at step {trainer.best_step}"
             if math.isfinite(trainer.best_val_loss) else "no eval")
+    # A model fine-tuned on pairs answers a prompt laid out as in training, best read greedily.
+    prompt = (f"--prompt {shell_quote(cfg.sample_prompt)} --temperature 0" if trainer.data.get("kind") == "pairs"
+              else '--prompt "..."')
     return (f"done in {format_duration(time.perf_counter() - trainer.started)}: {trainer.iteration:,} steps, "
             f"{tokens:,} tokens; {best}; export {run_dir / 'artifacts' / 'export'}\n"
-            f"next: python inference.py --run {run_dir} --prompt \"...\"   |   tensorboard --logdir {run_dir.parent}")
+            f"next: python inference.py --run {run_dir} {prompt}   |   tensorboard --logdir {run_dir.parent}")
+
+
+def shell_quote(text: str) -> str:
+    """text as one shell word to paste: shlex's quoting, or bash's $'...' where it holds a newline or tab."""
+    if not any(c in text for c in "\n\t"):
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t")
+    return f"$'{escaped}'"

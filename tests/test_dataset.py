@@ -343,3 +343,49 @@ def test_a_lone_surrogate_names_its_line(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "s.jsonl", [b'{"text": "fine"}', b'{"text": "bad \\ud800 here"}'])
     with pytest.raises(ValueError, match=r"s.jsonl' line 2: holds '\\ud800', which is not a character"):
         prepare([str(tmp_path / "s.jsonl")], tmp_path / "ds", DatasetSettings("gpt2"), workers=2)
+
+
+def test_a_source_changed_while_it_is_read_is_never_committed(corpus: tuple[Path, list[str]], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest records each source's size and SHA-256 from before it was read: a file truncated while
+    prepare reads it must not leave its shorter text committed under the full file's record."""
+    root, _ = corpus
+    victim = root / "a3.txt"  # read after the earlier text files, so the first task truncates it in time
+    whole = victim.read_bytes()
+    encode = dataset._encode_task
+
+    def truncate_then_encode(task):
+        if victim.stat().st_size == len(whole):
+            victim.write_bytes(whole[: len(whole) // 2])
+        return encode(task)
+
+    monkeypatch.setattr(dataset, "_encode_task", truncate_then_encode)
+    with pytest.raises(ValueError, match=f"'{victim}' changed while it was being read .*nothing read from it was kept"):
+        prepare([str(root)], tmp_path / "ds", DatasetSettings("gpt2"), workers=1, shard_tokens=500)
+    monkeypatch.setattr(dataset, "_encode_task", encode)
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["state"] == "partial"
+    victim.write_bytes(whole)  # restored: the same command continues, to exactly the whole corpus
+    assert prepare([str(root)], tmp_path / "ds", DatasetSettings("gpt2"), workers=1, shard_tokens=500).action == "continued"
+    prepare([str(root)], tmp_path / "straight", DatasetSettings("gpt2"), workers=1, shard_tokens=500)
+    assert shard_digests(tmp_path / "ds") == shard_digests(tmp_path / "straight")
+
+
+def test_null_and_empty_texts_are_counted_as_skipped(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one", None, "two", "", None]}), tmp_path / "p.parquet")
+    write_jsonl(tmp_path / "j.jsonl", [b'{"text": "three"}', b'{"text": null}', b'{"text": ""}'])
+    for workers in (1, 2):
+        result = prepare([str(tmp_path / "p.parquet"), str(tmp_path / "j.jsonl")], tmp_path / f"ds{workers}",
+                         DatasetSettings("gpt2"), workers=workers)
+        assert result.progress.empty == 5 and result.progress.documents == 3
+
+
+def test_a_bpe_vocabulary_the_corpus_cannot_hold_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a small corpus " * 10, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab_size 1,000,000,000 is more than a byte-level BPE can learn from "
+                                         r"150 bytes of text \(at most 407"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "ds", DatasetSettings("bpe", vocab_size=10**9), workers=1)
+    assert not (tmp_path / "ds").exists()

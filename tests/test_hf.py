@@ -313,6 +313,20 @@ def test_pickles_and_foreign_tokenizers_are_refused(tmp_path: Path):
         load_init_source(hf_dir)
 
 
+@pytest.mark.parametrize("damage", ["broken", "missing"])
+def test_a_model_folder_without_a_readable_config_is_one_line_and_no_note(damage, tmp_path: Path, capsys):
+    """It was taken for an old gptlab export: a note that it loads unverified, then the error."""
+    hf_dir, _ = gpt2_hf_dir(tmp_path)
+    if damage == "broken":
+        (hf_dir / "config.json").write_text('{"model_type": "gpt2", "n_embd": ')
+    else:
+        (hf_dir / "config.json").unlink()
+    with user_error(f"'{hf_dir}' has model.safetensors but no readable config.json",
+                    "neither a gptlab export nor a Hugging Face model folder"):
+        load_init_source(hf_dir)
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_the_readme_snippet_runs(trained_run: Path, monkeypatch, capsys):
     """README's "Use an export with Hugging Face transformers", run as it says, on a run's hf/ folder."""
     from conftest import REPO

@@ -74,6 +74,9 @@ def test_sampling_from_a_checkpoint_instead_of_the_export(trained_run: Path):
     with user_error("has no checkpoint '99' (it has: step_000010, step_000020); use best, latest or one of those",
                     kind=FileNotFoundError):
         inference.main(["--run", str(trained_run), "--checkpoint", "99"])
+    # a path to a checkpoint that rotation removed names the ones that exist
+    with user_error("has no checkpoint 'step_001000' (it has: step_000010, step_000020)", kind=FileNotFoundError):
+        inference.main(["--run", str(trained_run / "artifacts" / "checkpoints" / "step_001000")])
 
 
 def test_a_config_file_sets_the_flags(trained_run: Path, tmp_path: Path):

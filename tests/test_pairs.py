@@ -73,6 +73,19 @@ def test_val_holds_whole_prompts_chosen_by_their_hash(pairs_file):
     assert len(two["train"]) == len(two["val"]) == 1
 
 
+def test_a_prompt_is_never_on_both_sides_even_when_the_hash_cannot_split_them(tmp_path):
+    """101 pairs with one prompt gave "100 train, 1 held-out val prompts": the last pair moved to val."""
+    same = [json.dumps({"prompt": "reverse:\n", "response": f"r{i}"}) for i in range(101)]
+    with user_error("all 101 pairs have the same prompt", "at least 2 different prompts"):
+        split_pairs(read_pairs(write_lines(tmp_path / "same.jsonl", *same)), 0.1)
+    # two prompts, many pairs each, and a val_fraction that holds out neither: one whole prompt moves
+    two = [json.dumps({"prompt": p, "response": str(i)}) for i in range(50) for p in ("a:", "b:")]
+    for val_fraction in (1e-9, 1 - 1e-9):
+        splits = split_pairs(read_pairs(write_lines(tmp_path / "two.jsonl", *two)), val_fraction)
+        train, val = ({p.prompt for p in splits[k]} for k in ("train", "val"))
+        assert len(train) == len(val) == 1 and not train & val and len(splits["val"]) == 50
+
+
 # --- the loss mask and packing ---
 
 def expected_targets(prompt: str, response: str, loss_on_prompt: bool) -> list[int]:
@@ -277,6 +290,7 @@ def test_fine_tuning_a_char_model_on_pairs_end_to_end(trained_run, tmp_path):
     out = call_main(inference.main, "--run", str(run_dir), "--prompt", prompt, "--temperature", "0",
                     "--max-new-tokens", "200")
     assert out.stdout == prompt + "ok\n"  # the answer, then the end-of-text ended the sample
+    assert f"next: python inference.py --run {run_dir} --prompt $'" in res.stdout and "--temperature 0" in res.stdout
     with user_error("line 1", "'Q'"):
         call_main(train.main, "--init-from", str(trained_run), *common[2:], "--data",
                   str(write_lines(tmp_path / "bad.jsonl", '{"prompt": "Q", "response": "a"}',

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import train
-from conftest import REPO, call_main, resume_target, start_cli, user_error, wait_for_line, write_pairs
+from conftest import REPO, call_main, resume_target, run_cli, start_cli, user_error, wait_for_line, write_pairs
 from utils.plans import load_plan
 
 NEVER = 100_000
@@ -88,7 +88,7 @@ def test_ctrl_c_then_resume_continues_the_running_stage(tmp_path, tiny_corpus):
     out += proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out
     root = plan_dir(tmp_path)
-    assert f"continue with: python train.py --resume {root}" in out
+    assert f"continue with: python train.py --resume {root}" in out and out.count("continue with") == 1, out
     stages = json.loads((root / "state.json").read_text())["stages"]
     assert [s["state"] for s in stages] == ["completed", "interrupted", "pending"]
     interrupted_run = stages[1]["run"]
@@ -123,4 +123,63 @@ def test_a_plan_under_torchrun_is_refused_before_its_directory_exists(tmp_path, 
     argv = ["--plan", str(write_plan(tmp_path / "chain.yaml", tiny_corpus, pairs_file)), *flags(tmp_path)]
     with user_error("a plan runs in one process"):
         train.open_plan(load_config(argv), argv, Dist(rank=0, world_size=2))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture
+def finished_plan(tmp_path, tiny_corpus, pairs_file) -> Path:
+    """A plan run to the end, then set back as if its fine-tuning stage had been interrupted."""
+    plan = write_plan(tmp_path / "chain.yaml", tiny_corpus, pairs_file)
+    assert call_main(train.main, "--plan", str(plan), *flags(tmp_path)).returncode == 0
+    root = plan_dir(tmp_path)
+    state = json.loads((root / "state.json").read_text())
+    for entry in state["stages"][1:]:
+        entry["state"] = "interrupted" if entry["kind"] == "train" else "pending"
+    (root / "state.json").write_text(json.dumps(state))
+    status_path = Path(state["stages"][1]["run"]) / "meta" / "status.json"
+    status_path.write_text(json.dumps({**json.loads(status_path.read_text()), "state": "interrupted"}))
+    return root
+
+
+def test_a_refused_flag_on_resume_is_one_line_and_never_sticks_to_the_plan(finished_plan):
+    before = (finished_plan / "state.json").read_text()
+    res = run_cli("train.py", "--resume", str(finished_plan), "--n-layer", "4")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("error: --n-layer cannot change when resuming")
+    assert f"(plan stopped in stage finetune; continue with: python train.py --resume {finished_plan})" in res.stderr
+    assert json.loads((finished_plan / "state.json").read_text())["flags"] == json.loads(before)["flags"]
+    res = call_main(train.main, "--resume", str(finished_plan))  # the advice works
+    assert res.returncode == 0, res.stderr
+    stages = json.loads((finished_plan / "state.json").read_text())["stages"]
+    assert [s["state"] for s in stages] == ["completed"] * 3
+
+
+def test_a_plan_runs_in_one_process_at_a_time(finished_plan):
+    from utils.run_state import RunLock
+
+    before = (finished_plan / "state.json").read_text()
+    with RunLock(finished_plan, what="plan"):
+        with user_error(f"plan '{finished_plan}' is in use by pid"):
+            call_main(train.main, "--resume", str(finished_plan))
+    assert (finished_plan / "state.json").read_text() == before  # the loser wrote nothing
+
+
+@pytest.mark.parametrize("edit", ["rename", "max_iters", "fewer"])
+def test_a_plan_edited_between_resumes_is_refused(finished_plan, edit):
+    spec = yaml.safe_load((finished_plan / "plan.yaml").read_text())
+    if edit == "rename":
+        spec["stages"][1]["name"] = "tune"
+    elif edit == "max_iters":
+        spec["stages"][1]["max_iters"] = 40
+    else:
+        spec["stages"] = spec["stages"][:1]
+    (finished_plan / "plan.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with user_error("plan.yaml was edited after the plan started", "python train.py --plan FILE"):
+        call_main(train.main, "--resume", str(finished_plan))
+
+
+def test_a_later_stages_missing_data_is_refused_before_anything_trains(tmp_path, tiny_corpus):
+    plan = write_plan(tmp_path / "chain.yaml", tiny_corpus, tmp_path / "missing.jsonl")
+    with user_error("plan stage 'finetune': data path", "missing.jsonl' does not exist", kind=FileNotFoundError):
+        call_main(train.main, "--plan", str(plan), *flags(tmp_path))
     assert not (tmp_path / "runs").exists()

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -184,13 +185,13 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_
 def test_inf_gradients_with_a_finite_loss_stop_before_the_update(tiny_corpus, tmp_path, monkeypatch, grad_clip):
     """Step 7's loss is finite but its gradients are inf (a hook on the loss): the step must not reach the
     optimizer, with clipping (which would turn inf into NaN) or without it. In float32: any CPU."""
-    forward, train_calls = LanguageModel.forward, []
+    forward, losses = LanguageModel.forward, weakref.WeakKeyDictionary()  # per model: the estimate times its own
 
     def poisoned(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
         if self.training and torch.is_grad_enabled():
-            train_calls.append(loss.item())
-            if len(train_calls) == 7:
+            losses.setdefault(self, []).append(loss.item())
+            if len(losses[self]) == 7:
                 loss.register_hook(lambda g: g * float("inf"))
         return logits, loss
 
@@ -199,7 +200,8 @@ def test_inf_gradients_with_a_finite_loss_stop_before_the_update(tiny_corpus, tm
                     "Last good checkpoint: ") as error:
         train.main([*base_args(tiny_corpus, tmp_path, max_iters=20), "--dtype", "float32", "--grad-clip", grad_clip,
                     "--checkpoint-interval", "1"])
-    assert len(train_calls) == 7 and all(map(math.isfinite, train_calls))
+    (train_calls,) = [calls for calls in losses.values() if len(calls) == 7]
+    assert all(map(math.isfinite, train_calls))
     run_dir = only_run(tmp_path)
     good = latest_good(run_dir / "artifacts" / "checkpoints")[0]
     assert good.iteration == 6 and str(good.path) in str(error.value)

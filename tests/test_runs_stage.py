@@ -159,3 +159,77 @@ def test_plot_falls_back_to_tensorboard_for_older_runs(trained_run: Path, tmp_pa
     assert curves["val"][0][-1] == config["max_iters"] * per_step and len(curves["train"][0]) > 1
     status = json.loads((old / "meta" / "status.json").read_text())
     assert min(curves["val"][1]) == pytest.approx(status["best_val_loss"], rel=1e-6)
+
+
+def test_clean_never_deletes_a_run_whose_status_cannot_be_read(tmp_path: Path, capsys):
+    """A completed run with its export, and status.json cut short (`{"state": "completed", "iteration": 600`):
+    it read as killed, and `clean --yes` deleted it, export included."""
+    from tokenizer import CharTokenizer
+    from utils.export import save_export
+
+    root = tmp_path / "runs"
+    done = make_run(root, "done", "completed", (10, 20, 30), best=20)
+    cfg = ModelConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)
+    tok = CharTokenizer.from_text("abcdefghi\n")
+    save_export(done / "artifacts" / "export", LanguageModel(cfg, tok.vocab_size), cfg.to_dict(), tok.to_dict())
+    (done / "meta" / "status.json").write_text('{"state": "completed", "iteration": 600')
+    killed_with_export = make_run(root, "killed", "killed", (10, 20, 30), best=10)
+    save_export(killed_with_export / "artifacts" / "export", LanguageModel(cfg, tok.vocab_size), cfg.to_dict(),
+                tok.to_dict())
+    runs.main(["--runs-dir", str(root), "list", "--state", "unreadable"])
+    assert done.name in capsys.readouterr().out
+    runs.main(["--runs-dir", str(root), "clean"])
+    out = capsys.readouterr().out
+    assert f"kept {done.name}: meta/status.json exists but is not a JSON object" in out and "killed" not in out.split(
+        "would remove")[0]
+    runs.main(["--runs-dir", str(root), "clean", "--yes"])
+    assert names(root) == {"done": ["step_000010", "step_000020", "step_000030"],
+                           "killed": ["step_000010", "step_000030"]}  # a verified export: only old checkpoints go
+    assert (done / "artifacts" / "export" / "model.safetensors").is_file()
+    assert (killed_with_export / "artifacts" / "export" / "model.safetensors").is_file()
+
+
+def test_runs_py_refuses_an_unknown_state_and_says_when_there_is_nothing_to_clean(tmp_path: Path, capsys):
+    make_run(tmp_path / "runs", "done", "completed", (10,), best=10)
+    with pytest.raises(ValueError, match="argument --state: invalid choice: 'bogus'"):
+        runs.main(["--runs-dir", str(tmp_path / "runs"), "list", "--state", "bogus"])
+    runs.main(["--runs-dir", str(tmp_path / "runs"), "clean"])
+    assert capsys.readouterr().out.strip() == (f"nothing to clean in '{tmp_path / 'runs'}': no failed or killed runs, "
+                                               "no old checkpoints")
+
+
+def test_the_tokens_column_has_one_format(tmp_path: Path, capsys):
+    make_run(tmp_path / "runs", "small", "completed", (10,), best=10)  # 10 steps x 12 x 8: 960 tokens
+    make_run(tmp_path / "runs", "big", "completed", (20000,), best=20000)  # 1,920,000 tokens
+    runs.main(["--runs-dir", str(tmp_path / "runs"), "list"])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert {row.split()[1]: row.split()[5] for row in rows} == {"small": "960", "big": "1,920,000"}
+
+
+def test_plot_skips_lines_train_py_did_not_write_and_names_runs_without_a_loss(tmp_path: Path, capsys):
+    a, b = make_run(tmp_path / "runs", "a", "completed"), make_run(tmp_path / "runs", "b", "completed")
+    (a / "logs").mkdir(parents=True, exist_ok=True)
+    (a / "logs" / "metrics.jsonl").write_text('[1, 2]\n"x"\n{"step": 1, "tokens_seen": 96, "loss/train": 3.0}\n'
+                                              '{"step": 2, "loss/train": 2.0}\n')
+    (b / "logs").mkdir(parents=True, exist_ok=True)
+    (b / "logs" / "metrics.jsonl").write_text("")
+    assert runs.loss_curves(a)["train"] == ([96], [3.0])
+    runs.main(["--runs-dir", str(tmp_path / "runs"), "plot", a.name, b.name, "--out", str(tmp_path / "l.png")])
+    assert f"(1 curves from 1 of 2 runs); no loss logged yet in {b.name}" in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path):
+    """`python runs.py list | head -1`: the pipe closes under runs.py."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    for i in range(300):  # rows of ~300 bytes: more than a pipe holds, so runs.py is still writing when it closes
+        make_run(tmp_path / "runs", f"r{i:03d}" + "x" * 190, "completed")
+    proc = subprocess.Popen([sys.executable, str(REPO / "runs.py"), "--runs-dir", str(tmp_path / "runs"), "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` exits
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

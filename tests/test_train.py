@@ -6,14 +6,16 @@ import json
 import re
 import math
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from conftest import call_main, run_cli, start_cli, user_error
+from conftest import call_main, run_cli, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
@@ -368,3 +370,97 @@ def test_a_bf16_run_prints_no_torch_warnings(tmp_path: Path, tiny_corpus: Path):
                   str(tmp_path / "data"), "--device", "cpu", "--sample-length", "5")
     assert res.returncode == 0 and "| bfloat16 |" in res.stdout, res.stderr
     assert "Warning" not in res.stdout + res.stderr, res.stderr
+
+
+def test_fine_tuning_counts_its_starting_weights_as_the_first_best(trained_run: Path, tmp_path: Path,
+                                                                     tiny_corpus: Path):
+    """A fine-tune that only makes the model worse: the start is the best, and early stopping exports it."""
+    res = call_main(train.main, "--init-from", str(trained_run), "--data", str(tiny_corpus), "--runs-dir",
+                    str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--dtype", "float32",
+                    "--max-iters", "40", "--warmup-iters", "0", "--learning-rate", "0.5", "--eval-interval", "5",
+                    "--early-stopping-patience", "2", "--sample-length", "0")
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    status = json.loads((run_dir / "meta" / "status.json").read_text())
+    start = float(re.search(r"eval step 0: train loss [\d.]+, val loss ([\d.]+)", res.stdout).group(1))
+    assert status["stop_reason"] == "early_stopping" and status["best_val_loss"] == pytest.approx(start, abs=1e-4)
+    assert "best val loss" not in res.stdout or "at step 0" in res.stdout
+    best = json.loads((run_dir / "artifacts" / "checkpoints" / "best.json").read_text())
+    assert best["checkpoint"] == "step_000000"
+    started = load_export(trained_run).model.state_dict()
+    exported = load_export(run_dir).model.state_dict()
+    assert all(torch.equal(started[k], exported[k]) for k in started)  # the start, exported
+
+
+def test_a_bpe_vocabulary_the_corpus_leaves_short_is_said_and_recorded(tmp_path: Path, tiny_corpus: Path):
+    res = call_main(train.main, "--config", "debug", "--tokenizer", "bpe", "--vocab-size", "5000", "--data",
+                    str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+                    "--device", "cpu", "--max-iters", "2", "--sample-length", "0")
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    real = json.loads((run_dir / "artifacts" / "export" / "tokenizer.json").read_text())
+    n_ids = len(real["tokenizer"]["model"]["vocab"])
+    assert n_ids < 5000
+    assert f"the bpe tokenizer learned {n_ids:,} ids, not vocab_size 5,000" in res.stdout
+    assert json.loads((run_dir / "meta" / "full_config.json").read_text())["vocab_size"] == n_ids
+    with user_error("vocab_size 1,000,000,000 is more than a byte-level BPE can learn from"):
+        train.main(["--config", "debug", "--tokenizer", "bpe", "--vocab-size", "1000000000", "--data", str(tiny_corpus),
+                    "--runs-dir", str(tmp_path / "runs2"), "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+
+
+def test_a_prepared_corpus_with_no_document_in_val_says_so(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):  # none of these three hashes below val_fraction 0.1
+        (corpus / f"{i}.txt").write_text(f"document {i}: " + "some words here " * 20, encoding="utf-8")
+    with user_error("landed in the val split", "3 documents left it empty", "add documents, or pass another "
+                    "--val-fraction"):
+        train.main(["--config", "debug", "--data", str(corpus), "--tokenizer", "gpt2", "--runs-dir",
+                    str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+
+
+def test_the_estimate_of_a_small_model_is_timed_on_the_model(trained_run: Path):
+    out = (trained_run / "stdout.txt").read_text()
+    assert re.search(r"estimate: memory ~[\d.,]+ MB of .* \| ~[\d,]+ ms/step, .* \(a step of this model timed here\)",
+                     out), out
+
+
+def test_help_says_what_auto_and_init_from_really_do():
+    res = run_cli("train.py", "--help")
+    flat = " ".join(res.stdout.split())
+    assert "on a CPU whose bf16 matmuls measured >= 1.2x float32's" in flat
+    assert "Hugging Face GPT-2, Llama or Qwen3 model folder" in flat
+
+
+def test_ctrl_c_during_a_long_step_0_eval_stops_at_once(tmp_path: Path, tiny_corpus: Path):
+    proc = start_cli("train.py", "--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                     "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--eval-iters", "100000")
+    wait_for_line(proc, "tokens/step")  # the model line: the step-0 eval comes next
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        out = proc.communicate(timeout=30)[0]
+    finally:
+        proc.kill()  # the eval would otherwise go on for an hour
+    assert time.monotonic() - t0 < 20 and proc.returncode == 130, out
+    assert "SIGINT during the step-0 eval: stopped before the first step; nothing was trained" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["state"] == "interrupted"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_a_signal_after_a_completed_run_keeps_exit_0(delay: float, tmp_path: Path, tiny_corpus: Path):
+    """Right after "done" the trackers close (Aim's take a while), then the interpreter shuts down: a Ctrl-C
+    there gave exit 130 (or "finishing this step...") for a run that status.json rightly calls completed."""
+    proc = start_cli("train.py", "--config", "debug", "--data", str(tiny_corpus), "--runs-dir", str(tmp_path / "runs"),
+                     "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--aim-logging", "true", "--aim-repo",
+                     str(tmp_path))
+    wait_for_line(proc, "done in ")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "meta" / "status.json").read_text())["state"] == "completed"
+    assert proc.returncode == 0 and "SIGINT" not in out and "interrupted" not in out, out

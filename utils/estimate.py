@@ -10,14 +10,18 @@ model.py on CPU (saved_tensors_hooks, float32; within 5% on four shapes): about 
 (layer, token, channel); with dropout 2.5 more, and on CPU 3 x 4 bytes per attention probability
 (the unfused path keeps them); and the logits 3 times over (log-softmax, its gradient, the head).
 Time: training FLOPs (model.flops_per_token's formula) over a square matmul's rate measured here in
-the run's dtype, at the utilization this project measured (README, Performance): an estimate that
-the loop's measured ETA replaces after its first log line.
+the run's dtype, at the utilization this project measured (README, Performance). A small model
+reaches far less than that (its matmuls are small, and casts, norms and the optimizer weigh more: the
+default recipe in bf16 on a Zen 5 took 5x the FLOPs' time), so a step the FLOPs put under
+TIMED_STEP_S is timed for real instead, on a copy of the model: a few passes, a second at most. Either
+way the loop's measured ETA replaces the estimate after its first log line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,13 +32,15 @@ from data import tokenizing_bytes
 from model import LanguageModel
 from parameters import ModelConfig
 from utils.console import format_duration
-from utils.device import matmul_flops
+from utils.device import autocast, matmul_flops, synchronize
 
 # Utilization of the measured matmul rate that a training step reaches: the default recipe measured
 # 49% and shakespeare_char 74-76% on a 2-core EPYC (README); on CUDA nanoGPT-sized models without
 # compile reach roughly a third of peak.
 UTILIZATION = {"cpu": 0.5, "cuda": 0.35, "mps": 0.3}
 HOURS_WARNING_S = 3600
+TIMED_STEP_S = 0.3   # steps the FLOPs put below this are timed on the model itself (TIMED_PASSES of them)
+TIMED_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Estimate:
     steps: int
     evals: int
     rate: float             # the measured matmul FLOP/s behind the time
+    timed: bool = False     # step_seconds was timed on the model, not derived from the matmul rate
 
     @property
     def peak_bytes(self) -> int:
@@ -116,11 +123,40 @@ def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype:
     rate = matmul_flops(4096 if device.type == "cuda" else 1024, "x @ W.T", device, dtype, repeats=2)
     rate *= UTILIZATION.get(device.type, 0.3)
     step = flops_per_token(cfg, vocab_size) * cfg.tokens_per_step / rate
-    eval_seconds = 2 * cfg.eval_iters * flops_per_token(cfg, vocab_size) / 3 * cfg.batch_size * cfg.block_size / rate
+    timed = step < TIMED_STEP_S and acts + state < available
+    if timed:
+        step = timed_step(cfg, vocab_size, device, dtype)
+    # An eval batch is a forward pass: about a third of a micro-step's forward and backward.
+    eval_seconds = 2 * cfg.eval_iters * step / cfg.grad_accum_steps / 3
     steps = max(0, cfg.max_iters - done_iters)
     evals = steps // cfg.eval_interval + 1
     return Estimate(params, state, acts, total, available, step, steps * step + evals * eval_seconds, steps, evals,
-                    rate / UTILIZATION.get(device.type, 0.3))
+                    rate / UTILIZATION.get(device.type, 0.3), timed)
+
+
+def timed_step(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds of one optimizer step (every micro-step's forward and backward, clipping, the optimizer) on a
+    fresh copy of the model, best of TIMED_PASSES after a warm-up one; the run's RNG streams are untouched."""
+    from optimization import build_optimizer  # the run's own optimizer: Muon's cost is not AdamW's
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = LanguageModel(cfg, vocab_size).to(device)
+        optimizer = build_optimizer(model, cfg, device)
+        x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+        best = float("inf")
+        for _ in range(TIMED_PASSES + 1):
+            synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                _, loss = model(x, x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+    # the optimizer runs once per step, the micro-steps grad_accum_steps times: counting it each time errs long
+    return best * cfg.grad_accum_steps
 
 
 def check_tokenizing_fits(cfg: ModelConfig) -> None:
@@ -146,10 +182,11 @@ def check_fits(est: Estimate, device: torch.device) -> None:
 
 def describe(est: Estimate, device: torch.device) -> list[str]:
     """The estimate line, and a warning when it is tight on memory or hours long."""
+    basis = ("a step of this model timed here" if est.timed else f"a {est.rate / 1e12:.3f} TFLOP/s matmul measured "
+             f"here, {UTILIZATION.get(device.type, 0.3):.0%} of it assumed")
     lines = [f"estimate: memory ~{_gb(est.peak_bytes)} of {_gb(est.available_bytes)} available | "
              f"~{est.step_seconds * 1e3:,.0f} ms/step, ~{format_duration(est.total_seconds)} for {est.steps:,} steps "
-             f"and {est.evals} evals (a {est.rate / 1e12:.3f} TFLOP/s matmul measured here, "
-             f"{UTILIZATION.get(device.type, 0.3):.0%} of it assumed)"]
+             f"and {est.evals} evals ({basis})"]
     if est.peak_bytes > est.available_bytes:
         lines.append(f"warning: the run needs about {_gb(est.peak_bytes)}, more than the {_gb(est.available_bytes)} "
                      "free now: expect swapping or an out-of-memory kill")

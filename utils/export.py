@@ -77,9 +77,13 @@ def load_export(path: str | Path, device: torch.device | str = "cpu") -> Export:
     weights = export_dir / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"'{export_dir}' has no {WEIGHTS}: point at a run directory with an export")
-    verify_export(export_dir)
-    return _build(read_json(export_dir / "config.json"), read_json(export_dir / "tokenizer.json"),
-                  export_dir / "config.json", "config.json and tokenizer.json", weights, device)
+    verified = verify_export(export_dir)
+    export = _build(read_json(export_dir / "config.json"), read_json(export_dir / "tokenizer.json"),
+                    export_dir / "config.json", "config.json and tokenizer.json", weights, device)
+    if not verified:  # said once it loaded: a folder that fails to load gets its error alone
+        print(f"note: {export_dir} was written before exports carried hashes; loading it unverified",
+              file=sys.stderr)
+    return export
 
 
 def load_init_source(path: str | Path, device: torch.device | str = "cpu") -> Export:
@@ -112,16 +116,16 @@ def _build(raw_config: object, raw_tokenizer: object, config_file: Path, describ
     return Export(model.to(device).eval(), tokenizer, config)
 
 
-def verify_export(export_dir: Path) -> None:
-    """Check every file against export.json; an export without one must predate it (else it is incomplete)."""
+def verify_export(export_dir: Path) -> bool:
+    """Check every file against export.json: True once they match. An export without one must predate it
+    (else it is incomplete): False, for the caller to load unverified."""
     manifest_path = export_dir / MANIFEST
     if not manifest_path.is_file():
         if _format_of(export_dir / WEIGHTS) == FORMAT:
             raise ValueError(f"export '{export_dir}' is incomplete: {MANIFEST} is missing (its writer was stopped); "
                              "export again, e.g. from a checkpoint with --resume")
-        print(f"note: {export_dir} was written before exports carried hashes; loading it unverified",
-              file=sys.stderr)
-        return
+        _check_legacy_config(export_dir)
+        return False
     manifest = read_json(manifest_path)
     hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(hashes, dict) or set(hashes) != set(HASHED):
@@ -132,6 +136,17 @@ def verify_export(export_dir: Path) -> None:
         if sha256_file(export_dir / name) != hashes[name]:
             raise ValueError(f"export file '{export_dir / name}' does not match its SHA-256 in {MANIFEST} "
                              "(damaged or edited); export again, or use a checkpoint")
+    return True
+
+
+def _check_legacy_config(export_dir: Path) -> None:
+    """A folder of weights without export.json can only be an old gptlab export if its config.json can be
+    read; without one it is neither that nor a Hugging Face folder (whose config.json names its model_type)."""
+    try:
+        read_json(export_dir / "config.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"'{export_dir}' has {WEIGHTS} but no readable config.json ({e}): it is neither a gptlab "
+                         "export nor a Hugging Face model folder (whose config.json names its model_type)") from None
 
 
 def _format_of(weights: Path) -> str | None:

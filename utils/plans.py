@@ -25,19 +25,20 @@ results, written atomically whenever one changes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from config import PROJECT_DIR, check_values, read_config_file
 from parameters import ModelConfig
 from utils.console import format_metrics
-from utils.files import atomic_write_json, atomic_write_text, read_json_object
-from utils.run_state import run_state
+from utils.files import atomic_write_json, atomic_write_text, read_json_object, sha256_file
+from utils.run_state import RunLock, run_state
 from utils.runs import create_run_dir, utc_now
 
 PLAN_KEYS = ("name", "config", "settings", "stages")
@@ -118,6 +119,10 @@ def _stage(raw: Any, i: int, where: str, shared: dict, shared_config: list[str])
     return Stage(raw["name"], settings, shared_config + _as_list(raw.get("config"), f"{where}: config"))
 
 
+def _kind(stage: Stage) -> str:
+    return "evaluate" if stage.evaluate is not None else "train"
+
+
 def stage_args(stage: Stage, settings_file: Path, flags: list[str]) -> list[str]:
     """train.py's arguments for a training stage whose settings are in settings_file: the plan's and the
     stage's --config files, then that file, then the flags given with --plan."""
@@ -125,31 +130,52 @@ def stage_args(stage: Stage, settings_file: Path, flags: list[str]) -> list[str]
 
 
 class Plan:
-    """A plan directory and its state.json: which stage runs, with which run, and what it reached."""
+    """A plan directory and its state.json: which stage runs, with which run, and what it reached.
+    new_flags: flags given with this --resume, recorded once a stage has started with them."""
 
-    def __init__(self, root: Path, spec: PlanSpec, state: dict) -> None:
-        self.root, self.spec, self.state = root, spec, state
+    def __init__(self, root: Path, spec: PlanSpec, state: dict, new_flags: list[str] | None = None) -> None:
+        self.root, self.spec, self.state, self.new_flags = root, spec, state, list(new_flags or [])
 
     @classmethod
     def create(cls, spec: PlanSpec, runs_dir: str | Path, flags: list[str]) -> "Plan":
         root = create_run_dir(Path(runs_dir) / "plans", spec.name, subdirs=("stages",))
         shutil.copyfile(spec.source, root / "plan.yaml")
-        state = {"name": spec.name, "source": str(spec.source), "created": utc_now(), "flags": flags,
-                 "stages": [{"name": s.name, "kind": "evaluate" if s.evaluate else "train", "state": "pending",
-                             "run": None} for s in spec.stages]}
+        state = {"name": spec.name, "source": str(spec.source), "created": utc_now(),
+                 "plan_sha256": sha256_file(root / "plan.yaml"), "flags": flags,
+                 "stages": [{"name": s.name, "kind": _kind(s), "state": "pending", "run": None} for s in spec.stages]}
         plan = cls(root, spec, state)
         plan.save()
         return plan
 
     @classmethod
-    def open(cls, root: Path) -> "Plan":
+    def open(cls, root: Path, new_flags: list[str] | None = None) -> "Plan":
+        """The plan directory --resume names, refused in one line if its plan.yaml was edited since it started
+        (its stages would no longer be the ones state.json records)."""
         state = read_json_object(root / "state.json")
         if not state.get("stages"):
             raise FileNotFoundError(f"'{root}' is not a plan directory (no readable state.json); pass --resume with "
                                     "runs/plans/<id> as `python train.py --plan` printed it")
         spec = load_plan(root / "plan.yaml")
+        recorded = [(e["name"], e["kind"]) for e in state["stages"]]
+        if state.get("plan_sha256", sha256_file(root / "plan.yaml")) != sha256_file(root / "plan.yaml") \
+                or recorded != [(s.name, _kind(s)) for s in spec.stages]:
+            raise ValueError(f"{root / 'plan.yaml'} was edited after the plan started, so its stages are no longer "
+                             "the ones state.json records; restore it, or start the edited plan anew with "
+                             "python train.py --plan FILE")
         spec.source = Path(state.get("source", spec.source))
-        return cls(root, spec, state)
+        return cls(root, spec, state, new_flags)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One process runs a plan at a time: a second --resume of it is refused in one line."""
+        with RunLock(self.root, what="plan"):
+            yield
+
+    def started(self, i: int, run_dir: Path) -> None:
+        """Stage i's run has started: its config, these flags included, was accepted."""
+        self.state["flags"] = [*self.state.get("flags", []), *self.new_flags]
+        self.new_flags = []
+        self.record(i, state="running", run=str(run_dir))
 
     @staticmethod
     def is_plan_dir(path: str | None) -> bool:
@@ -184,7 +210,7 @@ class Plan:
         from utils.checkpoint import latest_good
 
         entry, stage = self.state["stages"][i], self.spec.stages[i]
-        flags = list(self.state.get("flags", []))
+        flags = [*self.state.get("flags", []), *self.new_flags]
         if entry["run"] and latest_good(Path(entry["run"]) / "artifacts" / "checkpoints")[0]:
             return ["--resume", entry["run"], *flags]
         settings = {"run_tag": f"{self.spec.name}-{stage.name}", **stage.settings}

@@ -32,10 +32,11 @@ STALE_AFTER_S = 30 * 60
 
 
 class RunLock:
-    """The exclusive lock of one run directory; `with RunLock(run_dir):` or acquire()/release()."""
+    """The exclusive lock of one run (or plan) directory; `with RunLock(run_dir):` or acquire()/release()."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, what: str = "run") -> None:
         self.path = Path(run_dir) / LOCK
+        self.what = what
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -46,7 +47,7 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             owner = lock_owner(self.path.parent.parent) or {}
-            raise ValueError(f"run '{self.path.parent.parent}' is in use by pid {owner.get('pid', '?')} on "
+            raise ValueError(f"{self.what} '{self.path.parent.parent}' is in use by pid {owner.get('pid', '?')} on "
                              f"{owner.get('host', '?')} (since {owner.get('since', '?')}); wait for it to end, or "
                              "stop that process first") from None
         # The owner is written into the locked file itself (never replaced: the lock lives on its inode).
@@ -91,17 +92,23 @@ def lock_owner(run_dir: Path) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class RunState:
-    state: str   # running | completed | failed | interrupted | killed | stale
+    state: str   # running | completed | failed | interrupted | killed | stale | unreadable
     detail: str  # one line on how that was decided; "" where status.json says it all
 
 
 def run_state(run_dir: Path, now: float | None = None) -> RunState:
-    """The state recorded in meta/status.json, corrected for a process that died without saying so."""
-    status = read_json_object(Path(run_dir) / "meta" / "status.json")
+    """The state recorded in meta/status.json, corrected for a process that died without saying so. A
+    status.json that exists but cannot be parsed (edited, or cut short by a full disk outside gptlab's
+    atomic writes) says nothing about how the run ended: it reads as unreadable, never as killed."""
+    path = Path(run_dir) / "meta" / "status.json"
+    status = read_json_object(path)
     if not status:
         if lock_owner(run_dir) is not None:
             return RunState("running", "starting up: no status yet")
-        return RunState("killed", "stopped before it wrote a readable meta/status.json")
+        if path.exists():
+            return RunState("unreadable", "meta/status.json exists but is not a JSON object; how the run ended is "
+                                          "unknown")
+        return RunState("killed", "stopped before it wrote meta/status.json")
     state = str(status.get("state", "unknown"))
     if state != "running" or lock_owner(run_dir) is not None:
         return RunState(state, "")

@@ -25,8 +25,8 @@ class Interrupted(BaseException):
     """A signal during start-up. BaseException, like KeyboardInterrupt, so that no `except Exception`
     on the way (git metadata, tracking) swallows it."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} during start-up")
+    def __init__(self, signum: int, during: str = "during start-up") -> None:
+        super().__init__(f"{signal.Signals(signum).name} {during}")
         self.signum = signum
 
     @property
@@ -37,11 +37,13 @@ class Interrupted(BaseException):
 class GracefulStop:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, immediate: bool = False, announce: bool = True) -> None:
+    def __init__(self, immediate: bool = False, announce: bool = True, during: str = "during start-up") -> None:
         self.signum: int | None = None
         self.immediate = immediate
+        self.during = during  # how an immediate stop describes itself: "SIGINT <during>"
         self.announce = announce  # False on torchrun ranks other than 0: the console hears it once
         self._holding = False
+        self._ignoring = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -53,14 +55,20 @@ class GracefulStop:
         """128 + the signal number, as a shell reports a process ended by that signal."""
         return 128 + (self.signum or 0)
 
+    def ignore(self) -> None:
+        """From now on a signal changes nothing: the work is done and has recorded how it ended."""
+        self._ignoring = True
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if self._ignoring:
+            return
         if self.signum is not None:
             raise KeyboardInterrupt  # the second signal: stop now
         self.signum = signum
         if self._holding:
             return
         if self.immediate:
-            raise Interrupted(signum)
+            raise Interrupted(signum, self.during)
         if self.announce:
             print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
                   "and the export (send it again to stop at once)", file=sys.stderr, flush=True)
@@ -74,7 +82,7 @@ class GracefulStop:
         finally:
             self._holding = False
         if self.immediate and self.signum is not None:
-            raise Interrupted(self.signum)
+            raise Interrupted(self.signum, self.during)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
