@@ -210,7 +210,7 @@ def _result(pipe, process) -> object:
     """The next result from one worker; its error is raised here, in the main process."""
     try:
         ok, value = pipe.recv()
-    except EOFError:
+    except (EOFError, OSError):  # nothing, or half a message: the worker ended while it answered
         process.join(timeout=5)
         raise ValueError(f"a tokenizing worker process died (exit code {process.exitcode}: killed, or out of memory); "
                          "run the same command again: it continues from the last shard") from None

@@ -158,7 +158,7 @@ def test_ctrl_c_to_the_process_group_stops_prepare_at_once_every_time(big_corpus
 
 @pytest.mark.slow
 def test_sigterm_to_the_main_process_alone_stops_its_workers_too(big_corpus: Path, tmp_path: Path) -> None:
-    for attempt in range(3):
+    for attempt in range(2):
         proc = start_prepare(big_corpus, tmp_path / f"data{attempt}")
         time.sleep(1.5 + attempt * 0.5)
         proc.send_signal(signal.SIGTERM)
@@ -167,6 +167,26 @@ def test_sigterm_to_the_main_process_alone_stops_its_workers_too(big_corpus: Pat
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_never_hangs(big_corpus: Path, tmp_path: Path) -> None:
-    for attempt in range(7):
+    for attempt in range(4):
         proc = start_prepare(big_corpus, tmp_path / f"data{attempt}", limit_file_bytes=3_000_000 + attempt * 100_000)
         ended_cleanly(proc, 2, "error: cannot write the dataset")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_one_line(big_corpus: Path, tmp_path: Path) -> None:
+    """The OOM killer takes a worker: the stage says so and stops (its result would never come)."""
+    proc = start_prepare(big_corpus, tmp_path / "data")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the workers are the forkserver's children
+        workers = [w for c in children(proc.pid) for w in children(c)]
+        if workers:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(workers[0], signal.SIGKILL)
+    ended_cleanly(proc, 2, "error: a tokenizing worker process died (exit code -9: killed, or out of memory)")
