@@ -318,7 +318,7 @@ def check_registered(cfg: ModelConfig) -> ModelConfig:
     user's own registration counts, so this is checked against the registries, not a fixed list."""
     from architectures import ARCHITECTURES
     from tokenizer import TOKENIZERS
-    from optimization import OPTIMIZERS, SCHEDULES
+    from training.optim import OPTIMIZERS, SCHEDULES
 
     for registry in (ARCHITECTURES, TOKENIZERS, OPTIMIZERS, SCHEDULES):
         registry.lookup(getattr(cfg, registry.key))

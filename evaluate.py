@@ -20,10 +20,10 @@ import argparse
 import sys
 
 from config import Parser
-from evaluation import evaluate_run, table
+from evaluation.scoring import evaluate_run, table
 from utils.cli import run_main
 from utils.device import resolve_device
-from utils.runs import resolve_run
+from rundir.run_dir import resolve_run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

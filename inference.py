@@ -17,12 +17,12 @@ import torch
 
 from config import add_config_arg, parse
 from parameters import GenerateConfig
-from utils.checkpoint import find_checkpoint, is_checkpoint
-from utils.export import load_checkpoint_model, load_export
+from rundir.checkpoint import find_checkpoint, is_checkpoint
+from rundir.export import load_checkpoint_model, load_export
 from utils.cli import run_main
 from utils.device import resolve_device
-from utils.run_state import run_state
-from utils.runs import resolve_run
+from rundir.lock import run_state
+from rundir.run_dir import resolve_run
 
 DEFAULT_PROMPT = GenerateConfig.__dataclass_fields__["prompt"].default
 MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 bytes; more tokens than this cannot still be one

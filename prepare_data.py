@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from config import Parser
-from dataset import DatasetSettings, PrepareResult, default_workers, prepare
+from corpus.prepare import DatasetSettings, PrepareResult, default_workers, prepare
 from parameters import ModelConfig
 from tokenizer import TOKENIZERS
 from utils.cli import run_main

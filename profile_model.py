@@ -35,13 +35,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from config import add_config_arg, load_config
 from data import prepare_corpus
 from model import LanguageModel
-from training import Trainer, build_optimizer, compile_model, describe_optimizer, train_step
+from training.trainer import Trainer, build_optimizer, compile_model, describe_optimizer, train_step
 from utils.cli import run_main
 from utils.device import autocast, matmul_flops, setup_compute, synchronize
-from utils.estimate import check_tokenizing_fits
-from utils.runs import RunStatus
+from training.estimate import check_tokenizing_fits
+from rundir.run_dir import RunStatus
 from utils.signals import NeverStop
-from utils.tracking import Tracker
+from rundir.tracking import Tracker
 
 STEP = "train_step"  # our own range around each step: the denominator of every share
 PHASES = ("data", "forward", "backward", "optimizer")

@@ -26,13 +26,13 @@ from pathlib import Path
 
 from config import PROJECT_DIR, Parser
 from parameters import ModelConfig
-from utils.checkpoint import best_checkpoint, find_checkpoints, latest_good
+from rundir.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
-from utils.export import verify_export
+from rundir.export import verify_export
 from utils.files import atomic_path, read_json_object
-from utils.run_state import RunLock, run_state
+from rundir.lock import RunLock, run_state
 from utils.console import format_duration, format_metrics
-from utils.runs import find_runs, resolve_run
+from rundir.run_dir import find_runs, resolve_run
 
 REMOVED_STATES = ("failed", "killed")
 STATES = ("running", "completed", "interrupted", "failed", "killed", "stale", "unreadable")  # utils/run_state.py

@@ -29,26 +29,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import PROJECT_DIR, config_yaml, init_config, load_config, rescale_batch, resume_config
 from data import Corpus, check_same_corpus, prepare_corpus, resolve_data
-from evaluation import evaluate_run, table
+from evaluation.scoring import evaluate_run, table
 from model import LanguageModel, grow_vocab
 from parameters import ModelConfig
 from tokenizer import tokenizer_from_dict
-from training import (Trainer, build_optimizer, check_sample_prompt, compile_model, describe_optimizer, restore_best,
+from training.trainer import (Trainer, build_optimizer, check_sample_prompt, compile_model, describe_optimizer, restore_best,
                       sample_text, summary)
-from utils.checkpoint import Checkpoint, find_resume
+from rundir.checkpoint import Checkpoint, find_resume
 from utils.distributed import Dist
 from utils import distributed
 from utils.cli import run_main
 from utils.console import ProgressLine, format_duration, setup_console_log
 from utils.device import Compute, resolve_device, setup_compute
-from utils.export import Export, load_init_source, record_init_source, save_export
-from utils.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
+from rundir.export import Export, load_init_source, record_init_source, save_export
+from training.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils.files import atomic_write_json, read_json_object, writable_dir
-from utils.plans import Plan, PlanSpec, load_plan, stage_args
-from utils.run_state import RunLock
-from utils.runs import RunStatus, create_run_dir, git_summary, write_meta
+from training.plans import Plan, PlanSpec, load_plan, stage_args
+from rundir.lock import RunLock
+from rundir.run_dir import RunStatus, create_run_dir, git_summary, write_meta
 from utils.signals import GracefulStop, Interrupted
-from utils.tracking import Tracker, build_tracker
+from rundir.tracking import Tracker, build_tracker
 
 
 def main(argv: list[str] | None = None) -> int:

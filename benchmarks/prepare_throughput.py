@@ -41,15 +41,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
-from dataset import SPLIT_RULE
-from shards import MANIFEST, write_manifest  # noqa: E402
+from corpus.prepare import SPLIT_RULE
+from corpus.shards import MANIFEST, write_manifest  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 
 def source_text() -> str:
     if SHAKESPEARE.is_file():
         return SHAKESPEARE.read_text(encoding="utf-8")
-    from data import pydoc_text
+    from corpus.text import pydoc_text
 
     return pydoc_text()
 
@@ -271,7 +271,7 @@ def main() -> None:
         if not args.startup_only:
             corpus = tmp / "corpus"
             write_corpus(corpus, args.mb)
-            from documents import find_inputs
+            from corpus.documents import find_inputs
 
             files = find_inputs([str(corpus)])
             size = sum(f.stat().st_size for f in files)

@@ -17,7 +17,7 @@ from architectures import ARCHITECTURES, Block, LayerKV
 from architectures.layers import CausalSelfAttention
 from conftest import call_main
 from parameters import ModelConfig
-from utils.export import load_export
+from rundir.export import load_export
 
 
 @ARCHITECTURES.register("relu2")

@@ -19,12 +19,12 @@ import torch
 
 from conftest import REPO
 from model import LanguageModel
-from training import build_optimizer
-from utils.checkpoint import (_digest, best_checkpoint, find_checkpoints, find_resume, latest_good, load_checkpoint,
+from training.trainer import build_optimizer
+from rundir.checkpoint import (_digest, best_checkpoint, find_checkpoints, find_resume, latest_good, load_checkpoint,
                               mark_best, rotate, save_checkpoint, verify)
 from utils.files import sha256_file
-from utils.run_state import RunLock
-from utils.runs import RunStatus, create_run_dir
+from rundir.lock import RunLock
+from rundir.run_dir import RunStatus, create_run_dir
 
 
 def make(cfg, seed=0):
@@ -197,9 +197,9 @@ import os, sys, time, torch
 sys.path.insert(0, {repo!r})
 from parameters import ModelConfig
 from model import LanguageModel
-from training import build_optimizer
+from training.trainer import build_optimizer
 from pathlib import Path
-from utils.checkpoint import rotate, save_checkpoint
+from rundir.checkpoint import rotate, save_checkpoint
 cfg = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64)
 model = LanguageModel(cfg, 1000)
 opt = build_optimizer(model, cfg, torch.device("cpu"))

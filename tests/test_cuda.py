@@ -17,7 +17,7 @@ from conftest import REPO, run_cli
 from model import LanguageModel
 from parameters import ModelConfig
 from utils.device import autocast, resolve_dtype
-from utils.export import load_export
+from rundir.export import load_export
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from batches import get_batch
-from data import check_same_corpus, load_text, prepare_corpus, split_tokens, tokenize_cached
+import corpus.text as text
+from training.batches import get_batch
+from corpus.text import load_text, split_tokens, tokenize_cached
+from data import check_same_corpus, prepare_corpus, resolve_data
 from parameters import ModelConfig
 from tokenizer import CharTokenizer, Gpt2Tokenizer
 
@@ -65,7 +66,7 @@ def test_pydoc_is_builtin_and_deterministic(tmp_path: Path) -> None:
 
 def test_shakespeare_offline_falls_back_to_pydoc(tmp_path: Path) -> None:
     src = load_text("shakespeare", tmp_path / "data")
-    assert src.name == "pydoc" and src.text == data.pydoc_text()
+    assert src.name == "pydoc" and src.text == text.pydoc_text()
     assert "GPTLAB_OFFLINE=1" in src.note and "--data PATH" in src.note and "\n" not in src.note
     assert not (tmp_path / "data" / "shakespeare").exists()
 
@@ -90,14 +91,14 @@ def test_corrupted_shakespeare_cache_is_not_trusted(tmp_path: Path) -> None:
 def test_shakespeare_download_is_verified_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     payload = b"pretend shakespeare"  # urlopen is faked: tests never touch the network
     monkeypatch.delenv("GPTLAB_OFFLINE")
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(payload))
+    monkeypatch.setattr(text, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(text.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(payload))
     src = load_text("shakespeare", tmp_path)
     assert (src.name, src.text, src.note) == ("shakespeare", payload.decode(), "")
     assert (tmp_path / "shakespeare" / "input.txt").read_bytes() == payload
     assert [p.name for p in (tmp_path / "shakespeare").iterdir()] == ["input.txt"]  # no temp file left
 
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", "0" * 64)
+    monkeypatch.setattr(text, "SHAKESPEARE_SHA256", "0" * 64)
     (tmp_path / "shakespeare" / "input.txt").unlink()
     assert "does not have SHA-256" in load_text("shakespeare", tmp_path).note
 
@@ -188,8 +189,8 @@ def test_token_cache_key_depends_on_text_and_tokenizer(tiny_text: str, tmp_path:
 
 
 def test_token_dtype() -> None:
-    assert data.token_dtype(65) == np.uint16 and data.token_dtype(50257) == np.uint16
-    assert data.token_dtype(2**16) == np.uint16 and data.token_dtype(2**16 + 1) == np.uint32
+    assert text.token_dtype(65) == np.uint16 and text.token_dtype(50257) == np.uint16
+    assert text.token_dtype(2**16) == np.uint16 and text.token_dtype(2**16 + 1) == np.uint32
 
 
 def test_split_tokens() -> None:
@@ -261,22 +262,22 @@ def test_global_batch_is_sliced_by_micro_step_and_rank() -> None:
 
 def test_a_corpus_too_big_to_tokenize_in_memory_is_refused_before_it_is_read(tiny_corpus: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import utils.estimate
+    import training.estimate
     size = tiny_corpus.stat().st_size
-    assert data.tokenizing_bytes(str(tiny_corpus), "char") == (size, 10 * size)
-    assert data.tokenizing_bytes("shakespeare", "char") == (0, 0)  # the named corpora are small
-    monkeypatch.setattr(utils.estimate, "host_memory", lambda: (10**12, 5 * size))  # room for 5x the text
+    assert text.tokenizing_bytes(str(tiny_corpus), "char") == (size, 10 * size)
+    assert text.tokenizing_bytes("shakespeare", "char") == (0, 0)  # the named corpora are small
+    monkeypatch.setattr(training.estimate, "host_memory", lambda: (10**12, 5 * size))  # room for 5x the text
     cfg = ModelConfig(data=str(tiny_corpus))
     with pytest.raises(ValueError, match=r"tokenizing .*tiny.txt \(0 MB of text\) takes about .* GB of memory, more "
                                          r"than the .* GB available"):
-        utils.estimate.check_tokenizing_fits(cfg)
-    utils.estimate.check_tokenizing_fits(ModelConfig(data=str(tiny_corpus), tokenizer="gpt2"))  # 5x fits
+        training.estimate.check_tokenizing_fits(cfg)
+    training.estimate.check_tokenizing_fits(ModelConfig(data=str(tiny_corpus), tokenizer="gpt2"))  # 5x fits
 
 
 def test_data_caches_are_written_whole_and_readable_by_others(tmp_path: Path) -> None:
     """One temp file renamed into place, mode from the umask (mkstemp's 0600 hid caches from other users)."""
     target = tmp_path / "cache" / "ids.bin"
-    data.write_atomic(target, b"1234")
+    text.write_atomic(target, b"1234")
     assert target.read_bytes() == b"1234" and (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
     assert [p.name for p in target.parent.iterdir()] == ["ids.bin"]
 
@@ -315,7 +316,7 @@ def test_resolve_data_routes_each_kind(tmp_path: Path, tiny_corpus: Path) -> Non
     ds.mkdir(parents=True)
     (ds / "manifest.json").write_text("{}")
     (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
-    route = lambda spec: data.resolve_data(spec, tmp_path / "data")  # noqa: E731
+    route = lambda spec: resolve_data(spec, tmp_path / "data")  # noqa: E731
     assert route("shakespeare") == ("text", None) and route(str(tiny_corpus)) == ("text", None)
     assert route("web") == ("dataset", ds) and route(str(ds)) == ("dataset", ds)
     assert route(str(tmp_path)) == ("directory", None)

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dataset
-import documents
+from corpus import documents
+from corpus import prepare as prepare_module
 from conftest import REPO, SHAKESPEARE
-from dataset import DatasetSettings, prepare
-from shards import TokenDataset, open_dataset
+from corpus.prepare import DatasetSettings, prepare
+from corpus.shards import TokenDataset, open_dataset
 from tokenizer import gpt2_encoding
 
 EOT = 50256
@@ -144,7 +144,7 @@ def test_stopped_run_continues_to_the_same_shards(corpus: tuple[Path, list[str]]
 
     calls = []
 
-    def stop_midway(progress: dataset.Progress) -> None:
+    def stop_midway(progress: prepare_module.Progress) -> None:
         calls.append(progress)
         if len(calls) == 6:
             raise KeyboardInterrupt
@@ -256,7 +256,7 @@ def test_other_bad_input_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="z.jsonl.gz' is a damaged or truncated archive"):
         prepare([str(tmp_path / "z.jsonl.gz")], tmp_path / "ds", DatasetSettings("gpt2"), workers=1)
     with pytest.raises(ValueError, match="cannot read '.*gone.txt'"):
-        dataset.fingerprint_sources([tmp_path / "gone.txt"], {})
+        prepare_module.fingerprint_sources([tmp_path / "gone.txt"], {})
     assert not (tmp_path / "ds").exists()
 
 
@@ -352,17 +352,17 @@ def test_a_source_changed_while_it_is_read_is_never_committed(corpus: tuple[Path
     root, _ = corpus
     victim = root / "a3.txt"  # read after the earlier text files, so the first task truncates it in time
     whole = victim.read_bytes()
-    encode = dataset._encode_task
+    encode = prepare_module._encode_task
 
     def truncate_then_encode(task):
         if victim.stat().st_size == len(whole):
             victim.write_bytes(whole[: len(whole) // 2])
         return encode(task)
 
-    monkeypatch.setattr(dataset, "_encode_task", truncate_then_encode)
+    monkeypatch.setattr(prepare_module, "_encode_task", truncate_then_encode)
     with pytest.raises(ValueError, match=f"'{victim}' changed while it was being read .*nothing read from it was kept"):
         prepare([str(root)], tmp_path / "ds", DatasetSettings("gpt2"), workers=1, shard_tokens=500)
-    monkeypatch.setattr(dataset, "_encode_task", encode)
+    monkeypatch.setattr(prepare_module, "_encode_task", encode)
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert manifest["state"] == "partial"
     victim.write_bytes(whole)  # restored: the same command continues, to exactly the whole corpus

@@ -12,7 +12,7 @@ import torch
 import train
 from model import LanguageModel
 from parameters import ModelConfig
-from utils.estimate import (Estimate, activation_bytes, check_fits, count_params, describe, estimate_run,
+from training.estimate import (Estimate, activation_bytes, check_fits, count_params, describe, estimate_run,
                             flops_per_token)
 
 CPU = torch.device("cpu")

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 import evaluate
 from conftest import TINY_TEXT, call_main, run_cli, user_error
 from data import prepare_corpus
-from evaluation import score_pairs, score_windows
-from pairs import encode_pairs, read_pairs
+from evaluation.scoring import score_pairs, score_windows
+from corpus.pairs import encode_pairs, read_pairs
 from tokenizer import CharTokenizer
-from utils.export import load_export
+from rundir.export import load_export
 
 
 def test_scores_equal_a_window_by_window_reference(trained_run: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
-from utils.export import load_export, save_export
+from rundir.export import load_export, save_export
 
 TOKENIZER = CharTokenizer.from_text("abcdefghij \n")
 
@@ -105,8 +105,8 @@ def test_a_damaged_safetensors_header_names_the_file(export: Path, tiny_cfg: Mod
 
 
 def test_an_oversized_json_file_is_refused_before_it_is_read(export: Path, tiny_cfg: ModelConfig, monkeypatch):
-    import utils.export
-    monkeypatch.setattr(utils.export, "MAX_JSON_BYTES", 100)
+    import rundir.export
+    monkeypatch.setattr(rundir.export, "MAX_JSON_BYTES", 100)
     with pytest.raises(ValueError, match="more than any file gptlab writes"):
         load_export(unhashed(export, tiny_cfg))
 

@@ -20,10 +20,10 @@ from architectures.gpt2 import GPT2Block
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, gpt2_bpe_files
-from utils.export import load_init_source, save_export
+from rundir.export import load_init_source, save_export
 from utils.files import sha256_file
-from utils.hf import char_tokenizer_json
-from utils.hf_import import hf_tokenizer, load_hf_model
+from rundir.hf_export import char_tokenizer_json
+from rundir.hf_import import hf_tokenizer, load_hf_model
 
 from conftest import TINY_TEXT, call_main, user_error
 

@@ -8,7 +8,7 @@ import torch
 
 import inference
 from conftest import call_main, run_cli, user_error
-from utils.export import load_export
+from rundir.export import load_export
 
 
 def generate(run_dir: Path, *args: str):

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 import inference
 import train
 from conftest import TINY_TEXT, call_main, user_error
-from batches import get_batch, step_targets
+from training.batches import get_batch, step_targets
 from data import ensure_task, prepare_corpus
 from model import LanguageModel, grow_vocab
-from pairs import PackedRows, encode_pairs, pack, read_pairs, split_pairs
+from corpus.pairs import PackedRows, encode_pairs, pack, read_pairs, split_pairs
 from parameters import ModelConfig
-from tasks import TASKS, generate, task_bytes
+from corpus.tasks import TASKS, generate, task_bytes
 from tokenizer import CharTokenizer
-from training import train_step
+from training.trainer import train_step
 
 CPU = torch.device("cpu")
 TOK = CharTokenizer(sorted(set(TINY_TEXT)), end_of_text=True)

@@ -12,7 +12,7 @@ import yaml
 
 import train
 from conftest import REPO, call_main, resume_target, run_cli, start_cli, user_error, wait_for_line, write_pairs
-from utils.plans import load_plan
+from training.plans import load_plan
 
 NEVER = 100_000
 
@@ -155,7 +155,7 @@ def test_a_refused_flag_on_resume_is_one_line_and_never_sticks_to_the_plan(finis
 
 
 def test_a_plan_runs_in_one_process_at_a_time(finished_plan):
-    from utils.run_state import RunLock
+    from rundir.lock import RunLock
 
     before = (finished_plan / "state.json").read_text()
     with RunLock(finished_plan, what="plan"):

@@ -19,7 +19,7 @@ import pytest
 
 import prepare_data
 from conftest import REPO, call_main, cli_env, run_cli, user_error
-from dataset import Progress
+from corpus.prepare import Progress
 from utils.console import ProgressLine
 
 
@@ -47,7 +47,7 @@ def test_prepare_prints_a_summary_then_does_nothing_on_unchanged_inputs(corpus: 
 def test_a_bpe_dataset_ships_its_hugging_face_tokenizer(corpus: Path, tmp_path: Path) -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
-    import shards
+    from corpus import shards
 
     res = call_main(prepare_data.main, "--data", str(corpus), "--tokenizer", "bpe", "--vocab-size", "300",
                     "--name", "b", "--data-dir", str(tmp_path / "data"), "--workers", "1")

@@ -22,8 +22,8 @@ import train
 from conftest import TINY_TEXT, call_main, resume_target, run_cli, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
-from training import train_step
-from utils.checkpoint import _digest as checkpoint_digest, find_checkpoints, latest_good, verify
+from training.trainer import train_step
+from rundir.checkpoint import _digest as checkpoint_digest, find_checkpoints, latest_good, verify
 from utils.cpu_probe import probe_half_precision
 from utils.device import autocast
 from utils.signals import GracefulStop
@@ -318,7 +318,7 @@ def test_mixed_precision_step_on_cpu(tiny_cfg, dtype):
 def test_resume_continues_the_same_aim_run(tiny_corpus, tmp_path):
     from aim.storage.context import Context
 
-    from utils.tracking import read_aim_run
+    from rundir.tracking import read_aim_run
     aim_args = ["--aim-logging", "--aim-repo", str(tmp_path)]
     proc = start_cli("train.py", *base_args(tiny_corpus, tmp_path), *aim_args)
     out = "".join(wait_for_line(proc, "saved checkpoint step_000010"))

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from utils.run_state import RunLock, RunState, lock_owner, run_state
-from utils.runs import RunStatus, create_run_dir
+from rundir.lock import RunLock, RunState, lock_owner, run_state
+from rundir.run_dir import RunStatus, create_run_dir
 
 
 LOCK_HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from utils.run_state import RunLock
-from utils.runs import RunStatus
+from rundir.lock import RunLock
+from rundir.run_dir import RunStatus
 run_dir = Path({run_dir!r})
 RunLock(run_dir).acquire()
 RunStatus(run_dir).start(iteration=7)

@@ -16,7 +16,7 @@ import pytest
 
 from utils.console import format_duration, setup_console_log
 from utils.files import atomic_write_bytes, atomic_write_json, sha256_file
-from utils.runs import (
+from rundir.run_dir import (
     RunStatus, create_run_dir, find_runs, git_facts, git_summary, resolve_run, write_meta,
 )
 

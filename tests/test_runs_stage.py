@@ -12,10 +12,10 @@ import torch
 import runs
 from model import LanguageModel
 from parameters import ModelConfig
-from utils.checkpoint import find_checkpoints, mark_best, save_checkpoint
+from rundir.checkpoint import find_checkpoints, mark_best, save_checkpoint
 from utils.files import atomic_write_json
-from utils.run_state import RunLock
-from utils.runs import RunStatus, create_run_dir
+from rundir.lock import RunLock
+from rundir.run_dir import RunStatus, create_run_dir
 
 
 def make_run(root: Path, tag: str, state: str, steps: tuple[int, ...] = (), best: int | None = None,
@@ -165,7 +165,7 @@ def test_clean_never_deletes_a_run_whose_status_cannot_be_read(tmp_path: Path, c
     """A completed run with its export, and status.json cut short (`{"state": "completed", "iteration": 600`):
     it read as killed, and `clean --yes` deleted it, export included."""
     from tokenizer import CharTokenizer
-    from utils.export import save_export
+    from rundir.export import save_export
 
     root = tmp_path / "runs"
     done = make_run(root, "done", "completed", (10, 20, 30), best=20)

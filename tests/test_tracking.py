@@ -12,7 +12,7 @@ import pytest
 import torch
 from aim.storage.context import Context
 
-from utils.tracking import (
+from rundir.tracking import (
     AimTracker, JsonlTracker, MultiTracker, TensorBoardTracker, Tracker, build_tracker, read_aim_run,
 )
 
@@ -144,7 +144,7 @@ def test_aim_unknown_run_hash_starts_a_new_run(aim_repo: Path, capsys: pytest.Ca
 
 def test_aim_process_exits_promptly_after_close(aim_repo: Path) -> None:
     code = (
-        "import sys; from utils.tracking import AimTracker\n"
+        "import sys; from rundir.tracking import AimTracker\n"
         "t = AimTracker(sys.argv[1], 'tests'); t.log_scalars(1, {'loss': 1.0}, subset='train'); t.close()\n"
         "print(t.run_hash)\n"
     )
@@ -200,7 +200,7 @@ def test_multi_tracker_fans_out_and_closes_all() -> None:
 STARTS_AIM_RUN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-from utils.tracking import AimTracker
+from rundir.tracking import AimTracker
 print("imported", flush=True)
 while not os.path.exists({go!r}):  # every process starts its run at (nearly) the same instant
     time.sleep(0.005)

@@ -19,9 +19,9 @@ from conftest import call_main, run_cli, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
-from training import build_optimizer, get_lr
-from utils.export import load_export, save_export
-from utils.tracking import read_aim_run
+from training.trainer import build_optimizer, get_lr
+from rundir.export import load_export, save_export
+from rundir.tracking import read_aim_run
 
 
 def test_lr_schedule():
@@ -214,7 +214,7 @@ def test_a_compiled_run_exports_and_resumes_uncompiled(tiny_corpus: Path, tmp_pa
 
 def test_compiled_training_exports_load_into_an_uncompiled_model(tiny_cfg, tmp_path: Path):
     """The export is saved from the raw module, so no `_orig_mod.` prefix leaks into it (nanoGPT's bug)."""
-    from batches import get_batch
+    from training.batches import get_batch
     tok = CharTokenizer.from_text("abcdefghij \n")
     torch.manual_seed(0)
     raw = LanguageModel(tiny_cfg, tok.vocab_size)

@@ -13,7 +13,7 @@ import torch
 
 import train
 from conftest import TINY_TEXT, call_main, user_error
-from utils.export import load_export
+from rundir.export import load_export
 
 ARGS = ["--config", "debug", "--device", "cpu", "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2",
         "--sample-length", "0", "--val-fraction", "0.3"]

@@ -14,14 +14,14 @@ import torch
 
 from conftest import TINY_TEXT
 from model import LanguageModel
-from optimization import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer, describe_optimizer, get_lr, set_lrs
+from training.optim import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer, describe_optimizer, get_lr, set_lrs
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
-from batches import get_batch
-from training import Trainer, train_step
-from utils.runs import RunStatus
+from training.batches import get_batch
+from training.trainer import Trainer, train_step
+from rundir.run_dir import RunStatus
 from utils.signals import NeverStop
-from utils.tracking import Tracker
+from rundir.tracking import Tracker
 
 CPU = torch.device("cpu")
 VOCAB = sorted(set(TINY_TEXT))
@@ -174,7 +174,7 @@ SHAPES = [(48, 16), (16, 48), (32, 32)]
 def test_muon_is_torchs_update_with_float32_newton_schulz(monkeypatch):
     """With bfloat16 Newton-Schulz, gptlab's Muon is torch.optim.Muon bit for bit; in float32 (its CPU
     default) it differs from it by bfloat16's rounding only."""
-    from optimization import Muon
+    from training.optim import Muon
     from utils.cpu_probe import probe_half_precision
 
     probe = probe_half_precision("bfloat16")
@@ -238,7 +238,7 @@ def test_the_step_0_eval_leaves_training_bit_identical(tiny_cfg, tmp_path):
 
 
 def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
-    import training
+    from training import trainer
     drawn: list[tuple[int, torch.Tensor]] = []
 
     def recording_get_batch(*args, **kwargs):
@@ -246,7 +246,7 @@ def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
         drawn.append((kwargs["step"], x))
         return x, y
 
-    monkeypatch.setattr(training, "get_batch", recording_get_batch)
+    monkeypatch.setattr(trainer, "get_batch", recording_get_batch)
     cfg = dataclasses.replace(tiny_cfg, overfit_batches=2)
     model = LanguageModel(cfg, 30)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))

@@ -1,5 +1,4 @@
-"""Atomic file writes and hashing: every write that matters goes through here (on shards.py's
-atomic_path and atomic_write_bytes: the one implementation, kept in the lowest module that writes).
+"""Atomic file writes and hashing: every write that matters goes through here.
 
 A reader (another process, a crashed-and-restarted run, `inference.py` pointed at a live run) must
 never see half a file, so each write goes to a temp file in the same directory, is fsynced, and is
@@ -8,13 +7,40 @@ swapped in with `os.replace`, which is atomic on POSIX and Windows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from shards import atomic_path, atomic_write_bytes  # noqa: F401  (re-exported)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
+    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
+    path = Path(path)
+    # Same directory as the target: os.replace is only atomic within one filesystem.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
+    with atomic_path(path) as tmp:
+        # Not mkstemp: its 0600 mode would make caches and exports unreadable to other users; 0o666
+        # lets the umask decide.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -38,8 +38,8 @@ from config import PROJECT_DIR, check_values, read_config_file
 from parameters import ModelConfig
 from utils.console import format_metrics
 from utils.files import atomic_write_json, atomic_write_text, read_json_object, sha256_file
-from utils.run_state import RunLock, run_state
-from utils.runs import create_run_dir, utc_now
+from rundir.lock import RunLock, run_state
+from rundir.run_dir import create_run_dir, utc_now
 
 PLAN_KEYS = ("name", "config", "settings", "stages")
 EVALUATE_KEYS = {"data": str, "split": str, "name": str, "max_tokens": int, "max_pairs": int, "batch_size": int}
@@ -207,7 +207,7 @@ class Plan:
     def stage_argv(self, i: int) -> list[str]:
         """train.py's arguments for training stage i: resuming its run where it has a checkpoint, else a
         fresh run from its stage file (init_from the previous training stage's run)."""
-        from utils.checkpoint import latest_good
+        from rundir.checkpoint import latest_good
 
         entry, stage = self.state["stages"][i], self.spec.stages[i]
         flags = [*self.state.get("flags", []), *self.new_flags]

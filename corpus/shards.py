@@ -1,5 +1,5 @@
 """The on-disk format of a prepared token dataset (data/tokens/<name>/), and reading one: what
-dataset.py writes and training memory-maps. Also the project's one atomic write.
+corpus/prepare.py writes and training memory-maps.
 
     ds = open_dataset("data/tokens/web")      # ds.splits["train"]: a list of memory-mapped id arrays
     writer = ShardWriter(root, np.dtype("uint16")); writer.write(0, ids, documents=1, n_bytes=42)
@@ -31,37 +31,12 @@ from typing import Any, BinaryIO, Iterator
 import numpy as np
 
 from tokenizer import Tokenizer, tokenizer_from_dict
+from utils.files import atomic_path, atomic_write_bytes
 
 FORMAT = "gptlab-tokens"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temp path beside `path` for the caller to write; on success it is fsynced and swapped in,
-    on any error (a Ctrl-C included) it is removed, so no .tmp litter and no torn file stay."""
-    path = Path(path)
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a torn mix."""
-    with atomic_path(path) as tmp:
-        # Not mkstemp: its 0600 mode would make caches and exports unreadable to other users; 0o666
-        # lets the umask decide.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -24,7 +24,7 @@ from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files
 from utils.files import read_json
-from utils.hf import BUFFER_SUFFIXES, LINKS, TANH_GELUS, WEIGHTS, char_tokenizer_json
+from rundir.hf_export import BUFFER_SUFFIXES, LINKS, TANH_GELUS, WEIGHTS, char_tokenizer_json
 
 
 def is_hf_model_dir(path: str | Path) -> bool:

@@ -25,11 +25,11 @@ from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
-from utils.checkpoint import check_finite, verify
+from rundir.checkpoint import check_finite, verify
 from utils import files
 from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
-from utils.hf import remove_hf_export, write_hf_export
-from utils.hf_import import is_hf_model_dir, load_hf_model
+from rundir.hf_export import remove_hf_export, write_hf_export
+from rundir.hf_import import is_hf_model_dir, load_hf_model
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "export.json"

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pairs import PackedRows
+from corpus.pairs import PackedRows
 
 # Part of every batch's seed, so train and val batches of the same step are independent draws.
 SPLIT_ID = {"train": 0, "val": 1}

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from data import prepare_corpus
 from model import LanguageModel, grow_vocab
-from pairs import Example, pack
-from utils.export import load_export
+from corpus.pairs import Example, pack
+from rundir.export import load_export
 from utils.files import atomic_write_json, read_json_object
 
 TOP_K = 5

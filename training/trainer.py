@@ -25,22 +25,22 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from batches import get_batch, step_targets
+from training.batches import get_batch, step_targets
 from data import Corpus
 from model import LanguageModel
 # The schedules and optimizers live in optimization.py; the loop's callers import them from here too.
-from optimization import (OPTIMIZERS, SCHEDULES, build_optimizer, describe_optimizer, get_lr,  # noqa: F401
+from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, describe_optimizer, get_lr,  # noqa: F401
                           set_lrs)
 from parameters import ModelConfig
 from utils import distributed
-from utils.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
+from rundir.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
                               rotate, save_checkpoint, verify)
 from utils.console import format_duration
 from utils.device import autocast
 from utils.distributed import Dist
-from utils.runs import RunStatus
+from rundir.run_dir import RunStatus
 from utils.signals import GracefulStop, Interrupted
-from utils.tracking import Tracker
+from rundir.tracking import Tracker
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
 # An untrained model predicts nearly uniformly, so its loss is ln(vocab_size): GPT-2 init (std 0.02) gives

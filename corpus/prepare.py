@@ -33,10 +33,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from documents import document_texts, file_kind, find_inputs, read_pieces
-from shards import (FORMAT, MANIFEST, VERSION, ShardWriter, atomic_write_bytes, read_manifest, token_dtype, totals,
+from corpus.documents import document_texts, file_kind, find_inputs, read_pieces
+from corpus.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, token_dtype, totals,
                     write_manifest)
 from tokenizer import Tokenizer, build_tokenizer, check_vocab_fits, tokenizer_from_dict
+from utils.files import atomic_write_bytes
 
 TASK_CHARS = 1 << 22          # text per task sent to a worker (at most; less for small shards)
 HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
@@ -157,11 +158,13 @@ def _ordered(fn: Callable, tasks: Iterator, workers: int, initargs: tuple) -> It
         _init_worker(*initargs)
         yield from (fn(task) for task in tasks)
         return
+    # Not fork: the caller may hold threads (torch's), and a fork of them can deadlock. The forkserver
+    # preloads nothing: Python 3.11 starts it without the caller's sys.path, so a preload would import
+    # from the working directory first (a folder named corpus/ there hid this package from the workers).
+    # Each worker sets the caller's sys.path, then imports what it needs.
     context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
     if os.name == "posix":
-        # Not fork: the caller may hold threads (torch's), and a fork of them can deadlock. The server
-        # imports this module only, not the caller's __main__ (train.py would bring torch to every worker).
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload([])
     pipes, processes = [], []
     try:
         for _ in range(workers):

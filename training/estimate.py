@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from data import tokenizing_bytes
+from corpus.text import tokenizing_bytes
 from model import LanguageModel
 from parameters import ModelConfig
 from utils.console import format_duration
@@ -137,7 +137,7 @@ def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype:
 def timed_step(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype) -> float:
     """Seconds of one optimizer step (every micro-step's forward and backward, clipping, the optimizer) on a
     fresh copy of the model, best of TIMED_PASSES after a warm-up one; the run's RNG streams are untouched."""
-    from optimization import build_optimizer  # the run's own optimizer: Muon's cost is not AdamW's
+    from training.optim import build_optimizer  # the run's own optimizer: Muon's cost is not AdamW's
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = LanguageModel(cfg, vocab_size).to(device)

@@ -29,8 +29,8 @@ import safetensors.torch
 import torch
 
 from utils.files import atomic_write_json, sha256_file
-from utils.run_state import RunState, run_state
-from utils.runs import find_runs, resolve_run
+from rundir.lock import RunState, run_state
+from rundir.run_dir import find_runs, resolve_run
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "trainer.pt")

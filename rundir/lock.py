@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.files import read_json_object
-from utils.runs import utc_now
+from rundir.run_dir import utc_now
 
 LOCK = Path("meta") / "lock"
 STALE_AFTER_S = 30 * 60
