@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import reprlib
 import sys
 import typing
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from typing import Any, Callable
 
 import yaml
 
-from parameters import ARCHITECTURE_KEYS, RESUMABLE_KEYS, ModelConfig
+from parameters import (ARCHITECTURE_KEYS, REGISTRIES, RESUMABLE_KEYS, ModelConfig, _switches, _types, check_values,
+                        short)
 
 PROJECT_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PROJECT_DIR / "configs"
 MAX_CONFIG_BYTES = 1 << 20
-TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 @dataclass
@@ -47,51 +46,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         raise ValueError(message)
-
-
-def _types(cls: type) -> dict[str, type]:
-    return typing.get_type_hints(cls)
-
-
-def closest(key: str, valid: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the nearest valid key, or '' when nothing is close."""
-    match = difflib.get_close_matches(key.replace("-", "_"), list(valid), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def short(value: Any) -> str:
-    """repr() bounded in length and depth: an error message must not render a YAML alias bomb."""
-    return _SHORT.repr(value)
-
-
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 4, 60, 60, 40
-
-
-def coerce(key: str, value: Any, typ: type, source: str) -> Any:
-    """Check/convert one value to the field's type; strings from the CLI are parsed."""
-    where = f"{source}: {key}"
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
-            return value.lower() in TRUE_WORDS
-        raise ValueError(f"{where}: expected true or false, got {short(value)}")
-    if typ in (int, float):
-        accepted = (int,) if typ is int else (int, float)  # an int is a fine float, not the reverse
-        if isinstance(value, accepted) and not isinstance(value, bool):
-            return typ(value)
-        try:  # CLI strings; and YAML 1.1 reads `6e-4` (no dot) as a string, meant as a number
-            if isinstance(value, str):
-                return typ(value)
-        except ValueError:
-            pass
-        raise ValueError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {short(value)}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where}: expected a string, got {short(value)} (quote it in YAML)")
-    raise AssertionError(f"unsupported field type {typ} for {key}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -119,29 +73,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if any(not isinstance(k, (str, int, float, bool)) for k in data):  # a YAML complex key
         raise ValueError(f"{path}: keys must be plain names, got {short(next(k for k in data if not isinstance(k, str)))}")
     return data
-
-
-def _switches(cls: type) -> set[str]:
-    """Fields that take auto/true/false: a bool with a third, measured default."""
-    return {f.name for f in dataclasses.fields(cls) if {"true", "false"} <= set(f.metadata.get("choices") or ())}
-
-
-def switch_word(value: Any) -> Any:
-    """'true' or 'false' for any spelling of a bool (YAML true, yes, on, 1); other values unchanged."""
-    word = str(value).lower()
-    return "true" if word in TRUE_WORDS else "false" if word in FALSE_WORDS else value
-
-
-def check_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
-    """Type-check a mapping against the dataclass; unknown keys name the closest valid one."""
-    types, switches = _types(cls), _switches(cls)
-    out = {}
-    for key, value in data.items():
-        key = str(key)
-        if key not in types:
-            raise ValueError(f"{source}: unknown key '{key}'{closest(key, types)}")
-        out[key] = coerce(key, switch_word(value) if key in switches else value, types[key], source)
-    return out
 
 
 def default_config_files(config_dir: Path) -> list[Path]:
@@ -250,6 +181,17 @@ def parse(cls: type, argv: list[str] | None, description: str, *, config_dir: Pa
     return Parsed(config.validate() if validate else config, files, cli, stage_args, from_files, origins)
 
 
+def add_fields(parser: argparse.ArgumentParser, names: tuple[str, ...], cls: type = ModelConfig,
+               defaults: dict[str, Any] | None = None) -> None:
+    """Flags for a stage that takes some of the config's fields (evaluate.py's --device, prepare_data.py's
+    --tokenizer, ...): both spellings, the field's type, help text and default (or the stage's own)."""
+    fields, types = {f.name: f for f in dataclasses.fields(cls)}, _types(cls)
+    for name in names:
+        default = (defaults or {}).get(name, fields[name].default)
+        parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=types[name], default=default,
+                            help=f"{fields[name].metadata['help']} (default {default})")
+
+
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     """--config, shared by every stage."""
     parser.add_argument("--config", action="append", metavar="FILE",
@@ -315,12 +257,9 @@ def fit_to_max_iters(parsed: Parsed) -> ModelConfig:
 
 def check_registered(cfg: ModelConfig) -> ModelConfig:
     """The keys that name a registered class (arch, tokenizer, optimizer, lr_schedule) must name one; a
-    user's own registration counts, so this is checked against the registries, not a fixed list."""
-    from architectures import ARCHITECTURES
-    from tokenizer import TOKENIZERS
-    from training.optim import OPTIMIZERS, SCHEDULES
-
-    for registry in (ARCHITECTURES, TOKENIZERS, OPTIMIZERS, SCHEDULES):
+    user's own registration counts (validate() imported the `imports` modules), so this is checked
+    against the registries, not a fixed list."""
+    for registry in REGISTRIES:
         registry.lookup(getattr(cfg, registry.key))
     return cfg
 
@@ -342,17 +281,17 @@ def resume_config(recorded: dict[str, Any], cli: dict[str, Any], source: str) ->
     return check_registered(ModelConfig(**values).validate())
 
 
-def rescale_batch(cfg: ModelConfig, saved_world: int, world: int) -> tuple[ModelConfig, str]:
-    """Resuming on another number of ranks keeps the global batch: batch_size is per rank."""
+def rescale_batch(cfg: ModelConfig, saved_world: int, world: int, notes: list[str]) -> ModelConfig:
+    """Resuming on another number of ranks keeps the global batch: batch_size is per rank (said in notes)."""
     if saved_world == world:
-        return cfg, ""
+        return cfg
     global_batch = cfg.batch_size * saved_world
     if global_batch % world:
         raise ValueError(f"the run was saved on {saved_world} rank(s) with a global batch of {global_batch} "
                          f"sequences, which {world} ranks cannot split evenly; resume on a divisor of it")
-    note = (f"resuming on {world} rank(s) a run saved on {saved_world}: batch_size {cfg.batch_size} -> "
-            f"{global_batch // world} per rank, keeping the global batch of {global_batch}")
-    return ModelConfig(**{**cfg.to_dict(), "batch_size": global_batch // world}).validate(), note
+    notes.append(f"resuming on {world} rank(s) a run saved on {saved_world}: batch_size {cfg.batch_size} -> "
+                 f"{global_batch // world} per rank, keeping the global batch of {global_batch}")
+    return ModelConfig(**{**cfg.to_dict(), "batch_size": global_batch // world}).validate()
 
 
 def init_config(cfg: ModelConfig, source: ModelConfig, cli: dict[str, Any]) -> ModelConfig:

@@ -54,12 +54,18 @@ class Corpus:
         return {"source": self.name, "sha256": self.sha256, "kind": self.kind}
 
     def bits_per_byte(self, split: str, loss: float) -> float:
-        """A mean loss (nats per token) on `split` as bits per UTF-8 byte of its text: comparable across
-        tokenizers. Eval windows are drawn uniformly over the split's tokens, so tokens/bytes of the
-        whole split is the expected ratio of the windows too (for pairs: trained targets / their bytes)."""
+        """A mean loss (nats per token) on `split` in bits per UTF-8 byte of its text. Eval windows are
+        drawn uniformly over the split's tokens, so tokens/bytes of the whole split is the expected ratio
+        of the windows too (for pairs: trained targets / their bytes)."""
         data = self.splits[split]
         tokens = data.total_targets if isinstance(data, PackedRows) else sum(len(s) for s in data)
-        return loss / math.log(2) * tokens / max(self.split_bytes[split], 1)
+        return bits_per_byte(loss, tokens, self.split_bytes[split])
+
+
+def bits_per_byte(nats_per_token: float, tokens: int, text_bytes: int) -> float:
+    """A mean loss in nats per token as bits per UTF-8 byte of the text those tokens encode: comparable
+    across tokenizers (training's evals and every score of evaluation/ use it)."""
+    return nats_per_token / math.log(2) * tokens / max(text_bytes, 1)
 
 
 def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorded: dict | None = None,

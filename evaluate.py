@@ -9,7 +9,7 @@ on prompt/response pairs greedy exact match.
 
 Text is scored in consecutive windows with the KV-less batched forward, deterministically; pairs on
 their responses, plus the share of prompts whose greedy answer equals the response exactly, with the
-first failures shown (evaluation.py has the details). Results go to the console (a table), to
+first failures shown (evaluation/scoring.py has the details). Results go to the console (a table), to
 runs/<id>/evals/<timestamp>_<name>.json, and to the run's TensorBoard (and Aim, when the run used it)
 under eval/<name>/.
 """
@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import Parser
-from evaluation.scoring import evaluate_run, table
+from config import PROJECT_DIR, Parser, add_fields
+from evaluation.metrics import report
+from evaluation.scoring import evaluate_run
+from rundir.meta import code_note
+from rundir.run_dir import resolve_run
 from utils.cli import run_main
 from utils.device import resolve_device
-from rundir.run_dir import resolve_run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,9 +43,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", "--batch_size", type=int, default=0,
                         help="windows (pairs: prompts) per forward (default 8 windows, 64 prompts)")
     parser.add_argument("--name", help="the evaluation's name in evals/ and eval/<name>/ (default: the data's name)")
-    parser.add_argument("--runs-dir", "--runs_dir", default="runs", help="where the runs are (default runs)")
-    parser.add_argument("--data-dir", "--data_dir", default="data", help="data cache and prepared datasets (default data)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    add_fields(parser, ("runs_dir", "data_dir", "device"), defaults={"device": "cpu"})
     args = parser.parse_args(argv)
     if args.max_tokens < 0 or args.max_pairs < 0 or args.batch_size < 0:
         raise ValueError("--max-tokens, --max-pairs and --batch-size must be >= 0")
@@ -52,14 +52,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    run_dir = resolve_run(args.run, args.runs_dir)
-    record, path, note = evaluate_run(run_dir, args.data, split=args.split, name=args.name or "",
-                                      data_dir=args.data_dir, max_tokens=args.max_tokens, max_pairs=args.max_pairs,
-                                      batch_size=args.batch_size, device=resolve_device(args.device))
-    if note:
+    run = resolve_run(args.run, args.runs_dir)
+    notes = [code_note(run.path, PROJECT_DIR)]
+    evaluation = evaluate_run(run, args.data, split=args.split, name=args.name or "", data_dir=args.data_dir,
+                              max_tokens=args.max_tokens, max_pairs=args.max_pairs, batch_size=args.batch_size,
+                              device=resolve_device(args.device), notes=notes)
+    for note in filter(None, notes):
         print(note, file=sys.stderr)
-    print(table(record))
-    print(f"saved {path}")
+    print(report(*evaluation))
     return 0
 
 

@@ -15,14 +15,15 @@ from typing import Iterator
 
 import torch
 
-from config import add_config_arg, parse
+from config import PROJECT_DIR, add_config_arg, parse
 from parameters import GenerateConfig
-from rundir.checkpoint import find_checkpoint, is_checkpoint
+from rundir.checkpoint import checkpoint_by_path, find_checkpoint
 from rundir.export import load_checkpoint_model, load_export
+from rundir.lock import run_state
+from rundir.meta import code_note
+from rundir.run_dir import RunDir, resolve_run
 from utils.cli import run_main
 from utils.device import resolve_device
-from rundir.lock import run_state
-from rundir.run_dir import resolve_run
 
 DEFAULT_PROMPT = GenerateConfig.__dataclass_fields__["prompt"].default
 MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 bytes; more tokens than this cannot still be one
@@ -63,22 +64,17 @@ def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: t
 
 
 def load_model(cfg: GenerateConfig, device: torch.device):
-    """(model, tokenizer, its training config, what was loaded): the run's export, or one of its checkpoints, which is how
-    steps are compared (--checkpoint best, or --run .../checkpoints/step_N)."""
-    path = Path(cfg.run)
-    if is_checkpoint(path):
-        run_dir, ckpt = path.parent.parent.parent, path
-    elif path.parent.name == "checkpoints" and path.parent.parent.name == "artifacts":
-        # a checkpoint that rotation removed (or a typo): find_checkpoint names the ones that exist
-        run_dir = resolve_run(str(path.parents[2]), cfg.runs_dir, need_export=False)
-        ckpt = find_checkpoint(run_dir, path.name)
+    """(model, tokenizer, its training config, what was loaded, its run): the run's export, or one of its
+    checkpoints, which is how steps are compared (--checkpoint best, or --run .../checkpoints/step_N)."""
+    if found := checkpoint_by_path(Path(cfg.run), cfg.runs_dir):
+        run, ckpt = found
     elif cfg.checkpoint:
-        run_dir = resolve_run(cfg.run, cfg.runs_dir, need_export=False)
-        ckpt = find_checkpoint(run_dir, cfg.checkpoint)
+        run = resolve_run(cfg.run, cfg.runs_dir, need_export=False)
+        ckpt = find_checkpoint(run, cfg.checkpoint)
     else:
-        run_dir = resolve_run(cfg.run, cfg.runs_dir)
-        return (*load_export(run_dir, device), _describe(run_dir, "export"))
-    return (*load_checkpoint_model(ckpt, device), _describe(run_dir, f"checkpoint {ckpt.name}"))
+        run = resolve_run(cfg.run, cfg.runs_dir)
+        return (*load_export(run.path, device), _describe(run, "export"), run)
+    return (*load_checkpoint_model(ckpt, device), _describe(run, f"checkpoint {ckpt.name}"), run)
 
 
 def _encodes(tokenizer, text: str) -> bool:
@@ -88,16 +84,18 @@ def _encodes(tokenizer, text: str) -> bool:
         return False
 
 
-def _describe(run_dir: Path, what: str) -> str:
-    state = run_state(run_dir)
+def _describe(run: RunDir, what: str) -> str:
+    state = run_state(run.path)
     ended = "" if state.state == "completed" else f" ({state.state}{': ' + state.detail if state.detail else ''})"
-    return f"{run_dir}{ended} | {what}"
+    return f"{run}{ended} | {what}"
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(GenerateConfig, argv, __doc__, config_dir=None, add_stage_args=add_config_arg).config
     device = resolve_device(cfg.device)
-    model, tokenizer, trained, loaded = load_model(cfg, device)
+    model, tokenizer, trained, loaded, run = load_model(cfg, device)
+    if note := code_note(run.path, PROJECT_DIR):
+        print(note, file=sys.stderr)
     prompt = read_prompt(cfg)
     if not cfg.prompt_file and cfg.prompt == DEFAULT_PROMPT and not _encodes(tokenizer, prompt):
         # A corpus without newlines: the prompt its training samples used (else its first character).

@@ -2,16 +2,25 @@
 
 Each field has a default, a type and a one-line help text; config.py builds `--help`, YAML
 checking and `--print-config` from these fields, so a knob is declared here and nowhere else.
-Cross-field rules live in `ModelConfig.validate()`, which reports every problem at once.
-GenerateConfig holds the knobs of inference.py the same way. Registry maps the values of the keys
-that name a class (arch, tokenizer, optimizer, lr_schedule) to the classes registered under them.
+Cross-field rules live in `ModelConfig.validate()`, which reports every problem at once; a mapping
+(a YAML file, a run's recorded config) becomes a config through `ModelConfig.from_dict`, which checks
+every key and type. GenerateConfig holds the knobs of inference.py the same way.
+
+The registries map the values of the keys that name a class (arch, tokenizer, optimizer,
+lr_schedule) to the classes registered under them. Each knows the module that fills it, imported
+on first use; a user's own module joins them through the `imports` key (validate() imports it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
+import os
+import reprlib
+import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
@@ -27,8 +36,9 @@ class Registry(Generic[T]):
         class MyBlock(Block): ...
     """
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, home: str) -> None:
         self.key = key
+        self.home = home  # the module that registers the built-in entries, imported before the first lookup
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -40,23 +50,129 @@ class Registry(Generic[T]):
             return entry
         return add
 
+    def _filled(self) -> dict[str, T]:
+        """The entries, once the home module (and with it the built-ins) is imported."""
+        importlib.import_module(self.home)
+        return self._entries
+
     def lookup(self, name: str) -> T:
-        if name not in self._entries:
+        if name not in self._filled():
             match = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.6)
             hint = f" (did you mean '{match[0]}'?)" if match else ""
             raise ValueError(f"{self.key}: '{name}' is not registered{hint}; choose one of {', '.join(self._entries)}")
         return self._entries[name]
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._filled())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._filled()
+
+
+ARCHITECTURES: Registry = Registry("arch", home="architectures")          # Block classes
+TOKENIZERS: Registry = Registry("tokenizer", home="tokenizer")            # Tokenizer classes
+OPTIMIZERS: Registry = Registry("optimizer", home="training.optim")       # build(model, cfg, device) functions
+SCHEDULES: Registry = Registry("lr_schedule", home="training.optim")      # lr(step, cfg) functions
+REGISTRIES = (ARCHITECTURES, TOKENIZERS, OPTIMIZERS, SCHEDULES)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import a user's own modules (the `imports` key), so what they register exists before any registry
+    is read: `--arch relu2` from a package of one's own. The working directory counts as a place to find
+    them, after everything else on sys.path."""
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"imports: cannot import {name!r} ({type(e).__name__}: {e}); put the module on "
+                             "PYTHONPATH, in the working directory, or install it") from None
 
 
 def knob(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field carrying its help text (and allowed values) for the generated CLI."""
+    if isinstance(default, list):  # a mutable default: each config gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# --- checking values against a dataclass's fields (config files, the command line, recorded configs) ---
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def closest(key: str, valid: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest valid key, or '' when nothing is close."""
+    match = difflib.get_close_matches(key.replace("-", "_"), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def short(value: Any) -> str:
+    """repr() bounded in length and depth: an error message must not render a YAML alias bomb."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 4, 4, 60, 60, 40
+
+
+def coerce(key: str, value: Any, typ: type, source: str) -> Any:
+    """Check/convert one value to the field's type; strings from the CLI are parsed."""
+    where = f"{source}: {key}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
+        raise ValueError(f"{where}: expected true or false, got {short(value)}")
+    if typ in (int, float):
+        accepted = (int,) if typ is int else (int, float)  # an int is a fine float, not the reverse
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return typ(value)
+        try:  # CLI strings; and YAML 1.1 reads `6e-4` (no dot) as a string, meant as a number
+            if isinstance(value, str):
+                return typ(value)
+        except ValueError:
+            pass
+        raise ValueError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {short(value)}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {short(value)} (quote it in YAML)")
+    if typing.get_origin(typ) is list:  # a YAML list, or names separated by commas on the command line
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return list(items)
+        raise ValueError(f"{where}: expected a list of names, got {short(value)}")
+    raise AssertionError(f"unsupported field type {typ} for {key}")
+
+
+def _switches(cls: type) -> set[str]:
+    """Fields that take auto/true/false: a bool with a third, measured default."""
+    return {f.name for f in dataclasses.fields(cls) if {"true", "false"} <= set(f.metadata.get("choices") or ())}
+
+
+def switch_word(value: Any) -> Any:
+    """'true' or 'false' for any spelling of a bool (YAML true, yes, on, 1); other values unchanged."""
+    word = str(value).lower()
+    return "true" if word in TRUE_WORDS else "false" if word in FALSE_WORDS else value
+
+
+def check_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Type-check a mapping against the dataclass; unknown keys name the closest valid one."""
+    types, switches = _types(cls), _switches(cls)
+    out = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in types:
+            raise ValueError(f"{source}: unknown key '{key}'{closest(key, types)}")
+        out[key] = coerce(key, switch_word(value) if key in switches else value, types[key], source)
+    return out
 
 
 class Validated:
@@ -74,6 +190,15 @@ class Validated:
 
     def _problems(self) -> list[tuple[str, str]]:
         raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, data: object, source: str):
+        """The validated config a mapping describes (a run's recorded config, an export's config.json):
+        every key and type checked, naming `source`; a key it lacks takes its default (a record from
+        before the key existed describes what the default does)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        return cls(**check_values(cls, data, source)).validate()
 
 
 @dataclass
@@ -169,6 +294,14 @@ class ModelConfig(Validated):
                                   "local Hugging Face GPT-2, Llama or Qwen3 model folder: fine-tuning")
     aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
     aim_repo: str = knob(".", "directory of the Aim repository (.aim is created inside it)")
+    imports: list[str] = knob([], "your own modules to import before any registry is read (blocks, optimizers, "
+                                  "schedules, tokenizers they register): YAML [my_blocks], or my_blocks,other")
+
+    def validate(self) -> "ModelConfig":
+        """Every rule at once; first the `imports` modules, whose registrations a run, a resume or a loaded
+        export may name."""
+        import_plugins(self.imports)
+        return super().validate()
 
     def _problems(self) -> list[tuple[str, str]]:
         """Every cross-field rule; validate() reports all violations at once."""

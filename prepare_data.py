@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from config import Parser
+from config import Parser, add_fields
 from corpus.prepare import DatasetSettings, PrepareResult, default_workers, prepare
 from parameters import ModelConfig
 from tokenizer import TOKENIZERS
@@ -37,11 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="corpus files, directories (searched recursively) or globs")
     parser.add_argument("--name", help="the dataset's name: data_dir/tokens/NAME (default: the first input's name "
                                        "and the tokenizer, e.g. corpus-gpt2)")
-    fields = ModelConfig.__dataclass_fields__
-    for key in SHARED:  # the training config's own keys: the same help, defaults and checks
-        default = fields[key].default
-        parser.add_argument(f"--{key.replace('_', '-')}", f"--{key}", dest=key, type=type(default), default=default,
-                            help=f"{fields[key].metadata['help']} (default {default})")
+    add_fields(parser, SHARED)  # the training config's own keys: the same help, defaults and checks
     parser.add_argument("--shard-tokens", "--shard_tokens", type=int, default=100_000_000,
                         help="tokens per shard, about (default 100000000)")
     parser.add_argument("--workers", type=int, default=0,

@@ -35,11 +35,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from config import add_config_arg, load_config
 from data import prepare_corpus
 from model import LanguageModel
-from training.trainer import Trainer, build_optimizer, compile_model, describe_optimizer, train_step
+from training.optim import build_optimizer, describe_optimizer
+from training.step import compile_model, train_step
+from training.trainer import Trainer
 from utils.cli import run_main
 from utils.device import autocast, matmul_flops, setup_compute, synchronize
 from training.estimate import check_tokenizing_fits
-from rundir.run_dir import RunStatus
+from rundir.status import RunStatus
 from utils.signals import NeverStop
 from rundir.tracking import Tracker
 

@@ -24,15 +24,15 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from config import PROJECT_DIR, Parser
+from config import PROJECT_DIR, Parser, add_fields
 from parameters import ModelConfig
 from rundir.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
-from rundir.export import verify_export
+from rundir.export import MANIFEST, verify_export
 from utils.files import atomic_path, read_json_object
 from rundir.lock import RunLock, run_state
 from utils.console import format_duration, format_metrics
-from rundir.run_dir import find_runs, resolve_run
+from rundir.run_dir import RunDir, find_runs, resolve_run
 
 REMOVED_STATES = ("failed", "killed")
 STATES = ("running", "completed", "interrupted", "failed", "killed", "stale", "unreadable")  # utils/run_state.py
@@ -43,7 +43,7 @@ COLUMNS = ("run", "tag", "state", "arch", "params", "tokens", "best_val", "val_b
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", "--runs_dir", default="runs", help="where the runs are (default runs)")
+    add_fields(parser, ("runs_dir",))
     verbs = parser.add_subparsers(dest="verb", required=True)
     listing = verbs.add_parser("list", help="one line per run: id, tag, state, arch, params, tokens seen, best val "
                                             "loss, val bpb, wall time, start")
@@ -64,12 +64,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_facts(run_dir: Path) -> dict:
+def run_facts(run: RunDir) -> dict:
     """One run's row: the values list shows and sorts (None where the run does not say)."""
-    meta = run_dir / "meta"
-    status, config = read_json_object(meta / "status.json"), read_json_object(meta / "full_config.json")
+    status, config = run.status(), run.config()
     iteration = status.get("iteration") if isinstance(status.get("iteration"), int) else None
-    return {"run": run_dir.name, "tag": config.get("run_tag"), "state": run_state(run_dir).state,
+    return {"run": run.name, "tag": config.get("run_tag"), "state": run_state(run.path).state,
             "arch": config.get("arch", "gpt2"), "params": _number(status.get("params")),
             "tokens": iteration * tokens_per_step(config, status) if iteration is not None else None,
             "best_val": _number(status.get("best_val_loss")), "val_bpb": _number(status.get("val_bpb")),
@@ -127,46 +126,50 @@ def list_runs(runs_dir: Path, state: str | None, tag: str | None, sort: str = "s
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-def show(run_dir: Path) -> None:
+def show(run: RunDir) -> None:
     """The run's state, status, config, code, environment, checkpoints, export and evals."""
-    meta = run_dir / "meta"
-    state = run_state(run_dir)
-    print(f"run {run_dir}\nstate: {state.state}" + (f" ({state.detail})" if state.detail else ""))
-    print("\nstatus (meta/status.json):")
-    for key, value in read_json_object(meta / "status.json").items():
+    state = run_state(run.path)
+    print(f"run {run}\nstate: {state.state}" + (f" ({state.detail})" if state.detail else ""))
+    print(f"\nstatus ({_shown(run, run.status_file)}):")
+    for key, value in run.status().items():
         print(f"  {key}: {value}")
-    print("\nconfig (meta/full_config.json; * differs from the default):")
+    print(f"\nconfig ({_shown(run, run.config_file)}; * differs from the default):")
     defaults = ModelConfig().to_dict()
-    for key, value in read_json_object(meta / "full_config.json").items():
+    for key, value in run.config().items():
         print(f"  {'*' if defaults.get(key, value) != value else ' '} {key}: {value}")
-    git = (meta / "git.txt").read_text(encoding="utf-8", errors="replace") if (meta / "git.txt").is_file() else ""
-    print("\ncode (meta/git.txt): " + ("; ".join(git.split("\n")[1:4]) if git.startswith("repository") else
-                                         git.strip() or "not recorded"))
-    env = (meta / "env.txt").read_text(encoding="utf-8", errors="replace").splitlines() if (meta / "env.txt").is_file() else []
-    print("environment (meta/env.txt): " + ("; ".join(line.strip() for line in env[:4]) or "not recorded"))
-    ckpts = find_checkpoints(run_dir / "artifacts" / "checkpoints")
-    best = best_checkpoint(run_dir / "artifacts" / "checkpoints")
+    git = _text(run.git_file)
+    print(f"\ncode ({_shown(run, run.git_file)}): " + ("; ".join(git.split("\n")[1:4]) if git.startswith("repository")
+                                                      else git.strip() or "not recorded"))
+    env = _text(run.env_file).splitlines()
+    print(f"environment ({_shown(run, run.env_file)}): " + ("; ".join(line.strip() for line in env[:4]) or "not recorded"))
+    ckpts, best = find_checkpoints(run.checkpoints), best_checkpoint(run.checkpoints)
     print(f"checkpoints: {', '.join(p.name + (' (best)' if p == best else '') for p in ckpts) or 'none'}")
-    export = run_dir / "artifacts" / "export"
-    print(f"export: {export if (export / 'export.json').is_file() else 'none'}")
-    evals = sorted((run_dir / "evals").glob("*.json"))
+    print(f"export: {run.export if (run.export / MANIFEST).is_file() else 'none'}")
+    evals = run.eval_records()
     print(f"evals: {len(evals)}" + "".join(f"\n  {p.name}: {_eval_line(p)}" for p in evals))
+
+
+def _shown(run: RunDir, path: Path) -> str:
+    return path.relative_to(run.path).as_posix()
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
 
 
 def _eval_line(path: Path) -> str:
     return format_metrics({k: v for k, v in read_json_object(path).items() if isinstance(v, (int, float, str))})
 
 
-def diff(a: Path, b: Path) -> None:
+def diff(a: RunDir, b: RunDir) -> None:
     """Config keys that differ, then the code: each run's commit and its uncommitted changes."""
-    configs = [read_json_object(r / "meta" / "full_config.json") for r in (a, b)]
+    configs = [r.config() for r in (a, b)]
     keys = sorted(set(configs[0]) | set(configs[1]))
     changed = [k for k in keys if configs[0].get(k) != configs[1].get(k) and k != "run_tag"]
     print(f"a: {a}\nb: {b}\n\nconfig: " + (f"{len(changed)} key(s) differ" if changed else "the same"))
     for key in changed:
         print(f"  {key}: {configs[0].get(key, '(absent)')!r} -> {configs[1].get(key, '(absent)')!r}")
-    gits = [(r / "meta" / "git.txt").read_text(encoding="utf-8", errors="replace") if (r / "meta" / "git.txt").is_file()
-            else "" for r in (a, b)]
+    gits = [_text(r.git_file) for r in (a, b)]
     commits = [_git_field(g, "commit") for g in gits]
     print(f"\ncode: commit {commits[0]} -> {commits[1]}" if commits[0] != commits[1] else f"\ncode: commit {commits[0]} in both")
     if commits[0] != commits[1] and all(commits):
@@ -183,11 +186,12 @@ def diff(a: Path, b: Path) -> None:
 CURVES = {"val": "eval_loss/val", "train": "loss/train"}
 
 
-def loss_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
+def loss_curves(run_dir: Path | RunDir) -> dict[str, tuple[list[float], list[float]]]:
     """{"val": (tokens seen, losses), "train": (...)} from logs/metrics.jsonl, or from the TensorBoard
     events of a run that predates it (steps times the run's tokens per step)."""
+    run = RunDir(run_dir)
     curves: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in CURVES}
-    metrics = run_dir / "logs" / "metrics.jsonl"
+    metrics = run.metrics_file
     if metrics.is_file():
         for line in metrics.read_text(encoding="utf-8").splitlines():
             try:
@@ -201,11 +205,10 @@ def loss_curves(run_dir: Path) -> dict[str, tuple[list[float], list[float]]]:
                     curves[name][0].append(record["tokens_seen"])
                     curves[name][1].append(record[tag])
         return curves
-    per_step = tokens_per_step(read_json_object(run_dir / "meta" / "full_config.json"),
-                               read_json_object(run_dir / "meta" / "status.json"))
+    per_step = tokens_per_step(run.config(), run.status())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(run.tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     for name, tag in CURVES.items():
         if tag in events.Tags().get("scalars", []):
@@ -268,25 +271,24 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def has_verified_export(run_dir: Path) -> bool:
+def has_verified_export(run: RunDir) -> bool:
     """Whether the run's export is whole: every file matches export.json."""
-    export = run_dir / "artifacts" / "export"
     try:
-        return verify_export(export)
+        return verify_export(run.export)
     except (ValueError, FileNotFoundError):
         return False
 
 
-def cleanup_plan(run_dir: Path) -> list[tuple[Path, str]]:
+def cleanup_plan(run: RunDir) -> list[tuple[Path, str]]:
     """(path to remove, why) for one run; nothing for a run that is running, stale or unreadable. A failed
     or killed run goes whole, unless it has a verified export: then only the checkpoints that an
     interrupted run would lose go (it keeps its best and its newest)."""
-    state = run_state(run_dir).state
-    if state in REMOVED_STATES and not has_verified_export(run_dir):
-        return [(run_dir, f"a {state} run")]
+    state = run_state(run.path).state
+    if state in REMOVED_STATES and not has_verified_export(run):
+        return [(run.path, f"a {state} run")]
     if state not in ("completed", "interrupted", *REMOVED_STATES):
         return []
-    ckpt_dir = run_dir / "artifacts" / "checkpoints"
+    ckpt_dir = run.checkpoints
     keep = {best_checkpoint(ckpt_dir)}
     if state != "completed":
         keep.add(getattr(latest_good(ckpt_dir)[0], "path", None))  # what --resume needs
@@ -295,18 +297,18 @@ def cleanup_plan(run_dir: Path) -> list[tuple[Path, str]]:
 
 def clean(runs_dir: Path, really: bool) -> None:
     freed, removed = 0, 0
-    for run_dir in find_runs(runs_dir):
-        state = run_state(run_dir)
+    for run in find_runs(runs_dir):
+        state = run_state(run.path)
         if state.state == "unreadable":
-            print(f"kept {run_dir.name}: {state.detail}; look at it and remove it yourself if it should go")
+            print(f"kept {run.name}: {state.detail}; look at it and remove it yourself if it should go")
             continue
-        plan = cleanup_plan(run_dir)
+        plan = cleanup_plan(run)
         if not plan:
             continue
         try:  # a run another process holds (e.g. resuming it right now) is not touched
-            lock = RunLock(run_dir).acquire()
+            lock = RunLock(run.path).acquire()
         except ValueError as e:
-            print(f"skipped {run_dir.name}: {e}")
+            print(f"skipped {run.name}: {e}")
             continue
         try:
             for path, why in plan:
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.verb == "show":
         show(resolve_run(args.run, runs_dir, need_export=False))
     elif args.verb == "plot":
-        plot([resolve_run(r, runs_dir, need_export=False) for r in args.runs], Path(args.out))
+        plot([resolve_run(r, runs_dir, need_export=False).path for r in args.runs], Path(args.out))
     elif args.verb == "diff":
         diff(resolve_run(args.a, runs_dir, need_export=False), resolve_run(args.b, runs_dir, need_export=False))
     else:

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from parameters import Registry
+from parameters import TOKENIZERS
 
 # The hashes tiktoken pins for GPT-2's files in tiktoken_ext/openai_public.py, function gpt2().
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -64,7 +64,6 @@ class Tokenizer(Protocol):
     def from_dict(cls, d: dict) -> "Tokenizer": ...
 
 
-TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer")
 
 
 def _ids_array(ids: Iterable[int] | np.ndarray | Any) -> np.ndarray:

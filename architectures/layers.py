@@ -20,9 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from parameters import ModelConfig, Registry
+from parameters import ARCHITECTURES, ModelConfig  # noqa: F401  (architectures/ re-exports the registry)
 
-ARCHITECTURES: Registry[type["Block"]] = Registry("arch")
 
 
 class Block(nn.Module):

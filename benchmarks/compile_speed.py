@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import add_config_arg, load_config  # noqa: E402
 from data import prepare_corpus  # noqa: E402
 from model import LanguageModel  # noqa: E402
-from training.trainer import build_optimizer, compile_model, train_step  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.step import compile_model, train_step  # noqa: E402
 from utils.device import autocast, setup_compute, synchronize  # noqa: E402
 
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import LanguageModel  # noqa: E402
 from parameters import ModelConfig  # noqa: E402
-from training.trainer import build_optimizer, train_step  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.step import train_step  # noqa: E402
 
 VOCAB = 65
 CONTEXT = 4  # ops shown before the first divergent one

@@ -27,7 +27,8 @@ import model as model_module  # noqa: E402
 from config import add_config_arg, load_config  # noqa: E402
 from data import prepare_corpus  # noqa: E402
 from model import LanguageModel  # noqa: E402
-from training.trainer import build_optimizer, train_step  # noqa: E402
+from training.optim import build_optimizer  # noqa: E402
+from training.step import train_step  # noqa: E402
 from utils.device import autocast, setup_compute  # noqa: E402
 
 

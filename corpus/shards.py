@@ -23,15 +23,14 @@ import contextlib
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from tokenizer import Tokenizer, tokenizer_from_dict
-from utils.files import atomic_path, atomic_write_bytes
+from utils.files import atomic_write_bytes
 
 FORMAT = "gptlab-tokens"
 VERSION = 1

@@ -16,26 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import sys
 from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import prepare_corpus
-from model import LanguageModel, grow_vocab
 from corpus.pairs import Example, pack
-from rundir.export import load_export
-from utils.files import atomic_write_json, read_json_object
+from data import prepare_corpus
+from evaluation.metrics import token_metrics, top_k_hits
+from rundir.evals import default_name, save_eval
+from rundir.export import read_export
+from rundir.run_dir import RunDir
+from rundir.snapshot import build_model
 
-TOP_K = 5
 SHOWN_FAILURES = 5
-METRICS = ("loss", "perplexity", "bits_per_byte", "top1_accuracy", "top5_accuracy", "exact_match")
 
 
 @torch.no_grad()
@@ -55,16 +52,12 @@ def score_windows(model: torch.nn.Module, arrays: Sequence[np.ndarray], tokenize
             logits, _ = model(rows[:, :-1])  # (B, T, V)
             targets = rows[:, 1:]  # (B, T)
             nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-            best = logits.topk(TOP_K, dim=-1).indices  # (B, T, 5)
-            top1 += (best[..., 0] == targets).sum().item()
-            top5 += (best == targets[..., None]).any(-1).sum().item()
-            n += targets.numel()
+            hits = top_k_hits(logits.flatten(0, 1), targets.flatten())
+            top1, top5, n = top1 + hits[0], top5 + hits[1], n + targets.numel()
             ids = targets.flatten().cpu().numpy()
             text_bytes += len(tokenizer.decode(ids[ids != eot] if eot is not None else ids)
                               .encode("utf-8", "surrogatepass"))
-    loss = nll / n
-    return {"tokens": n, "loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte":
-            nll / math.log(2) / max(text_bytes, 1), "top1_accuracy": top1 / n, "top5_accuracy": top5 / n}
+    return {"tokens": n, **token_metrics(nll, top1, top5, n, text_bytes)}
 
 
 def _windows(arrays: list[np.ndarray], block_size: int, max_tokens: int):
@@ -107,9 +100,8 @@ def score_pairs(model: torch.nn.Module, examples: Sequence[Example], tokenizer, 
         scored = y >= 0
         logits, y = logits[scored].float(), y[scored]  # (N, V), (N,)
         nll += F.cross_entropy(logits, y, reduction="sum").item()
-        best = logits.topk(min(TOP_K, logits.size(-1)), dim=-1).indices  # (N, 5)
-        top1 += (best[:, 0] == y).sum().item()
-        top5 += (best == y[:, None]).any(-1).sum().item()
+        hits = top_k_hits(logits, y)
+        top1, top5 = top1 + hits[0], top5 + hits[1]
     n = rows.total_targets
     right, failures = 0, []
     for example, (ids, ended) in zip(examples, greedy_answers(model, examples, eot, batch_size, device)):
@@ -120,11 +112,8 @@ def score_pairs(model: torch.nn.Module, examples: Sequence[Example], tokenizer, 
             failures.append({"prompt": tokenizer.decode(example.prompt), "expected": expected,
                              "got": answer + ("" if ended else " [no end-of-text]")})
     text_bytes = sum(len(tokenizer.decode(e.response).encode("utf-8", "surrogatepass")) for e in examples)
-    loss = nll / n
-    return {"pairs": len(examples), "tokens": n, "loss": loss, "perplexity": math.exp(min(loss, 700)),
-            "bits_per_byte": nll / math.log(2) / max(text_bytes, 1), "top1_accuracy": top1 / n,
-            "top5_accuracy": top5 / n, "exact_match": right / len(examples), "truncated": rows.truncated,
-            "failures": failures}
+    return {"pairs": len(examples), "tokens": n, **token_metrics(nll, top1, top5, n, text_bytes),
+            "exact_match": right / len(examples), "truncated": rows.truncated, "failures": failures}
 
 
 def greedy_answers(model: torch.nn.Module, examples: Sequence[Example], eot: int, batch_size: int,
@@ -147,19 +136,25 @@ def greedy_answers(model: torch.nn.Module, examples: Sequence[Example], eot: int
     return answers
 
 
-def evaluate_run(run_dir: Path, data: str, *, split: str = "val", name: str = "", data_dir: str = "data",
+class Evaluation(NamedTuple):
+    record: dict   # run, data, split, name, iteration and the metrics
+    path: Path     # where the record was saved: runs/<id>/evals/<ts>_<name>.json
+
+
+def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name: str = "", data_dir: str = "data",
                  max_tokens: int = 100_000, max_pairs: int = 0, batch_size: int = 0,
-                 device: torch.device = torch.device("cpu")) -> tuple[dict, Path, str]:
-    """Score the run's export on `data` (anything --data takes) and save the results: (record, its
-    path, a note for the console or ""). Pairs get score_pairs, anything else score_windows; batch_size
-    0 is 64 prompts or 8 windows (a window's logits are block_size x vocab floats)."""
-    export = load_export(run_dir, device)
-    cfg = dataclasses.replace(export.config, data=data, data_dir=data_dir)
-    corpus = prepare_corpus(cfg, export.tokenizer)
-    model = export.model
-    if corpus.tokenizer.vocab_size > model.vocab_size:  # pairs gave a char vocabulary an end-of-text id
-        model = LanguageModel(export.config, corpus.tokenizer.vocab_size).to(device)
-        model.load_state_dict(grow_vocab(export.model.state_dict(), corpus.tokenizer.vocab_size))
+                 device: torch.device = torch.device("cpu"), notes: list[str] | None = None) -> Evaluation:
+    """Score the run's export on `data` (anything --data takes) and save the results. Pairs get
+    score_pairs, anything else score_windows; batch_size 0 is 64 prompts or 8 windows (a window's logits
+    are block_size x vocab floats). The data decides the tokenizer before the model is built (pairs may
+    give a char vocabulary its end-of-text id); lines for the user go to notes."""
+    run = RunDir(run_dir)
+    snapshot = read_export(run.path)
+    cfg = dataclasses.replace(snapshot.config, data=data, data_dir=data_dir)
+    corpus = prepare_corpus(cfg, snapshot.tokenizer)
+    if notes is not None and corpus.note:
+        notes.append(corpus.note)
+    model = build_model(snapshot, corpus.tokenizer.vocab_size, device)
     parts = [corpus.splits[s] for s in (("train", "val") if split == "all" else (split,))]
     if corpus.kind == "pairs":
         examples = sorted((e for rows in parts for e in rows.examples), key=lambda e: e.line)[:max_pairs or None]
@@ -167,64 +162,6 @@ def evaluate_run(run_dir: Path, data: str, *, split: str = "val", name: str = ""
     else:
         arrays = [a for arrays in parts for a in arrays]
         results = score_windows(model, arrays, corpus.tokenizer, cfg.block_size, max_tokens, batch_size or 8, device)
-    record = {"run": run_dir.name, "data": corpus.name, "split": split, "name": name or default_name(data),
-              "iteration": read_json_object(run_dir / "meta" / "status.json").get("iteration"), **results}
-    return record, save(run_dir, record["name"], record), corpus.note
-
-
-def default_name(data: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data.rstrip("/")).name.split(".")[0]) or "data"
-
-
-def save(run_dir: Path, name: str, record: dict) -> Path:
-    """evals/<timestamp>_<name>.json, then the run's TensorBoard (and Aim) under eval/<name>/."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
-    path, n = run_dir / "evals" / f"{stamp}_{name}.json", 2
-    while path.exists():  # two evaluations in one second keep both
-        path, n = run_dir / "evals" / f"{stamp}_{name}-{n}.json", n + 1
-    record = {**record, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path.parent.mkdir(exist_ok=True)
-    atomic_write_json(path, record)
-    metrics = {k: record[k] for k in METRICS if k in record}
-    step = record.get("iteration") or 0
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(run_dir / "logs" / "tensorboard")) as writer:
-        for key, value in metrics.items():
-            writer.add_scalar(f"eval/{name}/{key}", value, step)
-    aim_hash = read_json_object(run_dir / "meta" / "status.json").get("aim_run_hash")
-    if aim_hash:
-        _track_aim(run_dir, aim_hash, name, metrics, step)
-    return path
-
-
-def _track_aim(run_dir: Path, run_hash: str, name: str, metrics: dict, step: int) -> None:
-    """Into the run's own Aim run; a missing Aim repo is a note, not a failure: the JSON has it all."""
-    config = read_json_object(run_dir / "meta" / "full_config.json")
-    try:
-        from aim import Run
-
-        run = Run(run_hash=run_hash, repo=config.get("aim_repo", "."))
-        for key, value in metrics.items():
-            run.track(value, name=key, step=step, context={"eval": name})
-        run.close()
-    except Exception as e:  # noqa: BLE001 - the evaluation itself is saved already
-        print(f"note: could not add the results to Aim run {run_hash}: {type(e).__name__}: {e}", file=sys.stderr)
-
-
-def table(record: dict) -> str:
-    """The console's view of a record: its metrics, and for pairs the first failures."""
-    rows = [("pairs", f"{record['pairs']:,}")] if "pairs" in record else []
-    rows += [("tokens", f"{record['tokens']:,}"), ("loss", f"{record['loss']:.4f}"),
-             ("perplexity", f"{record['perplexity']:.3f}"), ("bits per byte", f"{record['bits_per_byte']:.4f}"),
-             ("top-1 accuracy", f"{record['top1_accuracy']:.2%}"), ("top-5 accuracy", f"{record['top5_accuracy']:.2%}")]
-    if "exact_match" in record:
-        rows.append(("exact match", f"{record['exact_match']:.2%}"))
-    what = "responses of " if "pairs" in record else ""
-    lines = [f"{record['run']} on {what}{record['data']} ({record['split']}), as '{record['name']}'",
-             *(f"  {k:<15} {v:>12}" for k, v in rows)]
-    if record.get("truncated"):
-        lines.append(f"  ({record['truncated']:,} examples longer than block_size + 1 were cut to it)")
-    for f in record.get("failures", []):
-        lines.append(f"  failed: {f['prompt']!r} -> {f['got']!r} (expected {f['expected']!r})")
-    return "\n".join(lines)
+    record = {"run": run.name, "data": corpus.name, "split": split, "name": name or default_name(data),
+              "iteration": run.status().get("iteration"), **results}
+    return Evaluation(record, save_eval(run, record))

@@ -22,7 +22,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import safetensors.torch
@@ -30,7 +30,7 @@ import torch
 
 from utils.files import atomic_write_json, sha256_file
 from rundir.lock import RunState, run_state
-from rundir.run_dir import find_runs, resolve_run
+from rundir.run_dir import RunDir, find_runs, resolve_run
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "trainer.pt")
@@ -260,13 +260,20 @@ def _jsonable(obj: Any) -> Any:
     return [_jsonable(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
 
 
-def is_checkpoint(path: Path) -> bool:
-    return path.name.startswith(PREFIX) and (path / "meta.json").is_file()
+def checkpoint_by_path(path: Path, runs_dir: str | Path) -> tuple[RunDir, Path] | None:
+    """A path that names one of a run's checkpoints (runs/<id>/artifacts/checkpoints/step_N): its run, and
+    the checkpoint (FileNotFoundError naming the ones there when it is gone: rotation removes old ones).
+    None for any other path."""
+    path = Path(path)
+    if len(path.parents) < 3 or RunDir(path.parents[2]).checkpoints != path.parent:
+        return None
+    run = resolve_run(str(path.parents[2]), runs_dir, need_export=False)
+    return run, find_checkpoint(run, path.name)
 
 
-def find_checkpoint(run_dir: Path, name: str) -> Path:
+def find_checkpoint(run_dir: Path | RunDir, name: str) -> Path:
     """A run's checkpoint by name: best, latest (the newest that verifies), step_N or N."""
-    ckpt_dir = run_dir / "artifacts" / "checkpoints"
+    ckpt_dir = RunDir(run_dir).checkpoints
     if name == "best":
         path = best_checkpoint(ckpt_dir)
     elif name == "latest":
@@ -281,31 +288,39 @@ def find_checkpoint(run_dir: Path, name: str) -> Path:
     return path
 
 
-def find_resume(spec: str, runs_dir: str | Path) -> tuple[Path, Checkpoint, list[str]]:
-    """(run dir, newest good checkpoint, notes) for --resume RUN|latest. The notes name damaged
-    checkpoints skipped, how the run ended (e.g. killed), and for latest which run it picked and why."""
+class ResumePoint(NamedTuple):
+    run: RunDir
+    checkpoint: Checkpoint  # the newest one that verifies
+
+
+def find_resume(spec: str, runs_dir: str | Path, notes: list[str]) -> ResumePoint:
+    """The run and its newest good checkpoint for --resume RUN|latest. Lines for the user go to notes: the
+    damaged checkpoints skipped, how the run ended (e.g. killed), and for latest which run it picked and why."""
     if spec != "latest":
-        run_dir = resolve_run(spec, runs_dir, False)
-        ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
+        run = resolve_run(spec, runs_dir, False)
+        ckpt, skipped = latest_good(run.checkpoints)
         if not ckpt:
-            raise FileNotFoundError(f"run '{run_dir}' has no usable checkpoint to resume from"
+            raise FileNotFoundError(f"run '{run}' has no usable checkpoint to resume from"
                                     + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
-        return run_dir, ckpt, [*skipped, *_state_note(run_dir, run_state(run_dir))]
+        notes += [*skipped, *_state_note(run, run_state(run.path))]
+        return ResumePoint(run, ckpt)
     newer: list[str] = []
-    for run_dir in reversed(find_runs(runs_dir)):
-        state = run_state(run_dir)
+    for run in reversed(find_runs(runs_dir)):
+        state = run_state(run.path)
         if state.state == "running" and not newer:
             why = state.detail or "its lock is held"
-            raise ValueError(f"--resume latest: the newest run, '{run_dir}', is still running ({why}); pass --resume "
+            raise ValueError(f"--resume latest: the newest run, '{run}', is still running ({why}); pass --resume "
                              "with the run directory you mean")
-        ckpt, skipped = latest_good(run_dir / "artifacts" / "checkpoints")
+        ckpt, skipped = latest_good(run.checkpoints)
         if ckpt:
-            picked = [f"--resume latest picked {run_dir.name}, the newest run with a checkpoint; newer runs "
-                      f"without one: {', '.join(newer)}"] if newer else []
-            return run_dir, ckpt, [*picked, *skipped, *_state_note(run_dir, state)]
-        newer.append(f"{run_dir.name} ({state.state})")
+            if newer:
+                notes.append(f"--resume latest picked {run.name}, the newest run with a checkpoint; newer runs "
+                             f"without one: {', '.join(newer)}")
+            notes += [*skipped, *_state_note(run, state)]
+            return ResumePoint(run, ckpt)
+        newer.append(f"{run.name} ({state.state})")
     raise FileNotFoundError(f"no run with a checkpoint in '{runs_dir}/': nothing to resume")
 
 
-def _state_note(run_dir: Path, state: RunState) -> list[str]:
-    return [f"{run_dir.name} was {state.state}: {state.detail}"] if state.state in ("killed", "stale") else []
+def _state_note(run: RunDir, state: RunState) -> list[str]:
+    return [f"{run.name} was {state.state}: {state.detail}"] if state.state in ("killed", "stale") else []

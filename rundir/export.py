@@ -4,7 +4,7 @@ artifacts/export/ holds model.safetensors (weights of the uncompiled model; the 
 tokenizer also ride in its metadata, so the file stands alone), config.json, tokenizer.json, and
 export.json: the SHA-256 of the other three, written last. Loading checks every hash, so a flipped
 byte in the weights or an edited tokenizer is refused with a line naming the file, never used.
-Beside them, hf/ holds the same model in Hugging Face transformers' layout (utils/hf.py), written
+Beside them, hf/ holds the same model in Hugging Face transformers' layout (rundir/hf_export.py), written
 after the manifest; a model with no such layout gets a one-line note instead.
 Exports written before export.json existed load with a note that they are unverified.
 No pickles: an export someone hands you cannot run code when loaded.
@@ -21,7 +21,6 @@ import safetensors
 import safetensors.torch
 import torch
 
-from config import check_values
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
@@ -29,7 +28,9 @@ from rundir.checkpoint import check_finite, verify
 from utils import files
 from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
 from rundir.hf_export import remove_hf_export, write_hf_export
-from rundir.hf_import import is_hf_model_dir, load_hf_model
+from rundir.hf_import import is_hf_model_dir, read_hf_model
+from rundir.run_dir import RunDir
+from rundir.snapshot import Snapshot, build_model
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "export.json"
@@ -60,7 +61,7 @@ def save_export(export_dir: Path, model: torch.nn.Module, config: dict, tokenize
 def export_dir_of(path: str | Path) -> Path:
     """Accept a run directory or its export directory."""
     path = Path(path)
-    return path / "artifacts" / "export" if (path / "artifacts").is_dir() else path
+    return RunDir(path).export if RunDir.looks_like_one(path) else path
 
 
 class Export(NamedTuple):
@@ -70,50 +71,62 @@ class Export(NamedTuple):
     config: ModelConfig
 
 
-def load_export(path: str | Path, device: torch.device | str = "cpu") -> Export:
-    """(model in eval mode on device, tokenizer, config) from a run directory or an export directory.
-    Every way an export can be damaged is a ValueError/FileNotFoundError naming the file."""
+def read_export(path: str | Path) -> Snapshot:
+    """The verified export of a run directory or an export directory; every way one can be damaged is a
+    ValueError/FileNotFoundError naming the file. An export from before hashes loads with a note."""
     export_dir = export_dir_of(path)
     weights = export_dir / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"'{export_dir}' has no {WEIGHTS}: point at a run directory with an export")
     verified = verify_export(export_dir)
-    export = _build(read_json(export_dir / "config.json"), read_json(export_dir / "tokenizer.json"),
-                    export_dir / "config.json", "config.json and tokenizer.json", weights, device)
+    snapshot = _snapshot(read_json(export_dir / "config.json"), read_json(export_dir / "tokenizer.json"),
+                         export_dir / "config.json", "config.json and tokenizer.json", weights)
     if not verified:  # said once it loaded: a folder that fails to load gets its error alone
         print(f"note: {export_dir} was written before exports carried hashes; loading it unverified",
               file=sys.stderr)
-    return export
+    return snapshot
+
+
+def read_checkpoint_model(path: Path) -> Snapshot:
+    """A training checkpoint's model, verified as resume verifies it."""
+    meta = verify(path)
+    return _snapshot(meta["config"], meta["tokenizer"], path / "meta.json", "meta.json", path / WEIGHTS)
+
+
+def read_init_source(path: str | Path) -> Snapshot:
+    """--init-from's start: a gptlab run or export directory, or a local Hugging Face transformers model
+    folder (config.json with a model_type, model.safetensors)."""
+    return read_hf_model(path) if is_hf_model_dir(path) else read_export(path)
+
+
+def load_export(path: str | Path, device: torch.device | str = "cpu") -> Export:
+    """(model in eval mode on device, tokenizer, config) from a run directory or an export directory."""
+    snapshot = read_export(path)
+    return Export(build_model(snapshot, device=device), snapshot.tokenizer, snapshot.config)
 
 
 def load_init_source(path: str | Path, device: torch.device | str = "cpu") -> Export:
-    """--init-from's start, as load_export returns it: a gptlab run or export directory, or a local
-    Hugging Face transformers model folder (config.json with a model_type, model.safetensors)."""
-    return Export(*load_hf_model(path, device)) if is_hf_model_dir(path) else load_export(path, device)
+    """--init-from's start as load_export returns it (read_init_source, built)."""
+    snapshot = read_init_source(path)
+    return Export(build_model(snapshot, device=device), snapshot.tokenizer, snapshot.config)
 
 
 def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> Export:
     """(model in eval mode, tokenizer, config) from a training checkpoint, verified as resume verifies it."""
-    meta = verify(path)
-    return _build(meta["config"], meta["tokenizer"], path / "meta.json", "meta.json", path / WEIGHTS, device)
+    snapshot = read_checkpoint_model(path)
+    return Export(build_model(snapshot, device=device), snapshot.tokenizer, snapshot.config)
 
 
-def _build(raw_config: object, raw_tokenizer: object, config_file: Path, described_by: str, weights: Path,
-           device: torch.device | str) -> Export:
-    """The model a config and tokenizer describe, with `weights` loaded strictly; one-line errors."""
-    if not isinstance(raw_config, dict):
-        raise ValueError(f"{config_file}: expected a mapping of config keys, got {type(raw_config).__name__}")
-    config = ModelConfig(**check_values(ModelConfig, raw_config, str(config_file))).validate()
+def _snapshot(raw_config: object, raw_tokenizer: object, config_file: Path, described_by: str,
+              weights: Path) -> Snapshot:
+    """What a config, a tokenizer and a weights file describe; one-line errors naming the file."""
+    config = ModelConfig.from_dict(raw_config, str(config_file))
     tokenizer = tokenizer_from_dict(raw_tokenizer)
-    model = LanguageModel(config, tokenizer.vocab_size)
     try:
-        safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
+        tensors = safetensors.torch.load_file(str(weights))
     except (OSError, safetensors.SafetensorError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
-    except RuntimeError as e:  # names or shapes that are not this config's model
-        raise ValueError(f"{weights} does not fit {described_by} (vocab {tokenizer.vocab_size}): "
-                         f"{' '.join(str(e).split())[:300]}") from None
-    return Export(model.to(device).eval(), tokenizer, config)
+    return Snapshot(tensors, tokenizer, config, f"{weights} does not fit {described_by}")
 
 
 def verify_export(export_dir: Path) -> bool:
@@ -169,5 +182,5 @@ def record_init_source(run_dir: Path, source: str | Path) -> str:
     """meta/init_from.json: where a fine-tuned run's starting weights came from, with their SHA-256."""
     record = {"init_from": str(Path(source).resolve()),
               "model_sha256": sha256_file(export_dir_of(source) / WEIGHTS)}
-    atomic_write_json(run_dir / "meta" / "init_from.json", record)
+    atomic_write_json(RunDir(run_dir).init_source_file, record)
     return record["init_from"]

@@ -1,8 +1,9 @@
 """A local Hugging Face transformers model folder (GPT2, Llama or Qwen3: config.json, model.safetensors
-and a tokenizer) as gptlab's (model, tokenizer, config): the start of a fine-tuning run (--init-from).
-Like the export side (utils/hf.py), it reads plain JSON and safetensors and never imports transformers.
+and a tokenizer) as gptlab's weights, tokenizer and config: the start of a fine-tuning run (--init-from).
+Like the export side (rundir/hf_export.py), it reads plain JSON and safetensors and never imports
+transformers.
 
-    model, tokenizer, config = load_hf_model("path/to/hf_model")
+    weights, tokenizer, config, _ = read_hf_model("path/to/hf_model")    # a rundir/snapshot.Snapshot
 
 What gptlab's blocks would compute differently is refused in one line, never approximated silently;
 GPT-2's own tanh GELU is the one exception, accepted with a note.
@@ -20,11 +21,11 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from model import LanguageModel
 from parameters import ModelConfig
-from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, Tokenizer, gpt2_bpe_files
+from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, gpt2_bpe_files
 from utils.files import read_json
 from rundir.hf_export import BUFFER_SUFFIXES, LINKS, TANH_GELUS, WEIGHTS, char_tokenizer_json
+from rundir.snapshot import Snapshot
 
 
 def is_hf_model_dir(path: str | Path) -> bool:
@@ -36,10 +37,11 @@ def is_hf_model_dir(path: str | Path) -> bool:
     return isinstance(raw, dict) and "model_type" in raw
 
 
-def load_hf_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, Tokenizer, ModelConfig]:
-    """(model in eval mode on device, tokenizer, config) from a local transformers GPT2/Llama folder
-    (config.json + model.safetensors + GPT-2's or gptlab's char or bpe tokenizer), as load_export returns them.
-    What gptlab's blocks cannot compute exactly is refused in one line, never approximated silently."""
+def read_hf_model(path: str | Path) -> Snapshot:
+    """The model of a local transformers GPT2/Llama/Qwen3 folder (config.json + model.safetensors + GPT-2's or
+    gptlab's char or bpe tokenizer) as a Snapshot: its weights renamed to gptlab's, its
+    tokenizer and config. What gptlab's blocks cannot compute exactly is refused in one line, never
+    approximated silently."""
     hf_dir = Path(path)
     raw = _read_json(hf_dir / "config.json")
     arch, notes = gptlab_architecture(raw, f"{hf_dir / 'config.json'}")
@@ -51,15 +53,11 @@ def load_hf_model(path: str | Path, device: torch.device | str = "cpu") -> tuple
         cfg = ModelConfig(**arch, tokenizer=tokenizer.name).validate()
     except ValueError as e:
         raise ValueError(f"{hf_dir / 'config.json'}: {e}") from None
-    model = LanguageModel(cfg, tokenizer.vocab_size)
     weights = hf_dir / WEIGHTS
-    try:
-        model.load_state_dict(gptlab_state_dict(_read_weights(hf_dir), cfg, weights), strict=True)
-    except RuntimeError as e:  # shapes that are not this config's
-        raise ValueError(f"{weights} does not fit its config.json: {' '.join(str(e).split())[:300]}") from None
+    state = gptlab_state_dict(_read_weights(hf_dir), cfg, weights)
     for note in notes:
         print(note, file=sys.stderr)
-    return model.to(device).eval(), tokenizer, cfg
+    return Snapshot(state, tokenizer, cfg, f"{weights} does not fit its config.json")
 
 
 def gptlab_architecture(raw: dict, where: str) -> tuple[dict, list[str]]:

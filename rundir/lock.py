@@ -24,10 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from utils.files import read_json_object
-from rundir.run_dir import utc_now
+from rundir.run_dir import RunDir
+from rundir.status import utc_now
 
-LOCK = Path("meta") / "lock"
 STALE_AFTER_S = 30 * 60
 
 
@@ -35,7 +34,8 @@ class RunLock:
     """The exclusive lock of one run (or plan) directory; `with RunLock(run_dir):` or acquire()/release()."""
 
     def __init__(self, run_dir: Path, what: str = "run") -> None:
-        self.path = Path(run_dir) / LOCK
+        self.path = RunDir(run_dir).lock_file
+        self.dir = Path(run_dir)
         self.what = what
         self.fd: int | None = None
 
@@ -46,8 +46,8 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            owner = lock_owner(self.path.parent.parent) or {}
-            raise ValueError(f"{self.what} '{self.path.parent.parent}' is in use by pid {owner.get('pid', '?')} on "
+            owner = lock_owner(self.dir) or {}
+            raise ValueError(f"{self.what} '{self.dir}' is in use by pid {owner.get('pid', '?')} on "
                              f"{owner.get('host', '?')} (since {owner.get('since', '?')}); wait for it to end, or "
                              "stop that process first") from None
         # The owner is written into the locked file itself (never replaced: the lock lives on its inode).
@@ -71,9 +71,8 @@ class RunLock:
 
 def lock_owner(run_dir: Path) -> dict[str, Any] | None:
     """{"pid", "host", "since"} of the live process holding the run's lock, or None when nobody does."""
-    path = Path(run_dir) / LOCK
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(RunDir(run_dir).lock_file, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
@@ -100,12 +99,12 @@ def run_state(run_dir: Path, now: float | None = None) -> RunState:
     """The state recorded in meta/status.json, corrected for a process that died without saying so. A
     status.json that exists but cannot be parsed (edited, or cut short by a full disk outside gptlab's
     atomic writes) says nothing about how the run ended: it reads as unreadable, never as killed."""
-    path = Path(run_dir) / "meta" / "status.json"
-    status = read_json_object(path)
+    run = RunDir(run_dir)
+    status = run.status()
     if not status:
         if lock_owner(run_dir) is not None:
             return RunState("running", "starting up: no status yet")
-        if path.exists():
+        if run.status_file.exists():
             return RunState("unreadable", "meta/status.json exists but is not a JSON object; how the run ended is "
                                           "unknown")
         return RunState("killed", "stopped before it wrote meta/status.json")

@@ -1,6 +1,7 @@
 """Experiment tracking behind one small interface, so the training loop never asks "is Aim on?".
 
-    tracker = build_tracker(run_dir, cfg.to_dict(), extra, cfg.aim_logging, cfg.aim_repo, "gptlab")
+    tracker = build_tracker(run_dir, config=cfg.to_dict(), extra=extra, aim_logging=cfg.aim_logging,
+                            aim_repo=cfg.aim_repo, experiment=cfg.run_tag)
     tracker.log_scalars(step, {"loss": 2.1}, subset="train")     # TB tag "loss/train"
     tracker.close()
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from rundir.run_dir import RunDir
 from utils.files import atomic_write_text, writable_dir
 
 if TYPE_CHECKING:  # only annotations need torch: a process that just tracks need not import it
@@ -46,6 +48,9 @@ class Tracker:
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         """A piece of text, e.g. a sample generated at an evaluation."""
+
+    def log_eval(self, step: int, name: str, metrics: dict[str, float]) -> None:
+        """The metrics of evaluation `name` (evaluate.py's, a plan's) of the model trained to `step`."""
 
     def close(self) -> None:
         """Flush and release everything; the tracker is not used afterwards."""
@@ -139,6 +144,10 @@ class TensorBoardTracker(Tracker):
         # A fenced block: TensorBoard renders text as markdown, which would eat the newlines.
         self.writer.add_text(tag, f"```\n{text}\n```", step)
 
+    def log_eval(self, step: int, name: str, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"eval/{name}/{key}", float(value), step)
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
@@ -154,21 +163,23 @@ class AimTracker(Tracker):
     run's meta) to continue the same Aim run when training resumes.
     """
 
-    def __init__(self, repo: str | Path, experiment: str, run_hash: str | None = None,
-                 run_name: str | None = None) -> None:
+    def __init__(self, repo: str | Path, experiment: str | None, run_hash: str | None = None,
+                 run_name: str | None = None, start_new: bool = True) -> None:
         import aim
         from aim.sdk.errors import MissingRunError
 
         self._aim = aim
         # capture_terminal_logs off: logs/train.log already has the console, and Aim's patch of
         # sys.stdout.write would fight the console tee when the two are undone in the other order.
-        options = {"repo": str(repo), "experiment": experiment, "capture_terminal_logs": False}
+        options = {"repo": str(repo), "capture_terminal_logs": False, **({"experiment": experiment} if experiment else {})}
         # Several runs starting at once in a new repo raced in Aim's set-up of .aim/ (3 of 4 failed):
         # the set-up and the run's creation happen under an exclusive lock on the repo directory.
         with _locked(writable_dir(repo, "--aim-repo")):
             try:
                 self.run = aim.Run(run_hash=run_hash, **options)
             except MissingRunError:
+                if not start_new:  # adding to a run that must exist (an evaluation's scalars)
+                    raise
                 print(f"Aim run {run_hash} is not in the Aim repo at {repo}; starting a new Aim run", file=sys.stderr)
                 self.run = aim.Run(**options)
         if run_name:
@@ -189,6 +200,10 @@ class AimTracker(Tracker):
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         self.run.track(self._aim.Text(text), name=tag, step=step)
+
+    def log_eval(self, step: int, name: str, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.run.track(float(value), name=key, step=step, context={"eval": name})
 
     def close(self) -> None:
         if self.run is not None:
@@ -296,6 +311,10 @@ class MultiTracker(Tracker):
         for t in self.trackers:
             t.log_text(step, tag, text)
 
+    def log_eval(self, step: int, name: str, metrics: dict[str, float]) -> None:
+        for t in self.trackers:
+            t.log_eval(step, name, metrics)
+
     def close(self) -> None:
         """Close all, even if one fails (its files must still be flushed); re-raise the first error."""
         first_error: BaseException | None = None
@@ -308,22 +327,21 @@ class MultiTracker(Tracker):
             raise first_error
 
 
-def build_tracker(run_dir: Path, config: dict, extra: dict, aim_logging: bool, aim_repo: str | Path,
+def build_tracker(run_dir: Path, *, config: dict, extra: dict, aim_logging: bool, aim_repo: str | Path,
                   experiment: str, aim_run_hash: str | None = None, purge_step: int | None = None,
                   tokens_per_step: int = 0, clock: Callable[[], float] | None = None) -> Tracker:
-    """TensorBoard and logs/metrics.jsonl always (run_dir/logs/), Aim too when asked; the config is logged
-    to each. tokens_per_step (every rank's) and clock (seconds since the run started) give the JSON lines'
+    """TensorBoard and logs/metrics.jsonl always, Aim too when asked; the config is logged to each.
+    tokens_per_step (every rank's) and clock (seconds since the run started) give the JSON lines'
     tokens_seen and wall_time.
 
     The returned tracker's `run_hash` is the Aim run hash (None without Aim): keep it in the run's
     meta and pass it back as `aim_run_hash` on resume.
     """
-    run_dir = Path(run_dir)
-    trackers: list[Tracker] = [TensorBoardTracker(run_dir / "logs" / "tensorboard", purge_step=purge_step),
-                               JsonlTracker(run_dir / "logs" / "metrics.jsonl", tokens_per_step,
-                                            clock or _process_clock(), purge_step)]
+    run = RunDir(run_dir)
+    trackers: list[Tracker] = [TensorBoardTracker(run.tensorboard, purge_step=purge_step),
+                               JsonlTracker(run.metrics_file, tokens_per_step, clock or _process_clock(), purge_step)]
     if aim_logging:
-        trackers.append(AimTracker(aim_repo, experiment, run_hash=aim_run_hash, run_name=run_dir.name))
+        trackers.append(AimTracker(aim_repo, experiment, run_hash=aim_run_hash, run_name=run.name))
     tracker = MultiTracker(trackers)
     tracker.log_config(config, extra)
     return tracker

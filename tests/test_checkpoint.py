@@ -19,12 +19,13 @@ import torch
 
 from conftest import REPO
 from model import LanguageModel
-from training.trainer import build_optimizer
+from training.optim import build_optimizer
 from rundir.checkpoint import (_digest, best_checkpoint, find_checkpoints, find_resume, latest_good, load_checkpoint,
                               mark_best, rotate, save_checkpoint, verify)
 from utils.files import sha256_file
 from rundir.lock import RunLock
-from rundir.run_dir import RunStatus, create_run_dir
+from rundir.run_dir import RunDir
+from rundir.status import RunStatus
 
 
 def make(cfg, seed=0):
@@ -156,7 +157,7 @@ def test_rotation_keeps_the_temp_directory_of_a_live_writer(tiny_cfg, tmp_path: 
 
 
 def run_with(root: Path, minute: int, cfg, iterations: tuple[int, ...], finish: str | None) -> Path:
-    run_dir = create_run_dir(root, "run", now=datetime(2026, 1, 1, 12, minute))  # runs in the order of `minute`
+    run_dir = RunDir.create(root, "run", now=datetime(2026, 1, 1, 12, minute)).path  # runs in the order of `minute`
     status = RunStatus(run_dir)
     status.start()
     if finish:
@@ -170,15 +171,17 @@ def run_with(root: Path, minute: int, cfg, iterations: tuple[int, ...], finish: 
 def test_resume_latest_says_which_run_it_picked_and_refuses_a_running_one(tiny_cfg, tmp_path: Path):
     older = run_with(tmp_path, 1, tiny_cfg, (10,), "completed")
     newest = run_with(tmp_path, 2, tiny_cfg, (), None)  # killed before its first checkpoint
-    run_dir, ckpt, notes = find_resume("latest", tmp_path)
-    assert run_dir == older and ckpt.iteration == 10
+    notes: list[str] = []
+    run, ckpt = find_resume("latest", tmp_path, notes)
+    assert run.path == older and ckpt.iteration == 10
     assert notes == [f"--resume latest picked {older.name}, the newest run with a checkpoint; newer runs without "
                      f"one: {newest.name} (killed)"]
     running = run_with(tmp_path, 3, tiny_cfg, (5,), None)
     with RunLock(running):
         with pytest.raises(ValueError, match=f"the newest run, '{running}', is still running"):
-            find_resume("latest", tmp_path)
-    _, _, notes = find_resume(str(running), tmp_path)  # its owner gone: resumable, and said to be killed
+            find_resume("latest", tmp_path, [])
+    notes = []
+    find_resume(str(running), tmp_path, notes)  # its owner gone: resumable, and said to be killed
     assert notes and notes[-1].startswith(f"{running.name} was killed: pid {os.getpid()}")
 
 
@@ -197,7 +200,7 @@ import os, sys, time, torch
 sys.path.insert(0, {repo!r})
 from parameters import ModelConfig
 from model import LanguageModel
-from training.trainer import build_optimizer
+from training.optim import build_optimizer
 from pathlib import Path
 from rundir.checkpoint import rotate, save_checkpoint
 cfg = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64)

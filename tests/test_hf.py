@@ -23,7 +23,7 @@ from tokenizer import ENDOFTEXT, BpeTokenizer, CharTokenizer, Gpt2Tokenizer, gpt
 from rundir.export import load_init_source, save_export
 from utils.files import sha256_file
 from rundir.hf_export import char_tokenizer_json
-from rundir.hf_import import hf_tokenizer, load_hf_model
+from rundir.hf_import import hf_tokenizer
 
 from conftest import TINY_TEXT, call_main, user_error
 
@@ -149,7 +149,7 @@ def test_a_char_tokenizers_end_of_text_is_the_exports_eos(tmp_path: Path):
 @pytest.mark.parametrize("tok", [BPE, CHARS_EOT], ids=["bpe", "char-eot"])
 def test_a_bpe_or_end_of_text_export_loads_back_as_the_same_tokenizer(tok, tmp_path: Path):
     model, hf_dir = exported(tiny(arch="llama"), tmp_path, tok)
-    loaded, tokenizer, cfg = load_hf_model(hf_dir)
+    loaded, tokenizer, cfg = load_init_source(hf_dir)
     assert type(tokenizer) is type(tok) and cfg.tokenizer == tok.name
     assert (tokenizer.fingerprint(), tokenizer.eot_id, tokenizer.vocab_size) == (tok.fingerprint(), tok.eot_id,
                                                                                   tok.vocab_size)
@@ -172,7 +172,7 @@ def test_a_bpe_tokenizer_that_is_not_gptlabs_is_refused(tmp_path: Path):
         (hf_dir / "tokenizer.json").write_text(json.dumps(spec | edit))
         assert transformers.AutoTokenizer.from_pretrained(hf_dir)  # a valid tokenizer.json, but not gptlab's
         with user_error("neither GPT-2's nor a char or bpe tokenizer.json"):
-            load_hf_model(hf_dir)
+            load_init_source(hf_dir)
 
 
 @pytest.mark.parametrize("overrides, note", [

@@ -24,7 +24,7 @@ from corpus.pairs import PackedRows, encode_pairs, pack, read_pairs, split_pairs
 from parameters import ModelConfig
 from corpus.tasks import TASKS, generate, task_bytes
 from tokenizer import CharTokenizer
-from training.trainer import train_step
+from training.step import train_step
 
 CPU = torch.device("cpu")
 TOK = CharTokenizer(sorted(set(TINY_TEXT)), end_of_text=True)

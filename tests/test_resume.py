@@ -22,7 +22,7 @@ import train
 from conftest import TINY_TEXT, call_main, resume_target, run_cli, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
-from training.trainer import train_step
+from training.step import train_step
 from rundir.checkpoint import _digest as checkpoint_digest, find_checkpoints, latest_good, verify
 from utils.cpu_probe import probe_half_precision
 from utils.device import autocast
@@ -131,7 +131,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(sig, wait_for, code, refe
 ])
 def test_a_signal_outside_the_loop_still_ends_the_run_cleanly(inside, code, state, iteration, tiny_corpus, tmp_path,
                                                               monkeypatch):
-    real = getattr(train, inside)
+    import training.build
+    import training.trainer
+
+    module = {"write_meta": train, "build_optimizer": training.build, "save_export": training.trainer}[inside]
+    real = getattr(module, inside)
 
     def signalling(*args, **kwargs):  # the signal lands exactly while this runs, in this process
         handler = signal.getsignal(signal.SIGTERM)
@@ -139,7 +143,7 @@ def test_a_signal_outside_the_loop_still_ends_the_run_cleanly(inside, code, stat
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, inside, signalling)
+    monkeypatch.setattr(module, inside, signalling)
     res = call_main(train.main, *base_args(tiny_corpus, tmp_path, max_iters=4))
     assert res.returncode == code, res.stdout + res.stderr
     status = json.loads((only_run(tmp_path) / "meta" / "status.json").read_text())

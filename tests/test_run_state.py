@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO
 from rundir.lock import RunLock, RunState, lock_owner, run_state
-from rundir.run_dir import RunStatus, create_run_dir
+from rundir.run_dir import RunDir
+from rundir.status import RunStatus
 
 
 LOCK_HOLDER = """
@@ -22,7 +23,7 @@ import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from rundir.lock import RunLock
-from rundir.run_dir import RunStatus
+from rundir.status import RunStatus
 run_dir = Path({run_dir!r})
 RunLock(run_dir).acquire()
 RunStatus(run_dir).start(iteration=7)
@@ -33,7 +34,7 @@ time.sleep(600)
 
 def test_a_live_run_holds_its_lock_and_a_killed_one_reads_as_killed(tmp_path: Path) -> None:
     """The state another process sees, and the one-line refusal a second writer gets."""
-    run_dir = create_run_dir(tmp_path, "live")
+    run_dir = RunDir.create(tmp_path, "live").path
     proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(repo=str(REPO), run_dir=str(run_dir))],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -54,7 +55,7 @@ def test_a_live_run_holds_its_lock_and_a_killed_one_reads_as_killed(tmp_path: Pa
 
 
 def test_run_state_of_other_hosts_missing_status_and_ended_runs(tmp_path: Path) -> None:
-    run_dir = create_run_dir(tmp_path, "elsewhere")
+    run_dir = RunDir.create(tmp_path, "elsewhere").path
     assert run_state(run_dir).state == "killed"  # died before it wrote a status
     with RunLock(run_dir):
         assert run_state(run_dir) == RunState("running", "starting up: no status yet")
@@ -71,7 +72,7 @@ def test_run_state_of_other_hosts_missing_status_and_ended_runs(tmp_path: Path) 
 
 
 def test_heartbeat_writes_at_most_once_per_interval(tmp_path: Path, monkeypatch) -> None:
-    status = RunStatus(create_run_dir(tmp_path, "beat"))
+    status = RunStatus(RunDir.create(tmp_path, "beat").path)
     status.start()
     status.heartbeat(iteration=1)
     assert status.read()["iteration"] == 0  # just written by start()

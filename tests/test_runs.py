@@ -16,9 +16,9 @@ import pytest
 
 from utils.console import format_duration, setup_console_log
 from utils.files import atomic_write_bytes, atomic_write_json, sha256_file
-from rundir.run_dir import (
-    RunStatus, create_run_dir, find_runs, git_facts, git_summary, resolve_run, write_meta,
-)
+from rundir.meta import git_facts, git_summary, write_meta
+from rundir.run_dir import RunDir, find_runs, resolve_run
+from rundir.status import RunStatus
 
 NOW = datetime(2025, 1, 2, 3, 4, 5)
 LAYOUT = ("artifacts/checkpoints", "artifacts/export", "logs/tensorboard", "meta/configs")
@@ -26,11 +26,11 @@ LAYOUT = ("artifacts/checkpoints", "artifacts/export", "logs/tensorboard", "meta
 
 def _create_in_child(runs_dir: str, barrier, results) -> None:
     barrier.wait()  # all children call create_run_dir at (nearly) the same instant
-    results.put(str(create_run_dir(runs_dir, "race", now=NOW)))
+    results.put(str(RunDir.create(runs_dir, "race", now=NOW).path))
 
 
 def test_create_run_dir_layout(tmp_path: Path) -> None:
-    run_dir = create_run_dir(tmp_path / "new" / "runs", "tag")
+    run_dir = RunDir.create(tmp_path / "new" / "runs", "tag").path
     assert re.match(r"^\d{8}_\d{6}_tag(-\d+)?$", run_dir.name)
     for sub in LAYOUT:
         assert (run_dir / sub).is_dir(), sub
@@ -38,7 +38,7 @@ def test_create_run_dir_layout(tmp_path: Path) -> None:
 
 
 def test_same_second_gets_numbered_suffixes(tmp_path: Path) -> None:
-    names = [create_run_dir(tmp_path, "t", now=NOW).name for _ in range(3)]
+    names = [RunDir.create(tmp_path, "t", now=NOW).path.name for _ in range(3)]
     assert names == ["20250102_030405_t", "20250102_030405_t-2", "20250102_030405_t-3"]
 
 
@@ -86,7 +86,7 @@ def _configs(tmp_path: Path) -> list[Path]:
 
 
 def test_write_meta_in_git_checkout(tmp_path: Path, git_checkout: Path) -> None:
-    run_dir = create_run_dir(tmp_path / "runs", "meta")
+    run_dir = RunDir.create(tmp_path / "runs", "meta").path
     config = {"n_layer": 6, "dropout": 0.1, "run_tag": "meta", "bias": True}
     configs = _configs(tmp_path)
     write_meta(run_dir, config, configs, git_checkout)
@@ -125,13 +125,13 @@ def test_outside_git_checkout(tmp_path: Path) -> None:
     assert git_facts(plain) == f"not a git checkout: {plain}\n"
     assert git_facts(tmp_path / "missing").startswith("not a git checkout")
     assert git_summary(plain) == {"commit": None, "branch": None, "dirty": None}
-    run_dir = create_run_dir(tmp_path / "runs", "nogit")
+    run_dir = RunDir.create(tmp_path / "runs", "nogit").path
     write_meta(run_dir, {"a": 1}, [], plain)
     assert (run_dir / "meta" / "git.txt").read_text().startswith("not a git checkout")
 
 
 def test_run_status_lifecycle(tmp_path: Path) -> None:
-    run_dir = create_run_dir(tmp_path, "status")
+    run_dir = RunDir.create(tmp_path, "status").path
     status = RunStatus(run_dir)
     status.start()
     first = json.loads((run_dir / "meta" / "status.json").read_text())
@@ -144,7 +144,7 @@ def test_run_status_lifecycle(tmp_path: Path) -> None:
     assert done["state"] == "completed" and done["finished_at"] and done["val_loss"] == 1.5
     assert done["started_at"] == first["started_at"]
 
-    failed = RunStatus(create_run_dir(tmp_path, "fails"))
+    failed = RunStatus(RunDir.create(tmp_path, "fails").path)
     failed.start(iteration=3)
     failed.finish("failed", error="RuntimeError: boom\n  at line 3")
     assert failed.read()["state"] == "failed" and failed.read()["error"] == "RuntimeError: boom at line 3"
@@ -154,7 +154,7 @@ def test_run_status_lifecycle(tmp_path: Path) -> None:
 
 
 def test_run_status_resume_keeps_started_at(tmp_path: Path) -> None:
-    run_dir = create_run_dir(tmp_path, "resume")
+    run_dir = RunDir.create(tmp_path, "resume").path
     first = RunStatus(run_dir)
     first.start()
     first.finish("interrupted", iteration=40)
@@ -192,16 +192,16 @@ def test_resolve_run(tmp_path: Path) -> None:
     old = _fake_run(runs, "20250101_000000_old", export=True)
     newer = _fake_run(runs, "20250101_000000_old-2", export=True)
     running = _fake_run(runs, "20250105_000000_running", export=False)
-    assert resolve_run("latest", runs) == newer
-    assert resolve_run("latest", runs, need_export=False) == running
-    assert resolve_run(str(old), runs) == old
-    assert resolve_run(str(old / "artifacts" / "export"), runs) == old
-    assert resolve_run(old.name, runs) == old
+    assert resolve_run("latest", runs).path == newer
+    assert resolve_run("latest", runs, need_export=False).path == running
+    assert resolve_run(str(old), runs).path == old
+    assert resolve_run(str(old / "artifacts" / "export"), runs).path == old
+    assert resolve_run(old.name, runs).path == old
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve_run(str(tmp_path / "nope"), runs)
     with pytest.raises(FileNotFoundError, match=r"has no export .*status\.json"):
         resolve_run(str(running), runs)
-    assert resolve_run(str(running), runs, need_export=False) == running
+    assert resolve_run(str(running), runs, need_export=False).path == running
 
 
 def test_atomic_writes(tmp_path: Path) -> None:

@@ -15,13 +15,14 @@ from parameters import ModelConfig
 from rundir.checkpoint import find_checkpoints, mark_best, save_checkpoint
 from utils.files import atomic_write_json
 from rundir.lock import RunLock
-from rundir.run_dir import RunStatus, create_run_dir
+from rundir.run_dir import RunDir
+from rundir.status import RunStatus
 
 
 def make_run(root: Path, tag: str, state: str, steps: tuple[int, ...] = (), best: int | None = None,
              best_val: float = 1.5, **config: object) -> Path:
     """A run directory in `state` with checkpoints at `steps` (state "killed": left running, no owner)."""
-    run_dir = create_run_dir(root, tag)
+    run_dir = RunDir.create(root, tag).path
     cfg = ModelConfig(**{"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8, "run_tag": tag, **config})
     atomic_write_json(run_dir / "meta" / "full_config.json", cfg.to_dict())
     status = RunStatus(run_dir)

@@ -157,10 +157,10 @@ def test_aim_process_exits_promptly_after_close(aim_repo: Path) -> None:
 
 
 def test_build_tracker(tmp_path: Path, aim_repo: Path) -> None:
-    local = build_tracker(tmp_path, CONFIG, EXTRA, aim_logging=False, aim_repo=aim_repo, experiment="tests")
+    local = build_tracker(tmp_path, config=CONFIG, extra=EXTRA, aim_logging=False, aim_repo=aim_repo, experiment="tests")
     assert [type(t) for t in local.trackers] == [TensorBoardTracker, JsonlTracker] and local.run_hash is None
     local.close()
-    both = build_tracker(tmp_path / "run", CONFIG, EXTRA, aim_logging=True, aim_repo=aim_repo, experiment="tests")
+    both = build_tracker(tmp_path / "run", config=CONFIG, extra=EXTRA, aim_logging=True, aim_repo=aim_repo, experiment="tests")
     assert isinstance(both, MultiTracker) and both.run_hash
     both.log_scalars(1, {"loss": 3.0}, subset="train")
     both.close()

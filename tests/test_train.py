@@ -19,7 +19,7 @@ from conftest import call_main, run_cli, start_cli, user_error, wait_for_line
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
-from training.trainer import build_optimizer, get_lr
+from training.optim import build_optimizer, get_lr
 from rundir.export import load_export, save_export
 from rundir.tracking import read_aim_run
 

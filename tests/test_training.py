@@ -18,8 +18,9 @@ from training.optim import OPTIMIZERS, SCHEDULES, MuonWithAdamW, build_optimizer
 from parameters import ModelConfig
 from tokenizer import CharTokenizer
 from training.batches import get_batch
-from training.trainer import Trainer, train_step
-from rundir.run_dir import RunStatus
+from training.step import train_step
+from training.trainer import Trainer
+from rundir.status import RunStatus
 from utils.signals import NeverStop
 from rundir.tracking import Tracker
 
@@ -206,8 +207,9 @@ def tiny_trainer(cfg: ModelConfig, tmp_path: Path, logit_scale: float = 1.0) -> 
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    return Trainer(cfg, model, model, optimizer, {"train": ids[:6000], "val": ids[6000:]}, tok, torch.device("cpu"),
-                   torch.float32, tmp_path, _Recorder(), RunStatus(tmp_path, enabled=False))
+    return Trainer(cfg=cfg, raw_model=model, optimizer=optimizer, splits={"train": ids[:6000], "val": ids[6000:]},
+                   tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32, run_dir=tmp_path, tracker=_Recorder(),
+                   status=RunStatus(tmp_path, enabled=False))
 
 
 @pytest.mark.parametrize("logit_scale,warns", [(1.0, False), (200.0, True)])
@@ -238,7 +240,7 @@ def test_the_step_0_eval_leaves_training_bit_identical(tiny_cfg, tmp_path):
 
 
 def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
-    from training import trainer
+    from training import step
     drawn: list[tuple[int, torch.Tensor]] = []
 
     def recording_get_batch(*args, **kwargs):
@@ -246,7 +248,7 @@ def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
         drawn.append((kwargs["step"], x))
         return x, y
 
-    monkeypatch.setattr(trainer, "get_batch", recording_get_batch)
+    monkeypatch.setattr(step, "get_batch", recording_get_batch)
     cfg = dataclasses.replace(tiny_cfg, overfit_batches=2)
     model = LanguageModel(cfg, 30)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))

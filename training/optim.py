@@ -17,10 +17,8 @@ import math
 
 import torch
 
-from parameters import ModelConfig, Registry
+from parameters import OPTIMIZERS, SCHEDULES, ModelConfig
 
-SCHEDULES: Registry = Registry("lr_schedule")
-OPTIMIZERS: Registry = Registry("optimizer")
 
 
 def get_lr(step: int, cfg: ModelConfig, peak: float | None = None) -> float:

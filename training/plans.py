@@ -1,7 +1,9 @@
-"""Plans: several stages in one command (`python train.py --plan plans/X.yaml`), and their record.
+"""Plans: several stages in one command (`python train.py --plan plans/X.yaml`), their record, and
+running them in order.
 
-    plan = Plan.create(load_plan(Path("plans/reverse_words.yaml")), runs_dir)   # runs/plans/<ts>_<name>/
-    plan = Plan.open(Path("runs/plans/<id>"))                                  # --resume: continue it
+    plan = open_plan(parsed, argv, d)      # --plan FILE (checked whole, then runs/plans/<ts>_<name>/ made)
+                                           # or --resume runs/plans/<id>: continue it; None for one run
+    code = run_plan(plan, run_stage)       # run_stage(argv, started=..., continue_with=...): train.py's run
 
 A plan file names its stages in order:
 
@@ -28,18 +30,28 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from config import PROJECT_DIR, check_values, read_config_file
-from parameters import ModelConfig
-from utils.console import format_metrics
-from utils.files import atomic_write_json, atomic_write_text, read_json_object, sha256_file
+from config import PROJECT_DIR, load_config, read_config_file
+from data import resolve_data
+from evaluation.metrics import report
+from evaluation.scoring import evaluate_run
+from parameters import ModelConfig, check_values
+from rundir.checkpoint import latest_good
 from rundir.lock import RunLock, run_state
-from rundir.run_dir import create_run_dir, utc_now
+from rundir.run_dir import RunDir, create_dir
+from rundir.status import utc_now
+from utils.console import format_metrics
+from utils.device import resolve_device
+from utils.distributed import Dist
+from utils.files import atomic_write_json, atomic_write_text, read_json_object, sha256_file
+from utils.signals import Interrupted
 
 PLAN_KEYS = ("name", "config", "settings", "stages")
 EVALUATE_KEYS = {"data": str, "split": str, "name": str, "max_tokens": int, "max_pairs": int, "batch_size": int}
@@ -138,7 +150,8 @@ class Plan:
 
     @classmethod
     def create(cls, spec: PlanSpec, runs_dir: str | Path, flags: list[str]) -> "Plan":
-        root = create_run_dir(Path(runs_dir) / "plans", spec.name, subdirs=("stages",))
+        root = create_dir(Path(runs_dir) / "plans", spec.name)
+        (root / "stages").mkdir()
         shutil.copyfile(spec.source, root / "plan.yaml")
         state = {"name": spec.name, "source": str(spec.source), "created": utc_now(),
                  "plan_sha256": sha256_file(root / "plan.yaml"), "flags": flags,
@@ -207,11 +220,9 @@ class Plan:
     def stage_argv(self, i: int) -> list[str]:
         """train.py's arguments for training stage i: resuming its run where it has a checkpoint, else a
         fresh run from its stage file (init_from the previous training stage's run)."""
-        from rundir.checkpoint import latest_good
-
         entry, stage = self.state["stages"][i], self.spec.stages[i]
         flags = [*self.state.get("flags", []), *self.new_flags]
-        if entry["run"] and latest_good(Path(entry["run"]) / "artifacts" / "checkpoints")[0]:
+        if entry["run"] and latest_good(RunDir(entry["run"]).checkpoints)[0]:
             return ["--resume", entry["run"], *flags]
         settings = {"run_tag": f"{self.spec.name}-{stage.name}", **stage.settings}
         if i and "init_from" not in stage.settings:
@@ -228,3 +239,122 @@ class Plan:
             lines.append(f"  {entry['name']:<14} {entry['state']:<11} {Path(entry['run']).name if entry['run'] else '-'}"
                          + (f"  {shown}" if shown else ""))
         return "\n".join(lines)
+
+
+# --- running a plan: train.py hands over the function that runs one training stage ---
+
+def open_plan(parsed, argv: list[str], d: Dist) -> Plan | None:
+    """A new plan (--plan FILE: checked whole, then its directory made) or the plan directory --resume
+    names; the other flags given apply to every stage."""
+    args = parsed.args
+    if not args.plan and not Plan.is_plan_dir(args.resume):
+        return None
+    if d.enabled:
+        raise ValueError("a plan runs in one process; under torchrun, launch each stage as its own run "
+                         "(python train.py --init-from RUN ...)")
+    flags = strip_flag(argv, "--resume" if not args.plan else "--plan")
+    if not args.plan:
+        # The flags apply from the next stage on; they are recorded once a stage has accepted them
+        # (Plan.started), so a flag that is refused never sticks to the plan.
+        return Plan.open(Path(args.resume), flags)
+    if args.resume or args.config:
+        raise ValueError("--plan takes its configs from the plan file (config:, settings:); continue a plan with "
+                         "--resume runs/plans/<id> alone")
+    spec = load_plan(Path(args.plan))
+    return Plan.create(spec, check_plan(spec, flags), flags)
+
+
+def check_plan(spec: PlanSpec, flags: list[str]) -> str:
+    """Every stage's config validates and every stage's data exists, before one trains; returns the
+    runs_dir of the first stage, where the plan lives."""
+    runs_dir = data_dir = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in spec.stages:
+            if stage.evaluate is not None:  # the first stage trains: data_dir is known by now
+                check_data(stage.evaluate["data"], data_dir, f"plan stage '{stage.name}'")
+                continue
+            stage_file = Path(tmp) / f"{stage.name}.yaml"
+            stage_file.write_text(yaml.safe_dump(stage.settings), encoding="utf-8")
+            cfg = load_config(stage_args(stage, stage_file, flags)).config
+            check_data(cfg.data, cfg.data_dir, f"plan stage '{stage.name}'")
+            runs_dir, data_dir = runs_dir or cfg.runs_dir, cfg.data_dir
+    return runs_dir
+
+
+def check_data(spec: str, data_dir: str, where: str) -> None:
+    """What --data names must exist (or be a name gptlab knows) before anything trains."""
+    try:
+        resolve_data(spec, data_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{where}: {e}") from None
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` (or flag=VALUE)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def run_plan(plan: Plan, run_stage: Callable[..., int]) -> int:
+    """Each stage not yet completed, in order, holding the plan's lock; a stage that is interrupted stops the
+    plan, and --resume on the plan directory continues it there. Whatever stops it says so in one line,
+    with the command that continues the plan. run_stage(argv, started=, continue_with=) runs one training
+    stage as train.py runs a run, and returns its exit code."""
+    n, again = len(plan.spec.stages), f"python train.py --resume {plan.root}"
+    with plan.locked():
+        while (i := plan.next_stage()) is not None:
+            stage = plan.spec.stages[i]
+            print(f"== plan {plan.spec.name} ({plan.root}): stage {i + 1}/{n}, {stage.name}", flush=True)
+            try:
+                if stage.evaluate is not None:
+                    code, results = evaluate_stage(plan, i), None
+                else:
+                    code = run_stage(plan.stage_argv(i), started=lambda run_dir: plan.started(i, run_dir),
+                                     continue_with=again)
+                    results = run_results(plan.state["stages"][i]["run"])
+            except (KeyboardInterrupt, Interrupted):
+                plan.record(i, state="interrupted")
+                print(f"plan interrupted in stage {stage.name}; continue with: {again}", file=sys.stderr)
+                return 130
+            except (ValueError, FileNotFoundError) as e:
+                plan.record(i, state="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+                raise type(e)(f"{e} (plan stopped in stage {stage.name}; continue with: {again})") from None
+            except BaseException as e:
+                plan.record(i, state="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+                print(f"plan stopped in stage {stage.name}; continue with: {again}", file=sys.stderr)
+                raise
+            if code:  # the run said how it stopped, and that `again` continues it
+                plan.record(i, state="interrupted")
+                return code
+            plan.record(i, state="completed", **({"results": results} if results else {}))
+    print(plan.summary())
+    return 0
+
+
+def evaluate_stage(plan: Plan, i: int) -> int:
+    """Score the last trained stage's run as evaluate.py would; the results go to that run's evals/ too."""
+    options = dict(plan.spec.stages[i].evaluate)
+    run = RunDir(plan.last_run(i))
+    plan.record(i, state="running", run=str(run))
+    config, notes = run.config(), []  # where and on what the run trained
+    evaluation = evaluate_run(run, options.pop("data"), data_dir=config.get("data_dir", "data"),
+                              device=resolve_device(config.get("device", "cpu")), notes=notes, **options)
+    for note in notes:
+        print(note)
+    print(report(*evaluation))
+    plan.record(i, results={k: evaluation.record[k] for k in ("exact_match", "loss", "top1_accuracy")
+                            if k in evaluation.record})
+    return 0
+
+
+def run_results(run_dir: str | None) -> dict:
+    """What a training stage's run reached, for the plan's record."""
+    status = RunDir(run_dir).status() if run_dir else {}
+    return {k: status[k] for k in ("iteration", "best_val_loss", "val_bpb") if k in status}

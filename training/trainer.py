@@ -1,19 +1,15 @@
-"""The training loop as a library: one step, evaluation, sampling, and Trainer (schedules and
-optimizers are optimization.py's, re-exported here).
+"""The Trainer: the loop, its evals, checkpoints and tracking, and the end of a run (export, summary).
 
-    optimizer = build_optimizer(model, cfg, device)   # the one cfg.optimizer names
-    loss, grad_norm = train_step(model, optimizer, tokens, step, cfg, scaler=scaler, ctx=ctx, device=device)
-    trainer = Trainer(cfg, raw_model, model, optimizer, splits, tokenizer, device, dtype, run_dir, tracker, status)
+    trainer = build_trainer(start, run_dir, status, d)     # training/build.py: model, optimizer, wrappers, trackers
     reason = trainer.run(stop)          # "completed", "early_stopping", "target_reached" or "interrupted"
+    code = trainer.finish(reason, stop, continue_with)     # export, sample, status, summary
 
-train.py is the stage that builds these parts from a config and a run directory; profile_model.py
-times the very same step and loop. Nothing here parses arguments or creates run directories.
+One step and the eval loss are training/step.py's, which profile_model.py times too; optimizers and
+schedules are training/optim.py's. Nothing here parses arguments or creates run directories.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import shlex
 import signal
@@ -23,154 +19,28 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from training.batches import get_batch, step_targets
-from data import Corpus
 from model import LanguageModel
-# The schedules and optimizers live in optimization.py; the loop's callers import them from here too.
-from training.optim import (OPTIMIZERS, SCHEDULES, build_optimizer, describe_optimizer, get_lr,  # noqa: F401
-                          set_lrs)
 from parameters import ModelConfig
-from utils import distributed
 from rundir.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
-                              rotate, save_checkpoint, verify)
+                               rotate, save_checkpoint, verify)
+from rundir.run_dir import RunDir
+from rundir.export import save_export
+from rundir.status import RunStatus
+from rundir.tracking import Tracker
+from training.optim import get_lr, set_lrs
+from training.step import NonFiniteStep, estimate_loss, train_step
+from utils import distributed
 from utils.console import format_duration
 from utils.device import autocast
 from utils.distributed import Dist
-from rundir.run_dir import RunStatus
 from utils.signals import GracefulStop, Interrupted
-from rundir.tracking import Tracker
 
-EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
 # An untrained model predicts nearly uniformly, so its loss is ln(vocab_size): GPT-2 init (std 0.02) gives
 # logits of about 0.1, within a few percent of it (tests/test_model.py: 0.2 of ln(30) = 3.4). 25% is far
 # outside that, yet a model whose logits are O(1) too large (a missing 1/sqrt(d) scale, a wrong init) or
 # data whose targets are not the next tokens lands well beyond it; a NaN is always beyond it.
 INITIAL_LOSS_TOLERANCE = 0.25
-
-
-def compile_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """torch.compile; inductor has no MPS backend, so MPS gets aot_eager. Exports use the raw model."""
-    return torch.compile(model, backend="aot_eager" if device.type == "mps" else "inductor")
-
-
-def batch_step(step: int, cfg: ModelConfig) -> int:
-    """The step whose batch step `step` trains on: itself, or with overfit_batches N, step % N. Training on
-    N fixed batches is the debug mode that proves model and loss are wired up: the loss must fall near 0."""
-    return step % cfg.overfit_batches if cfg.overfit_batches else step
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens, step: int, cfg: ModelConfig, *,
-               scaler: torch.amp.GradScaler, ctx, device: torch.device, d: Dist = Dist()):
-    """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
-    tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging).
-    Under DDP each rank takes its slice of the step's global batch, and gradients are all-reduced
-    only on the last micro-step (no_sync before it).
-
-    The loss is the mean over the trained targets of the whole step (every micro-batch of every rank),
-    so accumulation and DDP give the gradient of one big batch. Token windows train on every target, so
-    that is each micro-batch's mean / grad_accum_steps; with pairs, where micro-batches hold different
-    numbers of response tokens, each micro-batch's mean is weighted by its share of the step's targets
-    (times world_size, as DDP averages the ranks' gradients)."""
-    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
-    n_micro, at = cfg.grad_accum_steps, batch_step(step, cfg)
-    targets = step_targets(tokens, cfg.batch_size, seed=cfg.seed, step=at, n_micro=n_micro,
-                           world_size=d.world_size)  # None: every target is trained
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(n_micro):
-        with torch.profiler.record_function("data"):
-            x, y = get_batch(tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed, step=at, micro=micro,
-                             n_micro=n_micro, rank=d.rank, world_size=d.world_size, device=device)
-        last = micro == n_micro - 1
-        with ddp.no_sync() if isinstance(ddp, DDP) and not last else contextlib.nullcontext():
-            with torch.profiler.record_function("forward"), ctx:
-                _, loss = model(x, y)
-            if targets is None:
-                scaled = loss / n_micro
-            else:
-                scaled = loss * float(targets[d.rank * n_micro + micro] * d.world_size / targets.sum())
-            with torch.profiler.record_function("backward"):
-                scaler.scale(scaled).backward()
-        loss_sum += (loss if targets is None else scaled).detach()
-    # Pairs: this rank's part of the step's mean, x world_size; window_losses' mean over ranks is the mean.
-    loss = loss_sum / n_micro if targets is None else loss_sum
-    with torch.profiler.record_function("optimizer"):
-        scaler.unscale_(optimizer)
-        grad_norm = gradient_norm(model, cfg.grad_clip)
-        # float16's GradScaler skips a step with inf gradients itself (and lowers its scale). Otherwise a
-        # non-finite gradient would turn every weight it touches into NaN, so the step stops here, before the
-        # update. This costs one host sync per step: nothing on a CPU, a short pipeline bubble on a GPU.
-        if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-            raise NonFiniteStep(loss.item(), grad_norm.item())
-        scaler.step(optimizer)
-        scaler.update()
-    return loss, grad_norm
-
-
-class NonFiniteStep(ValueError):
-    """A step whose gradients are not finite, stopped before the optimizer applied them."""
-
-    def __init__(self, loss: float, grad_norm: float) -> None:
-        self.loss, self.grad_norm = loss, grad_norm
-        super().__init__(f"gradient norm {grad_norm} (loss {loss:.4f}): the step was not applied")
-
-
-def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
-    """The global gradient norm, clipping the gradients to grad_clip (0: measured only, nothing rescaled)."""
-    if grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
-
-@torch.no_grad()
-def estimate_loss(model: torch.nn.Module, splits: dict, cfg: ModelConfig, device: torch.device, ctx,
-                  d: Dist = Dist(), stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-    """Mean loss over eval_iters fixed batches per split, in eval mode (no dropout); under DDP each
-    rank scores its slice and the means are averaged, so every rank gets the same numbers. None when
-    `stop` (asked before each batch, and the same on every rank) says to stop: a Ctrl-C does not wait
-    for a long eval."""
-    model.eval()
-    losses = torch.zeros(2, cfg.eval_iters, device=device)
-    try:
-        for i, split in enumerate(("train", "val")):
-            for k in range(cfg.eval_iters):
-                if stop():
-                    return None
-                x, y = get_batch(splits[split], cfg.batch_size, cfg.block_size, seed=cfg.seed + EVAL_SEED_OFFSET,
-                                 step=k, split=split, rank=d.rank, world_size=d.world_size, device=device)
-                with ctx:
-                    _, loss = model(x, y)
-                losses[i, k] = loss.float()
-    finally:
-        model.train()
-    train, val = distributed.mean_across(d, losses.mean(dim=1)).tolist()
-    return {"train": train, "val": val}
-
-
-def check_sample_prompt(cfg: ModelConfig, corpus: Corpus) -> tuple[ModelConfig, str]:
-    """The sample prompt, checked against the vocabulary before step 0: a first eval that cannot encode
-    it would end the run with nothing saved. The default prompt adapts to the corpus (returning a
-    note), also when nothing is sampled, since inference.py starts from it; one the user chose must
-    encode where samples are drawn, or it is a one-line error."""
-    default = ModelConfig.__dataclass_fields__["sample_prompt"].default
-    if corpus.kind == "pairs" and cfg.sample_prompt == default:  # show the model answering a held-out prompt
-        return (dataclasses.replace(cfg, sample_prompt=corpus.first_text),
-                f"samples answer the first held-out prompt, {corpus.first_text!r}")
-    try:
-        if corpus.tokenizer.encode(cfg.sample_prompt):
-            return cfg, ""
-        problem = "it encodes to no tokens"
-    except ValueError as e:
-        problem = str(e).split(";")[0]
-    if cfg.sample_prompt != default:
-        if not cfg.sample_length:
-            return cfg, ""
-        raise ValueError(f"sample_prompt {cfg.sample_prompt[:40]!r} cannot start a sample: {problem}; choose one "
-                         "from the corpus' characters, or pass --sample-length 0")
-    prompt = corpus.first_text
-    return (dataclasses.replace(cfg, sample_prompt=prompt),
-            f"the default sample prompt {default!r} is not in this corpus' vocabulary; samples start from {prompt!r}")
 
 
 def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch.device) -> str:
@@ -187,20 +57,20 @@ def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch
     return tokenizer.decode(ids)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
     """The loop and the state it carries between steps; that state is what a checkpoint saves."""
     cfg: ModelConfig
     raw_model: LanguageModel
-    model: torch.nn.Module          # raw_model, or its compiled wrapper
+    model: torch.nn.Module | None = None  # raw_model's DDP or compiled wrapper; None: raw_model itself
     optimizer: torch.optim.Optimizer
     splits: dict
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
     run_dir: Path
-    tracker: Tracker
-    status: RunStatus
+    tracker: Tracker = field(default_factory=Tracker)
+    status: RunStatus = field(default_factory=lambda: RunStatus(Path(), enabled=False))
     d: Dist = field(default_factory=Dist)
     data: dict = field(default_factory=dict)  # the corpus' identity, recorded in every checkpoint
     bits_per_byte: Callable[[str, float], float] | None = None  # Corpus.bits_per_byte: val_bpb at every eval
@@ -217,11 +87,13 @@ class Trainer:
     target_reached_at: dict | None = None  # step, val_loss, seconds, tokens of the eval that reached target_val_loss
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = self.raw_model
         self.stop_requested: Callable[[], bool] = lambda: False  # run() asks its GracefulStop
         self.started = time.perf_counter()
         self.ctx = autocast(self.device, self.dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.ckpt_dir = self.run_dir / "artifacts" / "checkpoints"
+        self.ckpt_dir = RunDir(self.run_dir).checkpoints
 
     def run(self, stop: GracefulStop) -> str:
         """Train to max_iters; returns why it stopped: completed, early_stopping, target_reached or
@@ -412,6 +284,37 @@ class Trainer:
             print(f"saved checkpoint {path.name} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)", flush=True)
         return path
 
+    def finish(self, reason: str, stop: GracefulStop, continue_with: str) -> int:
+        """Export (the best weights if early stopping ended the run), sample, and close the status; a run
+        that reached target_val_loss completes there, recording when (target_reached_at). Rank 0 writes;
+        the exit code is the signal's for an interrupted run, else 0."""
+        cfg, run = self.cfg, RunDir(self.run_dir)
+        if not self.d.is_main:
+            return stop.exit_code if reason == "interrupted" else 0
+        if reason == "early_stopping":
+            print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; "
+                  + restore_best(self))
+        if reason == "target_reached":
+            at = self.target_reached_at
+            print(f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss {cfg.target_val_loss:g} at step "
+                  f"{at['step']}, after {format_duration(at['seconds'])} and {at['tokens']:,} tokens")
+        save_export(run.export, self.raw_model, cfg.to_dict(), self.tokenizer.to_dict())
+        print(f"exported to {run.export}")
+        if cfg.sample_length and reason != "interrupted":
+            print("sample:\n" + sample_text(self.raw_model, self.tokenizer, cfg, self.device))
+        metrics = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "stop_reason": reason,
+                   "seconds": round(self.elapsed(), 1)}
+        if reason == "target_reached":
+            metrics["target_reached_at"] = self.target_reached_at
+        if reason == "interrupted":
+            self.status.finish("interrupted", **metrics)
+            print(f"interrupted at iteration {self.iteration}; continue with: {continue_with}")
+            return stop.exit_code
+        self.status.finish("completed", **metrics)
+        stop.ignore()  # completed and recorded: a Ctrl-C now (while the trackers close) changes nothing
+        print(summary(self))
+        return 0
+
     def restore(self, ckpt: Checkpoint) -> None:
         trainer = load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scaler, self.device)
         rank_rng = trainer.get("rank_torch_rng", [])
@@ -460,7 +363,7 @@ def summary(trainer: Trainer) -> str:
     prompt = (f"--prompt {shell_quote(cfg.sample_prompt)} --temperature 0" if trainer.data.get("kind") == "pairs"
               else '--prompt "..."')
     return (f"done in {format_duration(time.perf_counter() - trainer.started)}: {trainer.iteration:,} steps, "
-            f"{tokens:,} tokens; {best}; export {run_dir / 'artifacts' / 'export'}\n"
+            f"{tokens:,} tokens; {best}; export {RunDir(run_dir).export}\n"
             f"next: python inference.py --run {run_dir} {prompt}   |   tensorboard --logdir {run_dir.parent}")
 
 
@@ -470,3 +373,5 @@ def shell_quote(text: str) -> str:
         return shlex.quote(text)
     escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t")
     return f"$'{escaped}'"
+
+
