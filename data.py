@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
@@ -84,8 +84,9 @@ def prepare_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None = None, recorde
         from corpus.tasks import TASKS
 
         if cfg.data in TASKS and not Path(cfg.data).exists():
-            return _pairs_corpus(cfg, tokenizer, target, *ensure_task(cfg.data, target))
-        return _pairs_corpus(cfg, tokenizer, target, target.read_bytes())
+            notes: list[str] = []
+            return _pairs_corpus(cfg, tokenizer, target, ensure_task(cfg.data, target, notes), notes)
+        return _pairs_corpus(cfg, tokenizer, target, target.read_bytes(), [])
     from corpus.prepare import DatasetSettings, prepare
     from corpus.shards import open_dataset
 
@@ -155,33 +156,33 @@ def learned_vocab(tokenizer: Tokenizer) -> dict:
     return {"vocab_size": tokenizer.vocab_size} if tokenizer.name == "bpe" else {}
 
 
-def ensure_task(name: str, path: Path) -> tuple[bytes, str]:
-    """(the bytes of task `name`'s .jsonl, a note or ""): written to path unless the file there already
-    holds exactly them; one from an older tasks.py is written again, with a note."""
+def ensure_task(name: str, path: Path, notes: list[str]) -> bytes:
+    """The bytes of task `name`'s .jsonl: written to path unless the file there already holds exactly them;
+    one from an older corpus/tasks.py is written again, and notes say so."""
     from corpus.tasks import task_bytes
 
     data = task_bytes(name)
     if path.is_file() and path.read_bytes() == data:
-        return data, ""
-    replaced = path.exists()
+        return data
+    if path.exists():
+        notes.append(f"{path} differed from what tasks.py generates for {name}: written again")
     write_atomic(path, data)
-    return data, f"{path} differed from what tasks.py generates for {name}: written again" if replaced else ""
+    return data
 
 
-def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path, data: bytes, note: str = "") -> Corpus:
+def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path, data: bytes, notes: list[str]) -> Corpus:
     """Prompt/response pairs (the file's bytes) -> held-out split by prompt -> tokenizer (built from them
     unless given; given one without an end-of-text id gains one) -> rows whose targets are the responses."""
     from corpus.pairs import encode_pairs, pack, read_pairs, split_pairs, trained_text_bytes, with_end_of_text
     from tokenizer import build_tokenizer, check_vocab_fits
 
-    pairs, notes, learned = read_pairs(path, data), [note], tokenizer is None
+    pairs, learned = read_pairs(path, data), tokenizer is None
     if learned:
         check_vocab_fits(cfg.tokenizer, cfg.vocab_size, len(data))
         texts = (text for pair in pairs for text in (pair.prompt, pair.response))
         tokenizer = build_tokenizer(cfg.tokenizer, texts, vocab_size=cfg.vocab_size, end_of_text=True)
     elif tokenizer.eot_id is None:
-        tokenizer, grown = with_end_of_text(tokenizer)
-        notes.append(grown)
+        tokenizer = with_end_of_text(tokenizer, notes)
     splits, split_bytes = {}, {}
     for split, part in split_pairs(pairs, cfg.val_fraction).items():
         examples = encode_pairs(part, tokenizer, path)
@@ -203,9 +204,15 @@ def _pairs_corpus(cfg: ModelConfig, tokenizer: Tokenizer | None, path: Path, dat
                   settings=learned_vocab(tokenizer) if learned else {})
 
 
-def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:
+class DataSource(NamedTuple):
+    """What --data names, before anything is read."""
+    kind: str            # "text" (one text), "pairs", "dataset" (prepared), "directory" or "files" (to prepare)
+    path: Path | None    # the pairs file or the dataset's directory; None for the others
+
+
+def resolve_data(spec: str, data_dir: str | Path) -> DataSource:
     """What --data names: ("text", None) for shakespeare, pydoc or one text file; ("pairs", file) for a
-    .jsonl of prompt/response pairs or a generated task's (tasks.py: data_dir/tasks/<name>.jsonl, which
+    .jsonl of prompt/response pairs or a generated task's (corpus/tasks.py: data_dir/tasks/<name>.jsonl, which
     prepare_corpus writes when it is missing or differs); ("dataset", dir) for a prepared dataset (its directory, or a name under data_dir/tokens/);
     ("directory" | "files", None) for corpus files that are prepared into a dataset first."""
     from corpus.pairs import looks_like_pairs
@@ -213,20 +220,20 @@ def resolve_data(spec: str, data_dir: str | Path) -> tuple[str, Path | None]:
 
     path = Path(spec).expanduser()
     if spec in DATASET_NAMES:
-        return "text", None
+        return DataSource("text", None)
     if spec in TASKS and not path.exists():
-        return "pairs", task_path(spec, data_dir)
+        return DataSource("pairs", task_path(spec, data_dir))
     if looks_like_pairs(path):
-        return "pairs", path
+        return DataSource("pairs", path)
     for candidate in (path, Path(data_dir) / "tokens" / spec):
         if (candidate / "manifest.json").is_file():
-            return "dataset", candidate
+            return DataSource("dataset", candidate)
     if path.is_dir():
-        return "directory", None
+        return DataSource("directory", None)
     if path.is_file() and not path.name.endswith(CORPUS_FILE_SUFFIXES):
-        return "text", None
+        return DataSource("text", None)
     if path.exists() or any(c in spec for c in "*?["):
-        return "files", None
+        return DataSource("files", None)
     raise FileNotFoundError(f"data path '{path}' does not exist; pass --data with a UTF-8 text file, a directory, "
                             f"a glob, .jsonl/.parquet files, a prepared dataset's name, or one of: "
                             f"{', '.join(DATASET_NAMES + tuple(TASKS))}")

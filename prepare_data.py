@@ -9,7 +9,7 @@ Inputs: .txt/.md files (one document each), .jsonl/.jsonl.gz/.jsonl.zst (a docum
 ends with the tokenizer's end-of-text id; whole documents go to val by a hash of their text. Memory
 stays bounded at any corpus size, workers tokenize in parallel, and the shards are the same whatever
 their number. Stopped (Ctrl-C, a kill, a full disk)? Run the same command again: it continues. Run
-it again later with more files: they are appended; with nothing new it does nothing. dataset.py has
+it again later with more files: they are appended; with nothing new it does nothing. corpus/prepare.py has
 the format; this stage parses, reports progress and prints the summary.
 """
 

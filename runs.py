@@ -7,7 +7,7 @@
     python runs.py clean                                     # what would be removed (a dry run)
     python runs.py clean --yes                               # remove it
 
-A run's state comes from meta/status.json, corrected by utils/run_state.py: a process that died
+A run's state comes from meta/status.json, corrected by rundir/lock.py: a process that died
 without saying so (SIGKILL, out of memory, power loss) reads as killed. clean removes failed and
 killed runs, and the checkpoints nobody needs: a completed run keeps its export and its best
 checkpoint; an interrupted one also keeps its newest, so it can still resume. Running runs and runs
@@ -35,7 +35,7 @@ from utils.console import format_duration, format_metrics
 from rundir.run_dir import RunDir, find_runs, resolve_run
 
 REMOVED_STATES = ("failed", "killed")
-STATES = ("running", "completed", "interrupted", "failed", "killed", "stale", "unreadable")  # utils/run_state.py
+STATES = ("running", "completed", "interrupted", "failed", "killed", "stale", "unreadable")  # rundir/lock.py
 
 
 COLUMNS = ("run", "tag", "state", "arch", "params", "tokens", "best_val", "val_bpb", "wall", "started")
@@ -291,7 +291,7 @@ def cleanup_plan(run: RunDir) -> list[tuple[Path, str]]:
     ckpt_dir = run.checkpoints
     keep = {best_checkpoint(ckpt_dir)}
     if state != "completed":
-        keep.add(getattr(latest_good(ckpt_dir)[0], "path", None))  # what --resume needs
+        keep.add(getattr(latest_good(ckpt_dir), "path", None))  # what --resume needs
     return [(path, f"an old checkpoint of a {state} run") for path in find_checkpoints(ckpt_dir) if path not in keep]
 
 

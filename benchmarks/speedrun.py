@@ -13,7 +13,6 @@ of the same val split (the preset keeps val_fraction and eval_iters). Prints bot
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rundir.run_dir import RunDir  # noqa: E402
 
 
 def train(runs_dir: Path, tag: str, *args: str) -> tuple[float, dict]:
@@ -34,7 +36,7 @@ def train(runs_dir: Path, tag: str, *args: str) -> tuple[float, dict]:
     if proc.returncode != 0:
         sys.exit(f"error: train.py exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     (run_dir,) = [d for d in runs_dir.iterdir() if d.name.endswith(f"_{tag}")]
-    return seconds, json.loads((run_dir / "meta" / "status.json").read_text())
+    return seconds, RunDir(run_dir).status()
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -31,10 +31,13 @@ PARQUET_BATCH_ROWS = 1024
 # GPT-2's pre-tokenizer regex ends a piece there, so no BPE token spans it ("\n\n" would: it is a token).
 _CUT = re.compile(r"(?<=\S\n)(?=\S)")
 
-# (payload, how many lines or rows of the file it reaches to (1 for a text file), whether it ends a
-# document, bytes of the file read so far). The payload is a text file's piece (str), a jsonl line
-# (bytes, parsed by document_texts in a worker) or a parquet batch's column (an Arrow array).
-Piece = tuple[Any, int, bool, int]
+class Piece(NamedTuple):
+    """A unit of reading: a text file's piece (str), a jsonl line (bytes, parsed by document_texts in a
+    worker) or a parquet batch's column (an Arrow array)."""
+    payload: Any
+    index: int     # how many lines or rows of the file it reaches to (1 for a text file)
+    last: bool     # it ends a document
+    offset: int    # bytes of the file read so far
 
 
 def find_inputs(specs: list[str]) -> list[Path]:
@@ -105,14 +108,14 @@ def _text_pieces(path: Path) -> Iterator[Piece]:
             offset += len(chunk)
             cut = _last_cut(buffer)
             if cut:
-                yield buffer[:cut], 1, False, offset
+                yield Piece(buffer[:cut], 1, False, offset)
                 buffer, started = buffer[cut:], True
         try:
             buffer += decoder.decode(b"", final=True)
         except UnicodeDecodeError as e:  # a sequence cut short by the end: it started that many bytes back
             _raise_utf8(path, f"byte {offset - (e.end - e.start)}", e)
     if buffer or started:  # an empty file is no document
-        yield buffer, 1, True, offset
+        yield Piece(buffer, 1, True, offset)
 
 
 def _last_cut(text: str) -> int:
@@ -148,7 +151,7 @@ def _jsonl_pieces(path: Path, skip: int) -> Iterator[Piece]:
         try:
             for number, line in enumerate(reader, 1):
                 if number > skip and line.strip():
-                    yield line, number, True, raw.tell()
+                    yield Piece(line, number, True, raw.tell())
         except (EOFError, gzip.BadGzipFile) as e:
             raise ValueError(f"'{path}' is a damaged or truncated archive ({e}); re-download it") from None
         except Exception as e:
@@ -193,7 +196,7 @@ def _parquet_pieces(path: Path, field: str, skip: int) -> Iterator[Piece]:
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
             first, row = row, row + batch.num_rows
             if row > skip:  # a batch of rows is one piece: an Arrow array, which pickles as its buffers
-                yield batch.column(0).slice(max(skip - first, 0)), row, True, size * row // total
+                yield Piece(batch.column(0).slice(max(skip - first, 0)), row, True, size * row // total)
 
 
 def document_texts(payload: str | bytes | Any, path: str, index: int, field: str) -> Iterator[str]:

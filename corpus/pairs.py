@@ -18,13 +18,14 @@ alone, then the model's continuation. Nothing here imports torch or prints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from corpus.split import held_out, position, record_digest
 
 if TYPE_CHECKING:
     from tokenizer import Tokenizer
@@ -117,16 +118,14 @@ def _pair(raw: bytes, n: int, path: Path) -> Pair:
     return Pair(prompt, response, n)
 
 
-def prompt_hash(prompt: str) -> float:
-    """BLAKE2b-64 of the prompt as a fraction of 2**64: where the prompt falls in [0, 1)."""
-    digest = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+def prompt_digest(prompt: str) -> bytes:
+    return record_digest(prompt.encode("utf-8", "surrogatepass"))
 
 
 def is_val(prompt: str, val_fraction: float) -> bool:
-    """Held out when the prompt's hash is below val_fraction: the same prompt is always on the same side,
-    so val prompts are never trained on."""
-    return prompt_hash(prompt) < val_fraction
+    """Held out by the split rule (corpus/split.py), read on the prompt: the same prompt is always on the
+    same side, so val prompts are never trained on."""
+    return held_out(prompt_digest(prompt), val_fraction)
 
 
 def split_pairs(pairs: Sequence[Pair], val_fraction: float) -> dict[str, list[Pair]]:
@@ -134,17 +133,17 @@ def split_pairs(pairs: Sequence[Pair], val_fraction: float) -> dict[str, list[Pa
     hash is nearest the other side moves there, with every pair that has it, so a prompt is never on both."""
     if len(pairs) < 2:
         raise ValueError(f"{len(pairs)} pair: training needs at least 2 (one to train on, one to validate)")
-    prompts = sorted({pair.prompt for pair in pairs}, key=prompt_hash)
+    prompts = sorted({pair.prompt for pair in pairs}, key=lambda p: position(prompt_digest(p)))
     if len(prompts) < 2:
         raise ValueError(f"all {len(pairs):,} pairs have the same prompt, so none can be held out without training "
                          "on it too; a held-out split needs at least 2 different prompts")
-    held_out = {prompt for prompt in prompts if prompt_hash(prompt) < val_fraction}
-    if not held_out:
-        held_out = {prompts[0]}
-    elif len(held_out) == len(prompts):
-        held_out.discard(prompts[-1])
-    return {"train": [pair for pair in pairs if pair.prompt not in held_out],
-            "val": [pair for pair in pairs if pair.prompt in held_out]}
+    held = {prompt for prompt in prompts if is_val(prompt, val_fraction)}
+    if not held:
+        held = {prompts[0]}
+    elif len(held) == len(prompts):
+        held.discard(prompts[-1])
+    return {"train": [pair for pair in pairs if pair.prompt not in held],
+            "val": [pair for pair in pairs if pair.prompt in held]}
 
 
 def encode_pairs(pairs: Sequence[Pair], tokenizer: Tokenizer, path: str | Path = "") -> list[Example]:
@@ -216,14 +215,15 @@ def trained_text_bytes(pairs: Sequence[Pair], loss_on_prompt: bool) -> int:
     return sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
 
-def with_end_of_text(tokenizer: Tokenizer) -> tuple[Tokenizer, str]:
-    """A char tokenizer without an end-of-text id, with one (id len(chars)), so a response can end;
-    the model gains the row (model.grow_vocab). Other tokenizers always have one."""
+def with_end_of_text(tokenizer: Tokenizer, notes: list[str]) -> Tokenizer:
+    """A char tokenizer without an end-of-text id, with one (id len(chars)), so a response can end; notes
+    say so. The model gains the row (model.grow_vocab). Other tokenizers always have one."""
     from tokenizer import CharTokenizer
 
     if not isinstance(tokenizer, CharTokenizer):
         raise ValueError(f"the {tokenizer.name} tokenizer has no end-of-text id to end a response with; fine-tune "
                          "on pairs with a char, gpt2 or bpe model")
     grown = CharTokenizer(tokenizer.chars, end_of_text=True)
-    return grown, (f"the model's char vocabulary has no end-of-text id: added id {grown.eot_id}, so a response can "
-                   "end (its embedding starts as the mean of the others)")
+    notes.append(f"the model's char vocabulary has no end-of-text id: added id {grown.eot_id}, so a response can "
+                 "end (its embedding starts as the mean of the others)")
+    return grown

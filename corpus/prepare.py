@@ -1,4 +1,4 @@
-"""Preparing a token dataset: corpus files -> shards of ids + manifest.json (shards.py has the format),
+"""Preparing a token dataset: corpus files -> shards of ids + manifest.json (corpus/shards.py has the format),
 streamed, tokenized in parallel worker processes, resumable and appendable.
 
     result = prepare(["corpus/"], "data/tokens/web", DatasetSettings(tokenizer="gpt2"), workers=2)
@@ -8,7 +8,7 @@ Every document ends with the tokenizer's end-of-text id. Documents go to val whe
 as a fraction of 2**64, is below val_fraction (a text file: its SHA-256; a jsonl line or parquet row:
 BLAKE2b-64 of its UTF-8 text), so adding files never moves a document; a dataset of one document is
 split by tokens instead (its tail is val), as a single text always was. The main process only reads
-(documents.py); parsing, hashing and tokenizing happen in the workers, whose results come back in
+(corpus/documents.py); parsing, hashing and tokenizing happen in the workers, whose results come back in
 order. Shards are committed at document boundaries once about shard_tokens have been written, and the
 manifest after them: a run stopped at any point (Ctrl-C, SIGKILL, a full disk) continues from the
 last commit, and the shards come out byte-identical whatever the number of workers and however often
@@ -21,7 +21,6 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -29,15 +28,16 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from corpus.split import held_out, record_digest
 from corpus.documents import document_texts, file_kind, find_inputs, read_pieces
 from corpus.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, token_dtype, totals,
                     write_manifest)
 from tokenizer import Tokenizer, build_tokenizer, check_vocab_fits, tokenizer_from_dict
-from utils.files import atomic_write_bytes
+from utils.files import atomic_write_bytes, sha256_file
 
 TASK_CHARS = 1 << 22          # text per task sent to a worker (at most; less for small shards)
 HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
@@ -81,12 +81,25 @@ class PrepareResult:
     progress: Progress   # this run's work
 
 
-def val_hash(digest: bytes, val_fraction: float) -> int:
-    """1 (val) or 0 (train) from the first 8 bytes of a document's hash."""
-    return int(int.from_bytes(digest[:8], "big") < val_fraction * 2**64)
-
-
 # --- workers: text -> ids, in parallel, in order ---
+
+class Item(NamedTuple):
+    """One piece of a task, as sent to a worker."""
+    payload: Any     # a Piece's payload, or WHOLE_FILE: the worker reads the file itself
+    split: int       # 0 train, 1 val, or HASH_IN_WORKER: the worker decides from the text's hash
+    last: bool       # it ends a document
+    path: str
+    index: int       # line or row reached in the file (errors name it)
+
+
+class Encoded(NamedTuple):
+    """A task's ids and, per text of it, its tokens, split, UTF-8 bytes and whether it ended a document."""
+    ids: np.ndarray
+    counts: np.ndarray
+    splits: np.ndarray
+    n_bytes: np.ndarray
+    lasts: np.ndarray
+    empty: int       # documents whose text was null or empty: skipped
 
 _worker: dict = {}
 
@@ -96,7 +109,7 @@ def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float, field:
                    field=field)
 
 
-def _texts(task: list[tuple]) -> Iterator[tuple[str, int, bool, str]]:
+def _texts(task: list[Item]) -> Iterator[tuple[str, int, bool, str]]:
     """(text, split or HASH_IN_WORKER, ends a document, where) for every document or text piece of a
     task ("" for a jsonl line or parquet row whose text is null or empty); a WHOLE_FILE item is read
     here, in the worker."""
@@ -108,7 +121,7 @@ def _texts(task: list[tuple]) -> Iterator[tuple[str, int, bool, str]]:
                 yield text, split, last, f"'{path}'" + (f" line {index}" if isinstance(payload, bytes) else "")
 
 
-def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
+def _encode_task(task: list[Item]) -> Encoded:
     """ids of the task's texts, with end-of-text after each document's last; and per text: its tokens,
     split, UTF-8 bytes and whether it ended a document; and how many documents were empty (skipped)."""
     tok, dtype = _worker["tok"], _worker["dtype"]
@@ -124,7 +137,7 @@ def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
             raise ValueError(f"{where}: holds {text[e.start:e.end]!r}, which is not a character; remove it from "
                              "the corpus") from None
         if split == HASH_IN_WORKER:
-            split = val_hash(hashlib.blake2b(data, digest_size=8).digest(), _worker["val_fraction"])
+            split = int(held_out(record_digest(data), _worker["val_fraction"]))
         parts.append(tok.encode_ordinary_array(text).astype(dtype, copy=False))
         if last:
             parts.append(eot)
@@ -133,11 +146,11 @@ def _encode_task(task: list[tuple]) -> tuple[np.ndarray, ...]:
         n_bytes.append(len(data))
         lasts.append(last)
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    return (ids, np.array(counts, np.int64), np.array(splits, np.uint8), np.array(n_bytes, np.int64),
-            np.array(lasts, bool), empty)
+    return Encoded(ids, np.array(counts, np.int64), np.array(splits, np.uint8), np.array(n_bytes, np.int64),
+                   np.array(lasts, bool), empty)
 
 
-def _chars_task(task: list[tuple]) -> set[str]:
+def _chars_task(task: list[Item]) -> set[str]:
     chars: set[str] = set()
     for text, *_ in _texts(task):
         chars.update(text)
@@ -243,15 +256,15 @@ def _tasks(sources: list[dict], cursor: tuple[int, int], field: str, val_fractio
     for i in range(cursor[0], len(sources)):
         path, size = sources[i]["path"], sources[i]["size"]
         kind = file_kind(Path(path))
-        split = val_hash(bytes.fromhex(sources[i]["sha256"]), val_fraction) if kind == "text" else HASH_IN_WORKER
+        split = int(held_out(bytes.fromhex(sources[i]["sha256"]), val_fraction)) if kind == "text" else HASH_IN_WORKER
         skip = cursor[1] if i == cursor[0] else 0
         expanded = size * (COMPRESSION if path.endswith((".gz", ".zst")) else 1)
         if skip == 0 and expanded < task_chars:
-            pieces.append((WHOLE_FILE, split, True, path, 0))
+            pieces.append(Item(WHOLE_FILE, split, True, path, 0))
             chars, end, last, offset = chars + expanded, (i + 1, 0), True, size
         else:
             for payload, index, last, offset in read_pieces(Path(path), field, skip):
-                pieces.append((payload, split, last, path, index))
+                pieces.append(Item(payload, split, last, path, index))
                 chars, end = chars + (payload.nbytes if kind == "parquet" else len(payload)), (i, index)
                 if chars >= task_chars:
                     yield Task(pieces, end, last, base + offset)
@@ -275,8 +288,7 @@ def fingerprint_sources(files: list[Path], known: dict[str, dict]) -> list[dict]
             if old and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
                 digest = old["sha256"]
             else:
-                with open(path, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                digest = sha256_file(path)
         except OSError as e:
             raise ValueError(f"cannot read '{path}': {e.strerror or e}; check that it exists and is readable") from None
         sources.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest})

@@ -5,8 +5,8 @@ exact match with, offline and the same on every machine.
     head -2 data/tasks/reverse_words.jsonl                         # {"prompt": "reverse: yzaznr\\n", "response": "rnzazy"}
 
 Each task draws its pairs from numpy's PCG64 with a fixed seed, so the file is byte-identical
-everywhere (a copy that differs, e.g. from an older tasks.py, is written again). Prompts never repeat,
-so the held-out split (a hash of the prompt, pairs.py) holds prompts that training never saw. Every
+everywhere (a copy that differs, e.g. from an older corpus/tasks.py, is written again). Prompts never repeat,
+so the held-out split (a hash of the prompt, corpus/split.py) holds prompts that training never saw. Every
 character is one tiny shakespeare has, so a char model pretrained on it can be fine-tuned on any task
 here. Add a task: a function (rng) -> (prompt, response) and a TASKS entry.
 """

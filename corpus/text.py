@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from corpus.shards import token_dtype
-from utils.files import atomic_write_bytes
+from utils.files import atomic_write_bytes, sha256_file
 
 if TYPE_CHECKING:
     from tokenizer import Tokenizer
@@ -202,9 +202,8 @@ def _cache_problem(path: Path, dtype: np.dtype) -> str:
         return "the cached ids had no readable record of their length and hash"
     if path.stat().st_size != n_tokens * dtype.itemsize:
         return f"the cached ids were {path.stat().st_size:,} bytes, not {n_tokens * dtype.itemsize:,}"
-    with open(path, "rb") as f:
-        if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-            return "the cached ids did not match their SHA-256"
+    if sha256_file(path) != digest:
+        return "the cached ids did not match their SHA-256"
     return ""
 
 

@@ -164,15 +164,15 @@ def _step_of(path: Path) -> int | None:
     return int(digits) if path.name.startswith(PREFIX) and digits.isdigit() else None
 
 
-def latest_good(ckpt_dir: Path) -> tuple[Checkpoint | None, list[str]]:
-    """The newest checkpoint that verifies, and one line per newer one that was skipped."""
-    skipped = []
+def latest_good(ckpt_dir: Path, skipped: list[str] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies; one line per newer one that did not goes to `skipped`."""
     for path in reversed(find_checkpoints(ckpt_dir)):
         try:
-            return Checkpoint(path, verify(path)), skipped
+            return Checkpoint(path, verify(path))
         except ValueError as e:
-            skipped.append(f"{e}; falling back to an earlier checkpoint")
-    return None, skipped
+            if skipped is not None:
+                skipped.append(f"{e}; falling back to an earlier checkpoint")
+    return None
 
 
 def load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> None:
@@ -277,7 +277,7 @@ def find_checkpoint(run_dir: Path | RunDir, name: str) -> Path:
     if name == "best":
         path = best_checkpoint(ckpt_dir)
     elif name == "latest":
-        path = getattr(latest_good(ckpt_dir)[0], "path", None)
+        path = getattr(latest_good(ckpt_dir), "path", None)
     else:
         digits = name.removeprefix(PREFIX)
         path = ckpt_dir / f"{PREFIX}{int(digits):06d}" if digits.isdigit() else None
@@ -297,8 +297,8 @@ def find_resume(spec: str, runs_dir: str | Path, notes: list[str]) -> ResumePoin
     """The run and its newest good checkpoint for --resume RUN|latest. Lines for the user go to notes: the
     damaged checkpoints skipped, how the run ended (e.g. killed), and for latest which run it picked and why."""
     if spec != "latest":
-        run = resolve_run(spec, runs_dir, False)
-        ckpt, skipped = latest_good(run.checkpoints)
+        run, skipped = resolve_run(spec, runs_dir, False), []
+        ckpt = latest_good(run.checkpoints, skipped)
         if not ckpt:
             raise FileNotFoundError(f"run '{run}' has no usable checkpoint to resume from"
                                     + (f" ({'; '.join(skipped)})" if skipped else "") + "; start a new run")
@@ -311,7 +311,8 @@ def find_resume(spec: str, runs_dir: str | Path, notes: list[str]) -> ResumePoin
             why = state.detail or "its lock is held"
             raise ValueError(f"--resume latest: the newest run, '{run}', is still running ({why}); pass --resume "
                              "with the run directory you mean")
-        ckpt, skipped = latest_good(run.checkpoints)
+        skipped: list[str] = []
+        ckpt = latest_good(run.checkpoints, skipped)
         if ckpt:
             if newer:
                 notes.append(f"--resume latest picked {run.name}, the newest run with a checkpoint; newer runs "

@@ -1,6 +1,6 @@
 """Hugging Face transformers layout: which gptlab tensor is which transformers tensor, and exports as a
 GPT2LMHeadModel, LlamaForCausalLM or (llama with qk_norm) Qwen3ForCausalLM folder. The reverse, a
-transformers folder as --init-from's start, is utils/hf_import.py. Neither imports transformers: the
+transformers folder as --init-from's start, is rundir/hf_import.py. Neither imports transformers: the
 folder is plain JSON and safetensors, so exporting costs no start-up and works where transformers is
 not installed.
 

@@ -38,7 +38,7 @@ class RunStatus:
     Fields: state (running|completed|failed|interrupted), run_dir, pid and host of the process,
     started_at, updated_at (also the heartbeat: bumped while the run trains), finished_at (null while
     running), iteration, any metrics passed in, and "error" on failure. Times are ISO 8601 UTC.
-    Every write is atomic. A process that dies without finish() leaves "running": utils/run_state.py
+    Every write is atomic. A process that dies without finish() leaves "running": rundir/lock.py
     tells that apart from a live run.
     """
 

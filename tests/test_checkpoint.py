@@ -43,7 +43,8 @@ def test_round_trip_restores_weights_optimizer_and_every_rng(tiny_cfg, tmp_path:
     path = save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 7, "note": "x"})
     expected = (random.random(), np.random.rand(), torch.rand(1))
     model2, opt2, scaler2 = make(tiny_cfg, seed=1)
-    (ckpt, skipped) = latest_good(tmp_path)
+    skipped: list[str] = []
+    ckpt = latest_good(tmp_path, skipped)
     assert ckpt.path == path and ckpt.iteration == 7 and ckpt.meta["note"] == "x" and not skipped
     load_checkpoint(ckpt, model2, opt2, scaler2, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
@@ -65,7 +66,7 @@ def test_non_finite_weights_or_optimizer_state_are_never_checkpointed(tiny_cfg, 
     name = "transformer.h.1.mlp.c_fc.weight" if poison == "weight" else "optimizer state 0.exp_avg_sq"
     with pytest.raises(ValueError, match=f"checkpoint step_000002 not written: {name} holds non-finite values"):
         save_checkpoint(tmp_path, model, opt, scaler, {"iteration": 2})
-    assert find_checkpoints(tmp_path) == [good] and latest_good(tmp_path)[0].path == good
+    assert find_checkpoints(tmp_path) == [good] and latest_good(tmp_path).path == good
     assert not list(tmp_path.glob(".tmp_*"))
 
 
@@ -78,7 +79,8 @@ def test_damaged_checkpoint_is_refused_and_resume_falls_back(tiny_cfg, tmp_path:
     (second / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model.safetensors does not match its recorded SHA-256"):
         verify(second)
-    ckpt, skipped = latest_good(tmp_path)
+    skipped = []
+    ckpt = latest_good(tmp_path, skipped)
     assert ckpt.path == first and len(skipped) == 1 and "step_000002" in skipped[0]
 
 
@@ -101,7 +103,8 @@ def test_an_edited_meta_json_is_refused_and_resume_falls_back(change, message, t
     edit_meta(second, change)
     with pytest.raises(ValueError, match=message):
         verify(second)
-    ckpt, skipped = latest_good(tmp_path)
+    skipped = []
+    ckpt = latest_good(tmp_path, skipped)
     assert ckpt.path == first and len(skipped) == 1
 
 
@@ -123,7 +126,7 @@ def test_a_trainer_pt_that_is_not_plain_data_is_refused_without_advising_pickle(
     meta["sha256"]["trainer.pt"] = sha256_file(path / "trainer.pt")
     meta["meta_sha256"] = _digest(meta)
     (path / "meta.json").write_text(json.dumps(meta))
-    ckpt, _ = latest_good(tmp_path)
+    ckpt = latest_good(tmp_path)
     with pytest.raises(ValueError) as error:
         load_checkpoint(ckpt, model, opt, scaler, torch.device("cpu"))
     assert "holds something other than tensors and plain data" in str(error.value)
@@ -239,5 +242,6 @@ def test_sigkill_mid_write_never_leaves_a_checkpoint_that_fails_to_load(tmp_path
         assert listed
         for path in listed:
             verify(path)  # every visible checkpoint is whole
-        ckpt, skipped = latest_good(out)
+        skipped = []
+        ckpt = latest_good(out, skipped)
         assert ckpt is not None and not skipped

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_dtype_auto_is_bf16_on_ampere_and_later():
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("auto", torch.device("cuda"), []) == expected
 
 
 def test_flash_attention_runs_for_the_models_attention():

@@ -24,6 +24,12 @@ def test_compile_auto_is_on_only_where_it_measured_faster(setting, device, expec
     assert resolve_compile(setting, device) is expected
 
 
+def dtype_and_note(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """resolve_dtype's choice, and what it said about it (its notes, joined)."""
+    notes: list[str] = []
+    return resolve_dtype(name, device, notes), "; ".join(notes)
+
+
 def fake_probe(monkeypatch, **fields) -> None:
     result = HalfPrecision(**{"dtype": "bfloat16", "usable": True, "isa_cap": None, "speedup": 0.5, "problem": "",
                               **fields})
@@ -32,26 +38,26 @@ def fake_probe(monkeypatch, **fields) -> None:
 
 def test_dtype_auto_on_cpu_is_bfloat16_only_where_it_measured_faster(monkeypatch):
     fake_probe(monkeypatch, speedup=0.5)
-    assert resolve_dtype("auto", CPU) == (torch.float32, "")
+    assert dtype_and_note("auto", CPU) == (torch.float32, "")
     fake_probe(monkeypatch, speedup=1.1)  # within the margin: not worth a change of numerics
-    assert resolve_dtype("auto", CPU) == (torch.float32, "")
+    assert dtype_and_note("auto", CPU) == (torch.float32, "")
     fake_probe(monkeypatch, speedup=2.5)
-    dtype, note = resolve_dtype("auto", CPU)
+    dtype, note = dtype_and_note("auto", CPU)
     assert dtype == torch.bfloat16 and "2.50x float32" in note
 
 
 def test_explicit_cpu_half_precision_is_kept_with_a_warning_when_slower(monkeypatch):
     fake_probe(monkeypatch, speedup=0.12)
-    dtype, note = resolve_dtype("bfloat16", CPU)
+    dtype, note = dtype_and_note("bfloat16", CPU)
     assert dtype == torch.bfloat16 and "0.12x float32" in note and "--dtype float32" in note
     fake_probe(monkeypatch, speedup=1.9)
-    assert resolve_dtype("float16", CPU) == (torch.float16, "")
-    assert resolve_dtype("float32", CPU) == (torch.float32, "")
+    assert dtype_and_note("float16", CPU) == (torch.float16, "")
+    assert dtype_and_note("float32", CPU) == (torch.float32, "")
 
 
 def test_a_crash_the_cap_avoids_sets_the_cap_and_says_so(monkeypatch, isa_cap_restored):
     fake_probe(monkeypatch, isa_cap="AVX512_CORE_BF16", speedup=0.5, problem="killed by SIGILL")
-    dtype, note = resolve_dtype("bfloat16", CPU)
+    dtype, note = dtype_and_note("bfloat16", CPU)
     assert dtype == torch.bfloat16 and os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
     assert "ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16" in note and "SIGILL" in note and "0.50x" in note
 
@@ -59,8 +65,8 @@ def test_a_crash_the_cap_avoids_sets_the_cap_and_says_so(monkeypatch, isa_cap_re
 def test_a_dtype_that_cannot_run_is_a_user_error(monkeypatch):
     fake_probe(monkeypatch, usable=False, speedup=None, problem="killed by SIGILL, even with ONEDNN_MAX_CPU_ISA=AVX2")
     with pytest.raises(ValueError, match="dtype bfloat16 cannot run on this CPU: .*SIGILL.*; use --dtype float32"):
-        resolve_dtype("bfloat16", CPU)
-    assert resolve_dtype("auto", CPU) == (torch.float32, "")  # auto never picks what cannot run
+        dtype_and_note("bfloat16", CPU)
+    assert dtype_and_note("auto", CPU) == (torch.float32, "")  # auto never picks what cannot run
 
 
 # Stand-ins for the probe's child: plain Python, so they cost milliseconds. Each appends a line to
@@ -158,13 +164,13 @@ def test_gptlab_cpu_probe_forces_each_kind_of_cpu_and_is_never_cached(cpu, auto,
     monkeypatch.setenv("GPTLAB_CPU_PROBE", cpu)
     answer = probe_half_precision("bfloat16")
     assert answer.forced == cpu and answer.isa_cap == cap and answer.usable == (cpu != "unusable")
-    dtype, note = resolve_dtype("auto", CPU)
+    dtype, note = dtype_and_note("auto", CPU)
     assert dtype == auto and os.environ.get("ONEDNN_MAX_CPU_ISA") == cap
     if auto == torch.bfloat16:
         assert f"(as GPTLAB_CPU_PROBE={cpu} says)" in note
     if cpu == "unusable":
         with pytest.raises(ValueError, match="dtype float16 cannot run on this CPU: .*SIGILL.*; use --dtype float32"):
-            resolve_dtype("float16", CPU)
+            dtype_and_note("float16", CPU)
     assert not (tmp_path / "cache").exists()  # a forced answer is not this machine's
 
 
@@ -172,4 +178,4 @@ def test_an_unknown_gptlab_cpu_probe_is_one_line(monkeypatch):
     monkeypatch.setenv("GPTLAB_CPU_PROBE", "fast")
     with pytest.raises(ValueError, match="^GPTLAB_CPU_PROBE='fast' is not one of faster, slower, crashes, unusable; "
                                          "unset it to measure this CPU$"):
-        resolve_dtype("auto", CPU)
+        dtype_and_note("auto", CPU)

@@ -252,9 +252,11 @@ def test_a_task_name_writes_its_file_and_keeps_it_true(tmp_path):
     assert corpus.kind == "pairs" and corpus.name == str(path)
     assert corpus.tokenizer.eot_id == corpus.tokenizer.vocab_size - 1
     mtime = path.stat().st_mtime_ns
-    assert ensure_task("reverse_words", path)[1] == "" and path.stat().st_mtime_ns == mtime  # kept as it was
+    notes: list[str] = []
+    assert ensure_task("reverse_words", path, notes) and not notes and path.stat().st_mtime_ns == mtime  # kept as it was
     path.write_text('{"prompt": "reverse: ab\\n", "response": "ba"}\n' * 3)  # e.g. an older tasks.py's
-    assert "written again" in ensure_task("reverse_words", path)[1]
+    ensure_task("reverse_words", path, notes)
+    assert "written again" in notes[0]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == corpus.sha256
 
 

@@ -32,7 +32,7 @@ def test_profile_debug_preset(tmp_path: Path, tiny_corpus: Path):
     assert res.returncode == 0, res.stderr
     figures = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(FIGURE_KEYS) <= set(figures)
-    auto = str(resolve_dtype("auto", torch.device("cpu"))[0]).removeprefix("torch.")  # what this CPU gets
+    auto = str(resolve_dtype("auto", torch.device("cpu"), [])).removeprefix("torch.")  # what this CPU gets
     assert figures["device"] == "cpu" and figures["dtype"] == auto and figures["steps"] == 2
     assert figures["tokens_per_step"] == 8 * 32 and figures["flops_per_token"] > 0
     for key in ("ms_per_step", "tokens_per_sec", "loop_ms_per_step", "loop_tokens_per_sec", "peak_tflops",

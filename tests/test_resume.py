@@ -153,7 +153,7 @@ def test_a_signal_outside_the_loop_still_ends_the_run_cleanly(inside, code, stat
         assert not (only_run(tmp_path) / "artifacts" / "export" / "model.safetensors").exists()
         return
     assert (only_run(tmp_path) / "artifacts" / "export" / "model.safetensors").is_file()
-    assert latest_good(only_run(tmp_path) / "artifacts" / "checkpoints")[0].iteration == iteration
+    assert latest_good(only_run(tmp_path) / "artifacts" / "checkpoints").iteration == iteration
 
 
 @pytest.mark.slow
@@ -169,7 +169,7 @@ def test_second_ctrl_c_exits_at_once_and_keeps_the_last_good_checkpoint(tiny_cor
     ckpt_dir = run_dir / "artifacts" / "checkpoints"
     for path in find_checkpoints(ckpt_dir):
         verify(path)
-    assert latest_good(ckpt_dir)[0].iteration >= 6
+    assert latest_good(ckpt_dir).iteration >= 6
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_corpus, tmp_path):
@@ -180,7 +180,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_good_checkpoint(tiny_
     run_dir = only_run(tmp_path)
     status = json.loads((run_dir / "meta" / "status.json").read_text())
     assert status["state"] == "failed" and "loss is nan" in status["error"]
-    good = latest_good(run_dir / "artifacts" / "checkpoints")[0]
+    good = latest_good(run_dir / "artifacts" / "checkpoints")
     assert good.iteration == bad_at - 1
     assert all(torch.isfinite(t).all() for t in safetensors.torch.load_file(good.path / "model.safetensors").values())
 
@@ -207,7 +207,7 @@ def test_inf_gradients_with_a_finite_loss_stop_before_the_update(tiny_corpus, tm
     (train_calls,) = [calls for calls in losses.values() if len(calls) == 7]
     assert all(map(math.isfinite, train_calls))
     run_dir = only_run(tmp_path)
-    good = latest_good(run_dir / "artifacts" / "checkpoints")[0]
+    good = latest_good(run_dir / "artifacts" / "checkpoints")
     assert good.iteration == 6 and str(good.path) in str(error.value)
     assert [p.name for p in find_checkpoints(run_dir / "artifacts" / "checkpoints")][-1] == "step_000006"
     assert all(torch.isfinite(t).all() for t in safetensors.torch.load_file(good.path / "model.safetensors").values())
@@ -351,7 +351,7 @@ def test_target_val_loss_stops_exports_and_records_when(tiny_corpus, tmp_path):
     assert status["iteration"] == at["step"] < 200 and at["step"] % 5 == 0 and at["val_loss"] <= 2.8
     assert at["tokens"] == at["step"] * 8 * 32 and at["seconds"] > 0  # debug preset: batch 8 x block 32
     assert (run_dir / "artifacts" / "export" / "model.safetensors").is_file()
-    assert latest_good(run_dir / "artifacts" / "checkpoints")[0].iteration == at["step"]
+    assert latest_good(run_dir / "artifacts" / "checkpoints").iteration == at["step"]
     assert f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss 2.8 at step {at['step']}" in res.stdout
 
 
@@ -378,7 +378,7 @@ def test_llama_with_muon_resumes_bit_identical_and_refuses_another_optimizer(tin
 def test_a_checkpoint_from_before_optimizers_resumes_as_adamw(trained_run, tmp_path):
     run_dir = tmp_path / trained_run.name
     shutil.copytree(trained_run, run_dir)
-    ckpt = latest_good(run_dir / "artifacts" / "checkpoints")[0]
+    ckpt = latest_good(run_dir / "artifacts" / "checkpoints")
     meta = json.loads((ckpt.path / "meta.json").read_text())
     del meta["meta_sha256"]
     for key in ("optimizer", "lr_schedule", "decay_fraction", "muon_lr", "momentum", "target_val_loss"):

@@ -4,7 +4,7 @@
     counts = step_targets(rows, 12, seed=1337, step=0, n_micro=2)         # pairs: trained targets per slice
 
 A split is one token array, a list of them (a prepared dataset's shards), or the PackedRows of
-prompt/response pairs (pairs.py). Nothing here prints or touches files.
+prompt/response pairs (corpus/pairs.py). Nothing here prints or touches files.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ An optimizer is one function (model, cfg, device) -> torch optimizer whose param
 (the learning rate the schedule scales) and "label" (what the group holds, for the start-up line),
 registered with @OPTIMIZERS.register("name"). A schedule is one pure function (step, cfg, peak, floor)
 -> lr for the steps after warmup, registered with @SCHEDULES.register("name"). The loop, gradient
-clipping, GradScaler and checkpoints need nothing else. training.py re-exports what it uses.
+clipping, GradScaler and checkpoints need nothing else. training/trainer.py and training/build.py use them.
 """
 
 from __future__ import annotations

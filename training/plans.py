@@ -222,7 +222,7 @@ class Plan:
         fresh run from its stage file (init_from the previous training stage's run)."""
         entry, stage = self.state["stages"][i], self.spec.stages[i]
         flags = [*self.state.get("flags", []), *self.new_flags]
-        if entry["run"] and latest_good(RunDir(entry["run"]).checkpoints)[0]:
+        if entry["run"] and latest_good(RunDir(entry["run"]).checkpoints):
             return ["--resume", entry["run"], *flags]
         settings = {"run_tag": f"{self.spec.name}-{stage.name}", **stage.settings}
         if i and "init_from" not in stage.settings:

@@ -171,7 +171,7 @@ class Trainer:
 
     def diverged(self, what: str, at: int) -> ValueError:
         """The one-line error that ends a run whose loss or gradients stopped being finite."""
-        good = latest_good(self.ckpt_dir)[0]
+        good = latest_good(self.ckpt_dir)
         return ValueError(
             f"{what} at iteration {at}: training diverged. Likely causes: learning_rate "
             f"{self.cfg.learning_rate:g} too high (try a third of it, or a longer warmup), or float16 "
@@ -191,7 +191,7 @@ class Trainer:
         self.tracker.log_scalars(it, {"loss": train_loss}, subset="train")
         self.tracker.log_scalars(it, {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_sec": tok_s,
                                       "tokens_seen": self.tokens_seen()})
-        self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (utils/run_state.py)
+        self.status.heartbeat(iteration=it)  # a live run's status.json stays fresh (rundir/lock.py)
 
     def measure(self, sample: bool = True) -> tuple[dict[str, float] | None, float | None]:
         """Loss on both splits (and val bits per byte), tracked at this iteration, with a sample; (None,

@@ -1,6 +1,6 @@
 """Console helpers: mirror stdout/stderr into the run's train.log, and format durations for ETAs.
 
-    restore = setup_console_log(run_dir / "logs" / "train.log")
+    restore = setup_console_log(run.log_file())      # runs/<id>/logs/train.log
     ...                                   # everything printed also lands in train.log
     restore()
 

@@ -34,11 +34,11 @@ class Compute:
 def setup_compute(device: str, dtype: str, torch_compile: str) -> Compute:
     """Resolve the device, the dtype (probing half precision on CPU first) and compile, and set the
     backend flags: every stage calls this once, before any model exists."""
-    dev = resolve_device(device)
-    dt, note = resolve_dtype(dtype, dev)
+    dev, notes = resolve_device(device), []
+    dt = resolve_dtype(dtype, dev, notes)
     compiled = resolve_compile(torch_compile, dev)
     setup_backends(dev)
-    return Compute(dev, dt, compiled, (note,) if note else ())
+    return Compute(dev, dt, compiled, tuple(notes))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,24 +56,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """(dtype, a note to print or ""). auto: bfloat16 on CUDA cards that support it (Ampere and
-    later); on a CPU only where the probe measured bf16 matmuls faster than float32; else float32.
-    A CPU dtype that crashes even under a safe ISA cap is a user error naming --dtype float32."""
+def resolve_dtype(name: str, device: torch.device, notes: list[str]) -> torch.dtype:
+    """auto: bfloat16 on CUDA cards that support it (Ampere and later); on a CPU only where the probe
+    measured bf16 matmuls faster than float32; else float32. A CPU dtype that crashes even under a safe
+    ISA cap is a user error naming --dtype float32. What the choice needed saying goes to notes."""
     if name == "auto":
         if device.type == "cuda":
-            return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32), ""
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         if device.type == "cpu":
             probe = probe_half_precision("bfloat16")
             if probe.usable and probe.speedup >= CPU_BF16_MIN_SPEEDUP:
                 chose = f"dtype auto: bfloat16, whose matmuls run {probe.speedup:.2f}x float32's ({probe.basis})"
-                return torch.bfloat16, "; ".join(n for n in (chose, _apply_cap(probe)) if n)
-        return torch.float32, ""
+                notes.append("; ".join(n for n in (chose, _apply_cap(probe)) if n))
+                return torch.bfloat16
+        return torch.float32
     if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("dtype bfloat16 is not supported on this GPU; use --dtype float32 or float16")
     if device.type == "cpu" and name != "float32":
-        return DTYPES[name], cpu_half_precision_note(name)
-    return DTYPES[name], ""
+        if note := cpu_half_precision_note(name):
+            notes.append(note)
+    return DTYPES[name]
 
 
 def cpu_half_precision_note(name: str) -> str:

@@ -85,12 +85,10 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> object:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks so large checkpoints do not fill memory."""
-    h = hashlib.sha256()
+    """Hex SHA-256 of a file, read in chunks so large checkpoints do not fill memory: the one way gptlab
+    hashes a file (sources, token caches, checkpoints, exports)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def writable_dir(path: str | Path, flag: str) -> Path:
