@@ -8,11 +8,11 @@ Every document ends with the tokenizer's end-of-text id. Documents go to val whe
 as a fraction of 2**64, is below val_fraction (a text file: its SHA-256; a jsonl line or parquet row:
 BLAKE2b-64 of its UTF-8 text), so adding files never moves a document; a dataset of one document is
 split by tokens instead (its tail is val), as a single text always was. The main process only reads
-(corpus/documents.py); parsing, hashing and tokenizing happen in the workers, whose results come back in
-order. Shards are committed at document boundaries once about shard_tokens have been written, and the
-manifest after them: a run stopped at any point (Ctrl-C, SIGKILL, a full disk) continues from the
-last commit, and the shards come out byte-identical whatever the number of workers and however often
-it was stopped.
+(corpus/documents.py); parsing, hashing and tokenizing happen in the workers (corpus/workers.py), whose
+results come back in order. Shards are committed at document boundaries once about shard_tokens have
+been written, and the manifest after them: a run stopped at any point (Ctrl-C, SIGKILL, a full disk)
+continues from the last commit, and the shards come out byte-identical whatever the number of workers
+and however often it was stopped.
 """
 
 from __future__ import annotations
@@ -21,27 +21,25 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
-import multiprocessing
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
 import numpy as np
 
-from corpus.split import held_out, record_digest
-from corpus.documents import document_texts, file_kind, find_inputs, read_pieces
+from corpus.split import held_out
+from corpus.workers import (HASH_IN_WORKER, WHOLE_FILE, Item, chars_task, default_workers, encode_task, init_worker,
+                            ordered, texts_of)
+from corpus.documents import file_kind, find_inputs, read_pieces
 from corpus.shards import (FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, token_dtype, totals,
                     write_manifest)
 from tokenizer import Tokenizer, build_tokenizer, check_vocab_fits, tokenizer_from_dict
 from utils.files import atomic_write_bytes, sha256_file
 
 TASK_CHARS = 1 << 22          # text per task sent to a worker (at most; less for small shards)
-HASH_IN_WORKER = 2            # a piece's split code when the worker decides it from the text's hash
-WHOLE_FILE = None             # a piece's payload when the worker reads the file itself (survives pickling)
 COMPRESSION = 4               # how much bigger than on disk a .gz/.zst file's text is counted
 SPLIT_RULE = ("val when the document's hash / 2**64 < val_fraction; hash: a text file's SHA-256, a jsonl line's "
               "or parquet row's BLAKE2b-64 of its UTF-8 text (first 8 bytes, big-endian); one document only: "
@@ -82,157 +80,6 @@ class PrepareResult:
 
 
 # --- workers: text -> ids, in parallel, in order ---
-
-class Item(NamedTuple):
-    """One piece of a task, as sent to a worker."""
-    payload: Any     # a Piece's payload, or WHOLE_FILE: the worker reads the file itself
-    split: int       # 0 train, 1 val, or HASH_IN_WORKER: the worker decides from the text's hash
-    last: bool       # it ends a document
-    path: str
-    index: int       # line or row reached in the file (errors name it)
-
-
-class Encoded(NamedTuple):
-    """A task's ids and, per text of it, its tokens, split, UTF-8 bytes and whether it ended a document."""
-    ids: np.ndarray
-    counts: np.ndarray
-    splits: np.ndarray
-    n_bytes: np.ndarray
-    lasts: np.ndarray
-    empty: int       # documents whose text was null or empty: skipped
-
-_worker: dict = {}
-
-
-def _init_worker(tokenizer: dict | None, dtype: str, val_fraction: float, field: str) -> None:
-    _worker.update(tok=tokenizer and tokenizer_from_dict(tokenizer), dtype=np.dtype(dtype), val_fraction=val_fraction,
-                   field=field)
-
-
-def _texts(task: list[Item]) -> Iterator[tuple[str, int, bool, str]]:
-    """(text, split or HASH_IN_WORKER, ends a document, where) for every document or text piece of a
-    task ("" for a jsonl line or parquet row whose text is null or empty); a WHOLE_FILE item is read
-    here, in the worker."""
-    field = _worker["field"]
-    for payload, split, last, path, index in task:
-        pieces = read_pieces(Path(path), field) if payload is WHOLE_FILE else [(payload, index, last, 0)]
-        for payload, index, last, _ in pieces:
-            for text in document_texts(payload, path, index, field):
-                yield text, split, last, f"'{path}'" + (f" line {index}" if isinstance(payload, bytes) else "")
-
-
-def _encode_task(task: list[Item]) -> Encoded:
-    """ids of the task's texts, with end-of-text after each document's last; and per text: its tokens,
-    split, UTF-8 bytes and whether it ended a document; and how many documents were empty (skipped)."""
-    tok, dtype = _worker["tok"], _worker["dtype"]
-    eot = np.array([tok.eot_id], dtype=dtype)
-    parts, counts, splits, n_bytes, lasts, empty = [], [], [], [], [], 0
-    for text, split, last, where in _texts(task):
-        if not text:
-            empty += 1
-            continue
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate, from a JSON \ud800 escape
-            raise ValueError(f"{where}: holds {text[e.start:e.end]!r}, which is not a character; remove it from "
-                             "the corpus") from None
-        if split == HASH_IN_WORKER:
-            split = int(held_out(record_digest(data), _worker["val_fraction"]))
-        parts.append(tok.encode_ordinary_array(text).astype(dtype, copy=False))
-        if last:
-            parts.append(eot)
-        counts.append(len(parts[-1 - last]) + last)
-        splits.append(split)
-        n_bytes.append(len(data))
-        lasts.append(last)
-    ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
-    return Encoded(ids, np.array(counts, np.int64), np.array(splits, np.uint8), np.array(n_bytes, np.int64),
-                   np.array(lasts, bool), empty)
-
-
-def _chars_task(task: list[Item]) -> set[str]:
-    chars: set[str] = set()
-    for text, *_ in _texts(task):
-        chars.update(text)
-    return chars
-
-
-def _ordered(fn: Callable, tasks: Iterator, workers: int, initargs: tuple) -> Iterator:
-    """fn over tasks in worker processes, results in task order; workers=1 runs in this process.
-
-    Task k goes to worker k % workers, each worker holding one task at a time, so reading results round
-    robin gives them in order and bounds what is in flight (a fast reader never piles the corpus up in
-    memory). Each worker has its own pipe: no queue, lock or thread is shared, so stopping early (Ctrl-C,
-    SIGTERM, a full disk, a bad document; close the generator, e.g. contextlib.closing) kills the
-    workers at once and cannot hang. (multiprocessing.Pool hung in Ctrl-C in 3 of 6 tries on a queue
-    lock a dying worker held; concurrent.futures hung reading a result its killed worker had half sent.)
-    """
-    if workers == 1:
-        _init_worker(*initargs)
-        yield from (fn(task) for task in tasks)
-        return
-    # Not fork: the caller may hold threads (torch's), and a fork of them can deadlock. The forkserver
-    # preloads nothing: Python 3.11 starts it without the caller's sys.path, so a preload would import
-    # from the working directory first (a folder named corpus/ there hid this package from the workers).
-    # Each worker sets the caller's sys.path, then imports what it needs.
-    context = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-    if os.name == "posix":
-        context.set_forkserver_preload([])
-    pipes, processes = [], []
-    try:
-        for _ in range(workers):
-            mine, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs, fn, initargs), daemon=True)
-            process.start()
-            theirs.close()
-            pipes.append(mine)
-            processes.append(process)
-        n = 0
-        for n, task in enumerate(tasks, 1):
-            w = (n - 1) % workers
-            if n > workers:  # the worker's previous task, the oldest in flight
-                yield _result(pipes[w], processes[w])
-            pipes[w].send(task)
-        for k in range(max(n - workers, 0), n):
-            yield _result(pipes[k % workers], processes[k % workers])
-    finally:
-        for process in processes:
-            process.terminate()  # SIGTERM: a worker that is done or busy ends now; nothing of it is needed
-        for process in processes:
-            process.join()
-        for pipe in pipes:
-            pipe.close()
-
-
-def _serve(pipe, fn: Callable, initargs: tuple) -> None:
-    """A worker: tasks in, results (or the error a task raised) out, until the main process goes away.
-    A terminal's Ctrl-C reaches the whole process group; the main process alone decides what it means
-    (it stops the workers), so a worker neither dies mid-task nor prints a KeyboardInterrupt traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(*initargs)
-    try:
-        while True:
-            task = pipe.recv()
-            try:
-                result = (True, fn(task))
-            except Exception as e:  # noqa: BLE001 - a bad document: its one-line error goes to the main process
-                result = (False, e)
-            pipe.send(result)
-    except (EOFError, OSError):  # the main process is gone: nothing left to do
-        pass
-
-
-def _result(pipe, process) -> object:
-    """The next result from one worker; its error is raised here, in the main process."""
-    try:
-        ok, value = pipe.recv()
-    except (EOFError, OSError):  # nothing, or half a message: the worker ended while it answered
-        process.join(timeout=5)
-        raise ValueError(f"a tokenizing worker process died (exit code {process.exitcode}: killed, or out of memory); "
-                         "run the same command again: it continues from the last shard") from None
-    if not ok:
-        raise value
-    return value
 
 
 # --- reading the sources ---
@@ -310,10 +157,6 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 # --- prepare ---
-
-def default_workers() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def prepare(specs: list[str], root: str | Path, settings: DatasetSettings, *, tokenizer: Tokenizer | None = None,
@@ -415,7 +258,7 @@ def _check_tokenizer_covers(manifest: dict, added: list[dict], settings: Dataset
 def _corpus_chars(sources: list[dict], settings: DatasetSettings, workers: int) -> set[str]:
     """Every character of the sources: a streaming pass, in parallel."""
     tasks = (task.pieces for task in _tasks(sources, (0, 0), settings.text_field, 0.0))
-    return set().union(*_ordered(_chars_task, tasks, workers, (None, "uint16", 0.0, settings.text_field)))
+    return set().union(*ordered(chars_task, tasks, workers, (None, "uint16", 0.0, settings.text_field)))
 
 
 def _build_tokenizer(sources: list[dict], settings: DatasetSettings, workers: int) -> Tokenizer:
@@ -438,9 +281,9 @@ def _build_tokenizer(sources: list[dict], settings: DatasetSettings, workers: in
 def _training_sample(sources: list[dict], settings: DatasetSettings) -> Iterator[str]:
     """The documents (text pieces) in order, up to tokenizer_train_bytes of them (0: all)."""
     budget = settings.tokenizer_train_bytes or float("inf")
-    _init_worker(None, "uint16", 0.0, settings.text_field)
+    init_worker(None, "uint16", 0.0, settings.text_field)
     for task in _tasks(sources, (0, 0), settings.text_field, 0.0):
-        for text, *_ in _texts(task.pieces):
+        for text, *_ in texts_of(task.pieces):
             if not text:
                 continue
             yield text
@@ -463,7 +306,7 @@ def _tokenize(root: Path, manifest: dict, settings: DatasetSettings, workers: in
                    min(TASK_CHARS, max(shard_tokens, 1024)))
     ends: collections.deque = collections.deque()
     try:
-        with contextlib.closing(_ordered(_encode_task, _remember(tasks, ends), workers, initargs)) as results:
+        with contextlib.closing(ordered(encode_task, _remember(tasks, ends), workers, initargs)) as results:
             for ids, counts, splits, n_bytes, last, skipped in results:
                 task, empty = ends.popleft(), empty + skipped
                 per_piece = np.repeat(splits, counts)

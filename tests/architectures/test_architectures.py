@@ -3,7 +3,10 @@ train, resume exactly, export, generate (the README's 'Add your own block', run 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 import safetensors.torch
 import torch
@@ -70,3 +73,43 @@ def test_own_architecture_trains_resumes_exports_and_generates(tiny_corpus: Path
     out = call_main(inference.main, "--run", str(run_dir), "--prompt", "the", "--temperature", "0",
                     "--max-new-tokens", "12")
     assert out.returncode == 0 and expected in out.stdout, out.stdout
+
+
+def readme_block() -> str:
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**Add your own block.**"):]
+    start = section.index("```python\n# my_blocks.py\n") + len("```python\n")
+    return section[start:section.index("\n```", start)] + "\n"
+
+
+@pytest.mark.slow
+def test_an_outside_module_joins_through_imports_in_every_stage(tiny_corpus: Path, tmp_path: Path) -> None:
+    """The README's my_blocks.py in a folder of its own (the working directory), named by --imports once:
+    train, resume, inference and evaluate each run in a fresh process, which imports it from the run's
+    recorded config."""
+    from conftest import run_cli
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "my_blocks.py").write_text(readme_block(), encoding="utf-8")
+    common = ("--data", str(tiny_corpus), "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+              "--device", "cpu")
+    res = run_cli("train.py", "--config", "debug", "--imports", "my_blocks", "--arch", "relu2", "--max-iters", "5",
+                  "--sample-length", "0", *common, cwd=own)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "meta" / "full_config.json").read_text())["imports"] == ["my_blocks"]
+    res = run_cli("train.py", "--resume", str(run_dir), "--max-iters", "8", cwd=own)
+    assert res.returncode == 0 and "resumed from step_000005" in res.stdout, res.stderr
+    res = run_cli("inference.py", "--run", str(run_dir), "--prompt", "the", "--temperature", "0", "--max-new-tokens",
+                  "5", cwd=own)
+    assert res.returncode == 0 and res.stdout.startswith("the"), res.stderr
+    res = run_cli("evaluate.py", "--run", str(run_dir), "--data", str(tiny_corpus), "--data-dir",
+                  str(tmp_path / "data"), cwd=own)
+    assert res.returncode == 0 and "loss" in res.stdout, res.stderr
+    res = run_cli("train.py", "--config", "debug", "--imports", "no_such_blocks", *common, cwd=own)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: imports: cannot import 'no_such_blocks' (ModuleNotFoundError: No module named 'no_such_blocks'); "
+        "put the module on PYTHONPATH, in the working directory, or install it"]

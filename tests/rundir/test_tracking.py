@@ -16,7 +16,7 @@ from rundir.tracking import (
     AimTracker, JsonlTracker, MultiTracker, TensorBoardTracker, Tracker, build_tracker, read_aim_run,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"n_layer": 2, "learning_rate": 1e-3, "tokenizer": "char", "bias": True, "aim_repo": "."}
 EXTRA = {"git_commit": "abc123", "git_branch": "main", "python": "3.11.0"}
 

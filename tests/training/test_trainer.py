@@ -240,7 +240,7 @@ def test_the_step_0_eval_leaves_training_bit_identical(tiny_cfg, tmp_path):
 
 
 def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
-    from training import step
+    from training import step as step_module
     drawn: list[tuple[int, torch.Tensor]] = []
 
     def recording_get_batch(*args, **kwargs):
@@ -248,7 +248,7 @@ def test_overfit_batches_repeats_the_first_batches(tiny_cfg, monkeypatch):
         drawn.append((kwargs["step"], x))
         return x, y
 
-    monkeypatch.setattr(step, "get_batch", recording_get_batch)
+    monkeypatch.setattr(step_module, "get_batch", recording_get_batch)
     cfg = dataclasses.replace(tiny_cfg, overfit_batches=2)
     model = LanguageModel(cfg, 30)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))

@@ -352,17 +352,17 @@ def test_a_source_changed_while_it_is_read_is_never_committed(corpus: tuple[Path
     root, _ = corpus
     victim = root / "a3.txt"  # read after the earlier text files, so the first task truncates it in time
     whole = victim.read_bytes()
-    encode = prepare_module._encode_task
+    encode = prepare_module.encode_task
 
     def truncate_then_encode(task):
         if victim.stat().st_size == len(whole):
             victim.write_bytes(whole[: len(whole) // 2])
         return encode(task)
 
-    monkeypatch.setattr(prepare_module, "_encode_task", truncate_then_encode)
+    monkeypatch.setattr(prepare_module, "encode_task", truncate_then_encode)
     with pytest.raises(ValueError, match=f"'{victim}' changed while it was being read .*nothing read from it was kept"):
         prepare([str(root)], tmp_path / "ds", DatasetSettings("gpt2"), workers=1, shard_tokens=500)
-    monkeypatch.setattr(prepare_module, "_encode_task", encode)
+    monkeypatch.setattr(prepare_module, "encode_task", encode)
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert manifest["state"] == "partial"
     victim.write_bytes(whole)  # restored: the same command continues, to exactly the whole corpus
