@@ -1,6 +1,6 @@
 """Prepare a corpus once into a sharded token dataset that any number of runs then train on.
 
-    python prepare_data.py --data corpus/ --tokenizer gpt2 --name web          # -> data/tokens/web/
+    python prepare_data.py --data my_corpus/ --tokenizer gpt2 --name web       # -> data/tokens/web/
     python prepare_data.py --data 'fineweb/*.parquet' --tokenizer bpe --vocab-size 32768 --name fw
     python train.py --config gpt2_small --data web                            # train on it
 
@@ -36,7 +36,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", nargs="+", required=True, metavar="PATH",
                         help="corpus files, directories (searched recursively) or globs")
     parser.add_argument("--name", help="the dataset's name: data_dir/tokens/NAME (default: the first input's name "
-                                       "and the tokenizer, e.g. corpus-gpt2)")
+                                       "and the tokenizer, e.g. my_corpus-gpt2)")
     add_fields(parser, SHARED)  # the training config's own keys: the same help, defaults and checks
     parser.add_argument("--shard-tokens", "--shard_tokens", type=int, default=100_000_000,
                         help="tokens per shard, about (default 100000000)")

@@ -1,6 +1,6 @@
 """Corpus files -> documents, streamed: what prepare_data.py reads, one piece of text at a time.
 
-    files = find_inputs(["corpus/", "more/*.jsonl.zst"])     # sorted; only the formats below
+    files = find_inputs(["my_corpus/", "more/*.jsonl.zst"])     # sorted; only the formats below
     for payload, index, last, offset in read_pieces(files[0], text_field="text"):
         for text in document_texts(payload, str(files[0]), index, "text"):
             ...

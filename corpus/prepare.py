@@ -1,7 +1,7 @@
 """Preparing a token dataset: corpus files -> shards of ids + manifest.json (corpus/shards.py has the format),
 streamed, tokenized in parallel worker processes, resumable and appendable.
 
-    result = prepare(["corpus/"], "data/tokens/web", DatasetSettings(tokenizer="gpt2"), workers=2)
+    result = prepare(["my_corpus/"], "data/tokens/web", DatasetSettings(tokenizer="gpt2"), workers=2)
     result.action      # "prepared", "continued", "appended" or "up to date"
 
 Every document ends with the tokenizer's end-of-text id. Documents go to val when a hash of them, read
