@@ -93,6 +93,11 @@ class LanguageModel(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def logits_at(self, idx: Tensor, where: Tensor) -> Tensor:
+        """Logits (N, vocab) at the N positions of idx (B, T) where `where` (B, T) is True, in row-major
+        order: the LM head runs on those positions only (scoring a few targets of a 50k vocabulary)."""
+        return self.lm_head(self._hidden(idx)[where])  # (N, V)
+
     def _hidden(self, idx: Tensor, cache: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
         """Final-LayerNorm hidden states (B, T, C) of idx (B, T) placed at positions pos..pos+T-1."""
         T = idx.size(1)

@@ -73,6 +73,7 @@ ARCHITECTURES: Registry = Registry("arch", home="architectures")          # Bloc
 TOKENIZERS: Registry = Registry("tokenizer", home="tokenizer")            # Tokenizer classes
 OPTIMIZERS: Registry = Registry("optimizer", home="training.optim")       # build(model, cfg, device) functions
 SCHEDULES: Registry = Registry("lr_schedule", home="training.optim")      # lr(step, cfg) functions
+BENCHMARK_FORMATS: Registry = Registry("benchmark format", home="evaluation.benchmarks")  # BenchmarkFormat entries
 REGISTRIES = (ARCHITECTURES, TOKENIZERS, OPTIMIZERS, SCHEDULES)
 
 

@@ -30,8 +30,32 @@ def token_metrics(nll: float, top1: int, top5: int, tokens: int, text_bytes: int
             "top1_accuracy": top1 / tokens, "top5_accuracy": top5 / tokens}
 
 
+def skipped_note(record: dict, data: str) -> str:
+    """One line: how many items of the benchmark file `data` were skipped, and why."""
+    why = "; ".join(f"{n:,} for {reason}" for reason, n in record["skipped_why"].items())
+    return (f"note: {record['skipped']:,} of {record['skipped'] + record['items']:,} items of {data} were "
+            f"skipped and are not in the scores: {why}")
+
+
+def benchmark_table(record: dict) -> str:
+    """A benchmark record: each accuracy beside its centred value, or a last word's accuracy and loss."""
+    skipped = f", {record['skipped']:,} skipped" if record["skipped"] else ""
+    lines = [f"{record['run']} on {record['data']} ({record['benchmark']}, {record['items']:,} items{skipped}), "
+             f"as '{record['name']}'"]
+    if record["kind"] == "lastword":
+        lines += [f"  {'acc':<15} {record['acc']:>12.2%}", f"  {'loss':<15} {record['loss']:>12.4f}",
+                  f"  {'perplexity':<15} {record['perplexity']:>12.3f}"]
+        return "\n".join(lines)
+    lines.append(f"  {'':<15} {'accuracy':>12} {'centred':>10}   (chance {record['chance']:.2%})")
+    lines += [f"  {rule:<15} {record[rule]:>12.2%} {record[rule + '_centered']:>10.4f}"
+              for rule in ("acc", "acc_norm", "acc_bytes", "acc_per_token")]
+    return "\n".join(lines)
+
+
 def table(record: dict) -> str:
     """The console's view of a record: its metrics, and for pairs the first failures."""
+    if "benchmark" in record:
+        return benchmark_table(record)
     rows = [("pairs", f"{record['pairs']:,}")] if "pairs" in record else []
     rows += [("tokens", f"{record['tokens']:,}"), ("loss", f"{record['loss']:.4f}"),
              ("perplexity", f"{record['perplexity']:.3f}"), ("bits per byte", f"{record['bits_per_byte']:.4f}"),

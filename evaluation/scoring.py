@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from corpus.pairs import Example, pack
 from data import prepare_corpus
-from evaluation.metrics import token_metrics, top_k_hits
+from evaluation.benchmarks import is_benchmark, read_benchmark
+from evaluation.likelihood import score_benchmark
+from evaluation.metrics import skipped_note, token_metrics, top_k_hits
 from rundir.evals import default_name, save_eval
 from rundir.export import read_export
 from rundir.run_dir import RunDir
@@ -150,6 +152,15 @@ def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name:
     give a char vocabulary its end-of-text id); lines for the user go to notes."""
     run = RunDir(run_dir)
     snapshot = read_export(run.path)
+    if is_benchmark(data):
+        bench = read_benchmark(data)
+        model = build_model(snapshot, device=device)
+        results = score_benchmark(model, bench, snapshot.tokenizer, snapshot.config.block_size, batch_size or 32, device)
+        if notes is not None and results["skipped"]:
+            notes.append(skipped_note(results, str(bench.path)))
+        record = {"run": run.name, "data": str(bench.path), "split": "all", "name": name or bench.name,
+                  "iteration": run.status().get("iteration"), **results}
+        return Evaluation(record, save_eval(run, record))
     cfg = dataclasses.replace(snapshot.config, data=data, data_dir=data_dir)
     corpus = prepare_corpus(cfg, snapshot.tokenizer)
     if notes is not None and corpus.note:

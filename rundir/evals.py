@@ -15,7 +15,10 @@ from rundir.run_dir import RunDir
 from rundir.tracking import AimTracker, MultiTracker, TensorBoardTracker, Tracker
 from utils.files import atomic_write_json
 
-METRICS = ("loss", "perplexity", "bits_per_byte", "top1_accuracy", "top5_accuracy", "exact_match")
+METRICS = ("loss", "perplexity", "bits_per_byte", "top1_accuracy", "top5_accuracy", "exact_match",
+           # benchmarks (evaluation/likelihood.py)
+           "acc", "acc_norm", "acc_bytes", "acc_per_token", "acc_centered", "acc_norm_centered", "acc_bytes_centered",
+           "acc_per_token_centered")
 
 
 def default_name(data: str) -> str:

@@ -104,6 +104,36 @@ def write_pairs(path: Path, n: int = 120) -> Path:
     return path
 
 
+def write_benchmarks(root: Path, n: int = 12) -> dict[str, Path]:
+    """n items in each benchmark format as published (HellaSwag, ARC, PIQA, the generic one, LAMBADA's
+    {"text"}), with contents of our own in the tiny corpus' characters: {format: file}."""
+    import json
+
+    words = sorted(set(TINY_TEXT.replace(".", " ").replace(",", " ").replace("?", " ").replace(":", " ").split()))
+    lower = [w for w in words if w == w.lower()]  # HellaSwag's ctx_b.capitalize() lowercases all but its first
+    pick = lambda i, k: " ".join(words[(i * 7 + j * 3 + k) % len(words)] for j in range(2 + k % 3))  # noqa: E731
+    rows: dict[str, list[dict]] = {"hellaswag": [], "arc": [], "piqa": [], "generic": [], "lambada": []}
+    for i in range(n):
+        rows["hellaswag"].append({"ind": i, "activity_label": f"{words[i % len(words)]} [title] speak",
+                                  "ctx_a": f"Before we {pick(i, 0)},", "ctx_b": f"all {lower[i % len(lower)]} will",
+                                  "ctx": f"Before we {pick(i, 0)}, all {lower[i % len(lower)]} will", "split": "val",
+                                  "label": i % 4, "endings": [f"{words[(i + k) % len(words)]} [header] {words[(i * k) % len(words)]}."
+                                              for k in range(4)]})
+        labels = ["A", "B", "C", "D"] if i % 3 else ["1", "2", "3"]
+        rows["arc"].append({"id": f"q{i}", "question": f"{pick(i, 2)}?", "answerKey": labels[i % len(labels)],
+                            "choices": {"text": [pick(i, k + 3) for k in range(len(labels))], "label": labels}})
+        rows["piqa"].append({"goal": pick(i, 4), "sol1": f"{pick(i, 5)}.", "sol2": f"{pick(i, 6)} all.", "label": i % 2})
+        rows["generic"].append({"context": f"All:\n{pick(i, 7)}", "choices": [pick(i, k) for k in range(3)],
+                                "label": i % 3})
+        rows["lambada"].append({"text": f"First Citizen:\n{pick(i, 8)} {words[(i * 5) % len(words)]}"})
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fmt, docs in rows.items():
+        paths[fmt] = root / f"{fmt}_own.jsonl"
+        paths[fmt].write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    return paths
+
+
 @pytest.fixture
 def pairs_file(tmp_path: Path) -> Path:
     return write_pairs(tmp_path / "pairs.jsonl")

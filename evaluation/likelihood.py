@@ -1,0 +1,193 @@
+"""Scoring benchmark items by log-likelihood, with the numbers lm-evaluation-harness gives.
+
+    encoded = encode_items(bench.items, tokenizer, block_size)     # lm-eval's tokenization, once
+    scores = loglikelihoods(model, encoded.requests, batch_size, device)
+    record = benchmark_metrics(bench, encoded, scores)             # acc, acc_norm, acc_bytes, ...
+
+Tokens, as lm-eval's `_encode_pair`: the context's trailing spaces move to the continuation (delimiter
++ choice); the continuation's ids are those of tokenize(context + continuation) after the ids of
+tokenize(context), so a BPE merge across the boundary counts as lm-eval counts it. An empty context
+is the end-of-text id (lm-eval's prefix token). A request longer than block_size + 1 tokens loses its
+context's first tokens, as in lm-eval; an item that cannot be scored (a character outside a char
+vocabulary, a continuation longer than block_size, an empty choice, an empty context with no
+end-of-text id) is skipped and counted, never scored on a substitute.
+
+The requests of every item are scored together, longest first, in batches of rows padded on the right
+(a causal model's padding changes nothing before it), and the LM head runs on the continuation's
+positions only. A choice's log-likelihood is the sum over its tokens of log softmax, in float32.
+Multiple choice reports the accuracy of four rules for picking a choice, each under its own name:
+    acc            the largest sum of log-likelihoods               (lm-eval acc)
+    acc_norm       ... divided by the choice's length in characters (lm-eval acc_norm)
+    acc_bytes      ... divided by its length in UTF-8 bytes         (lm-eval acc_bytes)
+    acc_per_token  ... divided by its number of tokens              (llm.c's and nanoGPT forks' HellaSwag)
+and each centred on chance, (acc - chance) / (1 - chance), chance being the mean of 1 / choices (nanochat's
+CORE centres so). Last-word tasks (LAMBADA) report acc (every token of the word is the greedy choice,
+lm-eval's is_greedy), loss (the word's summed negative log-likelihood, the mean over items) and
+perplexity exp(loss), lm-eval's perplexity.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluation.benchmarks import Benchmark, Item
+
+ACCURACIES = ("acc", "acc_norm", "acc_bytes", "acc_per_token")
+
+
+class Request(NamedTuple):
+    item: int            # index in the benchmark's items
+    choice: int
+    tokens: list[int]    # context + continuation, its last block_size + 1 tokens at most
+    n_cont: int          # the last n_cont tokens are the continuation's: the scored ones
+
+
+class Encoded(NamedTuple):
+    requests: list[Request]
+    scored: list[int]        # the items every choice of which was encoded, in order
+    skipped: dict[str, int]  # why -> how many items
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair for a causal model (context non-empty)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids):]
+
+
+def encode_items(items: Sequence[Item], tokenizer, block_size: int) -> Encoded:
+    """Every choice of every item as a request; an item any choice of which cannot be scored is skipped
+    whole and counted under its reason."""
+    requests: list[Request] = []
+    scored: list[int] = []
+    skipped: dict[str, int] = {}
+    for i, item in enumerate(items):
+        try:
+            mine = [_request(i, c, item, choice, tokenizer, block_size) for c, choice in enumerate(item.choices)]
+        except _Skip as e:
+            skipped[str(e)] = skipped.get(str(e), 0) + 1
+            continue
+        requests += mine
+        scored.append(i)
+    return Encoded(requests, scored, skipped)
+
+
+class _Skip(Exception):
+    """An item this model cannot score; its message is the reason, counted."""
+
+
+def _request(i: int, c: int, item: Item, choice: str, tokenizer, block_size: int) -> Request:
+    if not choice:
+        raise _Skip("an empty choice (its per-character score is undefined)")
+    try:
+        if item.context:
+            context, continuation = encode_pair(tokenizer, item.context, item.delimiter + choice)
+        elif tokenizer.eot_id is None:
+            raise _Skip("an empty context, and the model has no end-of-text id to start from")
+        else:
+            context, continuation = [tokenizer.eot_id], tokenizer.encode(item.delimiter + choice)
+    except ValueError:  # a char vocabulary lacks one of its characters
+        raise _Skip("a character outside the model's vocabulary") from None
+    if not continuation or len(continuation) > block_size:
+        raise _Skip(f"a continuation of {len(continuation)} tokens (1 to block_size = {block_size} fit)")
+    return Request(i, c, (context + continuation)[-(block_size + 1):], len(continuation))
+
+
+class Scores(NamedTuple):
+    loglikelihood: np.ndarray  # (requests,) float64: the continuation's summed log-probability
+    greedy: np.ndarray         # (requests,) bool: every continuation token was the model's argmax
+
+
+@torch.no_grad()
+def loglikelihoods(model: torch.nn.Module, requests: Sequence[Request], batch_size: int,
+                   device: torch.device) -> Scores:
+    """Each request's continuation log-likelihood and greediness; longest first, batch_size rows at a
+    time, right-padded (identical to scoring each alone, up to float rounding)."""
+    model.eval()
+    ll, greedy = np.zeros(len(requests)), np.zeros(len(requests), dtype=bool)
+    order = sorted(range(len(requests)), key=lambda r: -len(requests[r].tokens))
+    for start in range(0, len(order), batch_size):
+        chunk = [requests[r] for r in order[start:start + batch_size]]
+        width = len(chunk[0].tokens) - 1
+        x = torch.zeros(len(chunk), width, dtype=torch.long)                # (B, T)
+        where = torch.zeros(len(chunk), width, dtype=torch.bool)            # (B, T): the scored positions
+        targets = []
+        for row, req in enumerate(chunk):
+            n = len(req.tokens) - 1
+            x[row, :n] = torch.tensor(req.tokens[:-1])
+            where[row, n - req.n_cont:n] = True
+            targets += req.tokens[-req.n_cont:]
+        logits = model.logits_at(x.to(device), where.to(device)).float()   # (N, V)
+        y = torch.tensor(targets, device=device)                           # (N,)
+        token_ll = F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0]  # (N,)
+        hit = logits.argmax(-1) == y                                        # (N,)
+        bounds = np.cumsum([0] + [req.n_cont for req in chunk])
+        token_ll, hit = token_ll.double().cpu().numpy(), hit.cpu().numpy()
+        for k, r in enumerate(order[start:start + batch_size]):
+            ll[r] = token_ll[bounds[k]:bounds[k + 1]].sum()
+            greedy[r] = hit[bounds[k]:bounds[k + 1]].all()
+    return Scores(ll, greedy)
+
+
+def item_results(bench: Benchmark, encoded: Encoded, scores: Scores) -> list[dict]:
+    """Per scored item, what its metrics need: which choice each rule picks, or (last word) greedy and
+    loss. Small and picklable, so ranks can gather them."""
+    by_item: dict[int, list[int]] = {}
+    for r, req in enumerate(encoded.requests):
+        by_item.setdefault(req.item, []).append(r)
+    out = []
+    for i in encoded.scored:
+        item, rs = bench.items[i], by_item[i]
+        lls = scores.loglikelihood[rs]
+        if bench.format.kind == "lastword":
+            out.append({"item": i, "greedy": bool(scores.greedy[rs[0]]), "nll": float(-lls[0])})
+            continue
+        sizes = {"acc": np.ones(len(rs)), "acc_norm": [len(c) for c in item.choices],
+                 "acc_bytes": [len(c.encode("utf-8")) for c in item.choices],
+                 "acc_per_token": [encoded.requests[r].n_cont for r in rs]}
+        # np.argmax takes the first of equal scores, as lm-eval's does
+        out.append({"item": i, "label": item.label, "choices": len(rs),
+                    **{rule: int(np.argmax(lls / np.asarray(size, dtype=float))) for rule, size in sizes.items()}})
+    return out
+
+
+def benchmark_metrics(bench: Benchmark, results: list[dict], skipped: dict[str, int]) -> dict:
+    """The record's numbers from every item's results (all ranks' together)."""
+    n = len(results)
+    base = {"benchmark": bench.format.name, "kind": bench.format.kind, "items": n,
+            "skipped": sum(skipped.values()), "skipped_why": dict(skipped), "data_sha256": bench.sha256}
+    if not n:
+        return base
+    if bench.format.kind == "lastword":
+        loss = sum(r["nll"] for r in results) / n
+        acc = sum(r["greedy"] for r in results) / n
+        return {**base, "acc": acc, "acc_centered": acc, "chance": 0.0, "loss": loss,
+                "perplexity": float(np.exp(min(loss, 700)))}
+    chance = sum(1 / r["choices"] for r in results) / n
+    accs = {rule: sum(r[rule] == r["label"] for r in results) / n for rule in ACCURACIES}
+    return {**base, **accs, **{f"{rule}_centered": (a - chance) / (1 - chance) for rule, a in accs.items()},
+            "chance": chance}
+
+
+def check_scorable(bench: Benchmark, encoded: Encoded) -> None:
+    """A benchmark none of whose items this model can score is an error, not a score of nothing."""
+    if not encoded.scored:
+        why = "; ".join(f"{n:,} for {reason}" for reason, n in encoded.skipped.items())
+        raise ValueError(f"no item of {bench.path} can be scored by this model ({why}); use a model whose "
+                         "vocabulary covers the benchmark's text (a gpt2 or bpe tokenizer covers any)")
+
+
+def score_benchmark(model: torch.nn.Module, bench: Benchmark, tokenizer, block_size: int, batch_size: int,
+                    device: torch.device) -> dict:
+    """Every item of the benchmark, scored: the record's metrics (evaluate.py's path)."""
+    encoded = encode_items(bench.items, tokenizer, block_size)
+    check_scorable(bench, encoded)
+    scores = loglikelihoods(model, encoded.requests, batch_size, device)
+    return benchmark_metrics(bench, item_results(bench, encoded, scores), encoded.skipped)
