@@ -291,6 +291,11 @@ class ModelConfig(Validated):
     early_stopping_patience: int = knob(0, "stop after this many evals without a better val loss; 0 disables")
     target_val_loss: float = knob(0.0, "stop, export and record stop_reason target_reached once the val loss is "
                                        "at or below this; 0 disables")
+    eval_tasks: list[str] = knob([], "benchmark files scored at every eval and at the end, tracked as "
+                                     "eval/<file stem>/acc_norm, ...: YAML [hellaswag_val.jsonl, "
+                                     "lambada:lambada_test.jsonl], or a,b (README: Benchmarks)")
+    eval_task_items: int = knob(1000, "eval_tasks: score the first this many items of each file at each eval "
+                                      "(0 = all of them)")
     init_from: str = knob("", "start from the weights (and tokenizer) of this run or export directory, or of a "
                                   "local Hugging Face GPT-2, Llama or Qwen3 model folder: fine-tuning")
     aim_logging: bool = knob(False, "also track the run with Aim (repo at aim_repo; see `aim up`)")
@@ -316,7 +321,8 @@ class ModelConfig(Validated):
             if getattr(self, name) <= 0:
                 p.append((name, f"must be > 0, got {getattr(self, name)}"))
         for name in ("warmup_iters", "lr_decay_iters", "histogram_interval", "sample_length", "overfit_batches",
-                     "weight_decay", "grad_clip", "min_lr", "checkpoint_interval", "early_stopping_patience"):
+                     "weight_decay", "grad_clip", "min_lr", "checkpoint_interval", "early_stopping_patience",
+                     "eval_task_items"):
             if getattr(self, name) < 0:
                 p.append((name, f"must be >= 0, got {getattr(self, name)}"))
         if self.keep_checkpoints < 1:
@@ -399,7 +405,7 @@ ARCHITECTURE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "bias"
 # run; the LR schedule keeps the length it was recorded with.)
 RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_interval", "histogram_interval",
                   "keep_checkpoints", "sample_length", "aim_logging", "device", "torch_compile", "runs_dir",
-                  "target_val_loss", "early_stopping_patience")
+                  "target_val_loss", "early_stopping_patience", "eval_tasks", "eval_task_items")
 
 
 @dataclass

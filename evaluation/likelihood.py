@@ -28,13 +28,14 @@ perplexity exp(loss), lm-eval's perplexity.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluation.benchmarks import Benchmark, Item
+from evaluation.benchmarks import Benchmark, Item, read_benchmark
 
 ACCURACIES = ("acc", "acc_norm", "acc_bytes", "acc_per_token")
 
@@ -176,6 +177,13 @@ def benchmark_metrics(bench: Benchmark, results: list[dict], skipped: dict[str, 
             "chance": chance}
 
 
+def headline(record: dict, raw: bool = False) -> tuple[str, str | float]:
+    """A benchmark's one number: acc_norm for multiple choice (lm-eval's, what papers report for HellaSwag),
+    acc for a last word; (metric, "31.20%"), or with raw=True (metric, 0.312)."""
+    metric = "acc_norm" if record["kind"] == "choice" else "acc"
+    return metric, record[metric] if raw else f"{record[metric]:.2%}"
+
+
 def check_scorable(bench: Benchmark, encoded: Encoded) -> None:
     """A benchmark none of whose items this model can score is an error, not a score of nothing."""
     if not encoded.scored:
@@ -191,3 +199,40 @@ def score_benchmark(model: torch.nn.Module, bench: Benchmark, tokenizer, block_s
     check_scorable(bench, encoded)
     scores = loglikelihoods(model, encoded.requests, batch_size, device)
     return benchmark_metrics(bench, item_results(bench, encoded, scores), encoded.skipped)
+
+
+class EvalTask(NamedTuple):
+    """A benchmark file as training scores it at every eval (eval_tasks): read and encoded once, at the
+    start; this rank's share of the items (every world_size-th), whose results the ranks gather."""
+    name: str
+    bench: Benchmark
+    encoded: Encoded          # this rank's items
+    skipped: dict[str, int]   # every rank's: the record says them once
+
+
+def prepare_eval_tasks(specs: Sequence[str], tokenizer, block_size: int, max_items: int, rank: int = 0,
+                       world_size: int = 1, notes: list[str] | None = None) -> list[EvalTask]:
+    """Each eval_tasks entry read (the first max_items items; 0: all) and encoded for this model, before the
+    run starts: a file the model cannot score is an error now, not at the first eval."""
+    tasks, names = [], set()
+    for spec in specs:
+        bench = read_benchmark(spec)
+        if max_items and len(bench.items) > max_items:
+            if notes is not None:
+                notes.append(f"eval_tasks: {bench.path} has {len(bench.items):,} items; each eval scores the first "
+                             f"{max_items:,} (eval_task_items; evaluate.py --data {spec} scores them all)")
+            bench = dataclasses.replace(bench, items=bench.items[:max_items])
+        if bench.name in names:
+            raise ValueError(f"eval_tasks: two files are named {bench.name!r}; their curves would share a name, "
+                             "so rename one")
+        names.add(bench.name)
+        encoded = encode_items(bench.items, tokenizer, block_size)
+        check_scorable(bench, encoded)
+        if encoded.skipped and notes is not None:
+            why = "; ".join(f"{n:,} for {reason}" for reason, n in encoded.skipped.items())
+            notes.append(f"eval_tasks: {sum(encoded.skipped.values()):,} of {len(bench.items):,} items of {bench.path} "
+                         f"cannot be scored by this model and are left out ({why})")
+        mine = set(encoded.scored[rank::world_size])
+        tasks.append(EvalTask(bench.name, bench, Encoded([r for r in encoded.requests if r.item in mine],
+                                                         sorted(mine), {}), encoded.skipped))
+    return tasks

@@ -26,8 +26,9 @@ def default_name(data: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data.rstrip("/")).name.split(".")[0]) or "data"
 
 
-def save_eval(run_dir: Path | RunDir, record: dict) -> Path:
-    """evals/<timestamp>_<name>.json (two in one second keep both), then the run's trackers."""
+def save_eval(run_dir: Path | RunDir, record: dict, track: bool = True) -> Path:
+    """evals/<timestamp>_<name>.json (two in one second keep both), then the run's trackers (track=False:
+    the training run itself, whose trackers logged the numbers already)."""
     run, name = RunDir(run_dir), record["name"]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
     path, n = run.evals / f"{stamp}_{name}.json", 2
@@ -36,6 +37,8 @@ def save_eval(run_dir: Path | RunDir, record: dict) -> Path:
     record = {**record, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path.parent.mkdir(exist_ok=True)
     atomic_write_json(path, record)
+    if not track:
+        return path
     with eval_tracker(run) as tracker:
         tracker.log_eval(record.get("iteration") or 0, name, {k: record[k] for k in METRICS if k in record})
     return path

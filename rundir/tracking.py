@@ -237,6 +237,10 @@ class JsonlTracker(Tracker):
         self.file.write(json.dumps(line) + "\n")
         self.file.flush()
 
+    def log_eval(self, step: int, name: str, metrics: dict[str, float]) -> None:
+        """A benchmark's metrics (eval_tasks) under TensorBoard's tags: "eval/<name>/acc_norm"."""
+        self.log_scalars(step, {f"eval/{name}/{key}": value for key, value in metrics.items()})
+
     def close(self) -> None:
         if not self.file.closed:
             self.file.close()

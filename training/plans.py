@@ -41,6 +41,7 @@ import yaml
 from config import PROJECT_DIR, load_config, read_config_file
 from data import resolve_data
 from evaluation.metrics import report
+from evaluation.benchmarks import is_benchmark, read_benchmark
 from evaluation.scoring import evaluate_run
 from parameters import ModelConfig, check_values
 from rundir.checkpoint import latest_good
@@ -277,12 +278,24 @@ def check_plan(spec: PlanSpec, flags: list[str]) -> str:
             stage_file.write_text(yaml.safe_dump(stage.settings), encoding="utf-8")
             cfg = load_config(stage_args(stage, stage_file, flags)).config
             check_data(cfg.data, cfg.data_dir, f"plan stage '{stage.name}'")
+            for spec in cfg.eval_tasks:
+                check_benchmark(spec, f"plan stage '{stage.name}': eval_tasks")
             runs_dir, data_dir = runs_dir or cfg.runs_dir, cfg.data_dir
     return runs_dir
 
 
+def check_benchmark(spec: str, where: str) -> None:
+    try:
+        read_benchmark(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{where}: {e}") from None
+
+
 def check_data(spec: str, data_dir: str, where: str) -> None:
-    """What --data names must exist (or be a name gptlab knows) before anything trains."""
+    """What --data names must exist (or be a name gptlab knows) before anything trains; a benchmark file
+    (an evaluate stage's) must read as one."""
+    if is_benchmark(spec):
+        return check_benchmark(spec, where)
     try:
         resolve_data(spec, data_dir)
     except FileNotFoundError as e:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from config import PROJECT_DIR, init_config, rescale_batch, resume_config
 from data import Corpus, check_same_corpus, prepare_corpus
+from evaluation.likelihood import EvalTask, prepare_eval_tasks
 from parameters import ModelConfig
 from rundir.checkpoint import Checkpoint, find_resume
 from rundir.export import Snapshot, read_init_source
@@ -42,6 +43,7 @@ class Start:
     run: RunDir | None = None             # the run being resumed
     resume: Checkpoint | None = None
     init: Snapshot | None = None
+    eval_tasks: list[EvalTask] = dataclasses.field(default_factory=list)  # benchmark files, read and encoded
 
 
 def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack, notes: list[str]) -> Start | None:
@@ -76,11 +78,13 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack,
                          f"to train; pass --max-iters N (more than {resume.iteration}) to train it further")
             return None
     cfg = check_sample_prompt(cfg, corpus, notes)
+    eval_tasks = prepare_eval_tasks(cfg.eval_tasks, corpus.tokenizer, cfg.block_size, cfg.eval_task_items, d.rank,
+                                    d.world_size, notes if d.is_main else None)
     estimate = estimate_run(cfg, corpus.tokenizer.vocab_size, compute.device, compute.dtype, d.world_size,
                             resume.iteration if resume else 0)
     check_fits(estimate, compute.device)  # what cannot fit is refused now, not found out by allocating
     notes += describe(estimate, compute.device)
-    return Start(cfg=cfg, compute=compute, corpus=corpus, run=run, resume=resume, init=init)
+    return Start(cfg=cfg, compute=compute, corpus=corpus, run=run, resume=resume, init=init, eval_tasks=eval_tasks)
 
 
 def open_corpus(cfg: ModelConfig, given, recorded: dict | None, d: Dist) -> Corpus:

@@ -20,11 +20,13 @@ from typing import Callable
 
 import torch
 
+from evaluation.likelihood import EvalTask, benchmark_metrics, headline, item_results, loglikelihoods
 from model import LanguageModel
 from parameters import ModelConfig
 from rundir.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
                                rotate, save_checkpoint, verify)
 from rundir.run_dir import RunDir
+from rundir.evals import METRICS, save_eval
 from rundir.export import save_export
 from rundir.status import RunStatus
 from rundir.tracking import Tracker
@@ -85,6 +87,8 @@ class Trainer:
     eval_seconds: float = 0.0          # the last eval's duration, for the ETA
     seconds_before: float = 0.0        # wall time of the sessions before a resume, up to their checkpoint
     target_reached_at: dict | None = None  # step, val_loss, seconds, tokens of the eval that reached target_val_loss
+    eval_tasks: list[EvalTask] = field(default_factory=list)  # benchmark files scored at every eval (eval_tasks)
+    task_scores: dict = field(default_factory=dict)  # iteration -> {task: record}: the last eval's and the best's
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -206,9 +210,33 @@ class Trainer:
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
         if bpb is not None:
             self.tracker.log_scalars(it, {"val_bpb": bpb})
+        if self.eval_tasks:
+            self.task_scores = {k: v for k, v in self.task_scores.items() if k == self.best_step}
+            self.task_scores[it] = self.score_tasks()
+            for name, record in self.task_scores[it].items():
+                self.tracker.log_eval(it, name, {k: record[k] for k in METRICS if k in record})
+            self.eval_seconds = time.perf_counter() - t0
         if sample and self.cfg.sample_length and self.d.is_main:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
         return losses, bpb
+
+    def score_tasks(self) -> dict[str, dict]:
+        """Every eval_tasks file scored on the weights as they are (float32, eval mode; each rank its share of
+        the items, gathered): {name: the record evaluate.py would save}."""
+        training, out = self.raw_model.training, {}
+        for task in self.eval_tasks:
+            scores = loglikelihoods(self.raw_model, task.encoded.requests, EVAL_TASK_BATCH, self.device)
+            mine = item_results(task.bench, task.encoded, scores)
+            results = [r for part in distributed.gather(self.d, mine) for r in part]
+            out[task.name] = {"data": str(task.bench.path), "split": "all", "name": task.name,
+                              **benchmark_metrics(task.bench, results, task.skipped)}
+        self.raw_model.train(training)
+        return out
+
+    def task_line(self) -> str:
+        """" | hellaswag_val acc_norm 31.20% | ..." for the eval line: each task's headline metric."""
+        scores = self.task_scores.get(self.iteration, {})
+        return "".join(f" | {name} {' '.join(headline(r))}" for name, r in scores.items())
 
     def initial_eval(self) -> None:
         """Step 0 of a fresh run: the loss before any training beside ln(vocab_size), the loss of uniform
@@ -219,7 +247,7 @@ class Trainer:
         losses, bpb = self.measure(sample=False)
         if losses is None:
             return
-        line = eval_line(0, losses, bpb)
+        line = eval_line(0, losses, bpb) + self.task_line()
         if self.cfg.init_from:  # a trained model's loss is meant to be below ln(vocab)
             print(line, flush=True)
             # Fine-tuning starts from weights worth keeping: they are the first best, so a run that only makes
@@ -243,7 +271,7 @@ class Trainer:
         losses, bpb = self.measure()
         if losses is None:  # stopped during the eval: the loop saves a checkpoint and ends
             return
-        print(eval_line(it, losses, bpb), flush=True)
+        print(eval_line(it, losses, bpb) + self.task_line(), flush=True)
         if self.cfg.target_val_loss and losses["val"] <= self.cfg.target_val_loss:
             self.target_reached_at = {"step": it, "val_loss": losses["val"], "seconds": round(self.elapsed(), 3),
                                       "tokens": self.tokens_seen()}
@@ -252,7 +280,9 @@ class Trainer:
         else:
             self.evals_since_best += 1
         self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
-                           best_val_loss=self.best_val_loss, **({"val_bpb": bpb} if bpb is not None else {}))
+                           best_val_loss=self.best_val_loss, **({"val_bpb": bpb} if bpb is not None else {}),
+                           **({"benchmarks": {name: dict(zip(("metric", "value"), headline(r, raw=True)))
+                                             for name, r in self.task_scores[it].items()}} if self.eval_tasks else {}))
 
     def new_best(self, val_loss: float) -> None:
         """This iteration's weights are the best so far: checkpointed, and named in best.json."""
@@ -300,6 +330,7 @@ class Trainer:
                   f"{at['step']}, after {format_duration(at['seconds'])} and {at['tokens']:,} tokens")
         save_export(run.export, self.raw_model, cfg.to_dict(), self.tokenizer.to_dict())
         print(f"exported to {run.export}")
+        self.save_task_scores(run, self.best_step if reason == "early_stopping" else self.iteration)
         if cfg.sample_length and reason != "interrupted":
             print("sample:\n" + sample_text(self.raw_model, self.tokenizer, cfg, self.device))
         metrics = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "stop_reason": reason,
@@ -314,6 +345,21 @@ class Trainer:
         stop.ignore()  # completed and recorded: a Ctrl-C now (while the trackers close) changes nothing
         print(summary(self))
         return 0
+
+    def save_task_scores(self, run: RunDir, exported: int) -> None:
+        """The eval_tasks scores of the exported weights (step `exported`) as evals/ records, as evaluate.py
+        would save them: what runs.py leaderboard reads. Weights no eval scored (an interrupted run) get a
+        note with the command that scores them."""
+        if not self.eval_tasks:
+            return
+        scores = self.task_scores.get(exported)
+        if scores is None:
+            files = " ".join(str(t.bench.path) for t in self.eval_tasks)
+            print(f"note: no eval scored the exported weights (step {exported}) on eval_tasks; score them with "
+                  f"python evaluate.py --run {run.path} --data FILE, for each of {files}")
+            return
+        for record in scores.values():
+            save_eval(run, {"run": run.name, **record, "iteration": exported}, track=False)
 
     def restore(self, ckpt: Checkpoint) -> None:
         trainer = load_checkpoint(ckpt, self.raw_model, self.optimizer, self.scaler, self.device)
@@ -330,6 +376,9 @@ class Trainer:
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
         self.best_step, self.seconds_before = meta.get("best_step", 0), meta.get("seconds", 0.0)
         self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
+
+
+EVAL_TASK_BATCH = 32  # rows per forward when scoring eval_tasks (evaluate.py's default)
 
 
 def eval_line(step: int, losses: dict[str, float], bpb: float | None) -> str:
