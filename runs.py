@@ -4,6 +4,7 @@
     python runs.py show latest                               # everything meta/ and status.json know
     python runs.py diff runs/<a> runs/<b>                    # config keys and code that differ
     python runs.py plot runs/<a> runs/<b> --out loss.png     # val and train loss against tokens seen
+    python runs.py leaderboard [--sort hellaswag_val] [--glob '*lr*'] [--format markdown|csv]   # runs x benchmarks
     python runs.py clean                                     # what would be removed (a dry run)
     python runs.py clean --yes                               # remove it
 
@@ -18,13 +19,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import json
 import math
 import shutil
+import sys
 from datetime import datetime
 from pathlib import Path
 
 from config import PROJECT_DIR, Parser, add_fields
+from evaluation.leaderboard import AVERAGE, benchmark_records, build_board, render, sort_board
+from evaluation.likelihood import ACCURACIES
 from parameters import ModelConfig
 from rundir.checkpoint import best_checkpoint, find_checkpoints, latest_good
 from utils.cli import run_main
@@ -59,6 +64,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     diff = verbs.add_parser("diff", help="the config keys and the code that differ between two runs")
     diff.add_argument("a", help="a run directory, its name, or latest")
     diff.add_argument("b", help="a run directory, its name, or latest")
+    board = verbs.add_parser("leaderboard", help="one table of the runs with benchmark scores: run, arch, params, "
+                                                 "tokens seen, val bpb, each benchmark's metric, the mean centred one")
+    board.add_argument("--sort", default=AVERAGE, help=f"a column to rank by, best first (default {AVERAGE}; a "
+                                                       "benchmark's name, val_bpb, params, ...)")
+    board.add_argument("--reverse", action="store_true", help="worst first")
+    board.add_argument("--tag", help="only runs with this tag")
+    board.add_argument("--glob", help="only runs whose name matches this pattern, e.g. '2026*_lr*'")
+    board.add_argument("--metric", choices=ACCURACIES, help="the accuracy multiple-choice columns show (default: "
+                                                            "acc_norm, lm-eval's; a last word always shows acc)")
+    board.add_argument("--format", default="text", choices=("text", "markdown", "csv"), help="how to write it")
     clean = verbs.add_parser("clean", help="remove failed and killed runs and unneeded checkpoints (dry run by default)")
     clean.add_argument("--yes", action="store_true", help="remove them; without it, only say what would go")
     return parser.parse_args(argv)
@@ -124,6 +139,35 @@ def list_runs(runs_dir: Path, state: str | None, tag: str | None, sort: str = "s
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+BOARD_FACTS = ("run", "arch", "params", "tokens", "val_bpb")
+
+
+def leaderboard(runs_dir: Path, args: argparse.Namespace) -> None:
+    """The runs (by --tag, --glob) that have a benchmark score, one row each, ranked by --sort."""
+    runs, facts = [], []
+    for run in find_runs(runs_dir):
+        if benchmark_records(run) and not (args.glob and not fnmatch.fnmatch(run.name, args.glob)):
+            fact = run_facts(run)
+            if not (args.tag and fact["tag"] != args.tag):
+                runs.append(run)
+                facts.append(fact)
+    if not runs:
+        print(f"no run in '{runs_dir}'{' that matches' if args.tag or args.glob else ''} has a benchmark score: score "
+              "one with python evaluate.py --run R --data FILE.jsonl, or train with --eval-tasks FILE.jsonl")
+        return
+    board = build_board(runs, [{k: f[k] for k in BOARD_FACTS} for f in facts], args.metric)
+    sort_board(board, args.sort, args.reverse)
+    print(render(board, args.format, _board_cell))
+    for note in board.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _board_cell(key: str, value: object) -> str:
+    if value is None or key in COLUMNS:
+        return _cell(key, value)
+    return f"{value:.4f}" if key == AVERAGE else f"{value:.2%}"
 
 
 def show(run: RunDir) -> None:
@@ -345,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         show(resolve_run(args.run, runs_dir, need_export=False))
     elif args.verb == "plot":
         plot([resolve_run(r, runs_dir, need_export=False).path for r in args.runs], Path(args.out))
+    elif args.verb == "leaderboard":
+        leaderboard(runs_dir, args)
     elif args.verb == "diff":
         diff(resolve_run(args.a, runs_dir, need_export=False), resolve_run(args.b, runs_dir, need_export=False))
     else:
