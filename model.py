@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from architectures import ARCHITECTURES, LayerKV, dropout
+from architectures.layers import CausalSelfAttention
 from parameters import ModelConfig
 
 
@@ -97,6 +98,27 @@ class LanguageModel(nn.Module):
         """Logits (N, vocab) at the N positions of idx (B, T) where `where` (B, T) is True, in row-major
         order: the LM head runs on those positions only (scoring a few targets of a 50k vocabulary)."""
         return self.lm_head(self._hidden(idx)[where])  # (N, V)
+
+    @property
+    def shares_contexts(self) -> bool:
+        """Whether shared_context_logits applies: every block attends through CausalSelfAttention, which
+        takes a chunk of tokens after a cache (a block of your own may not)."""
+        return all(isinstance(getattr(b, "attn", None), CausalSelfAttention) for b in self.transformer.h)
+
+    def shared_context_logits(self, contexts: Tensor, rows: Tensor, continuations: Tensor, where: Tensor) -> Tensor:
+        """Logits (N, vocab) of continuations that share contexts, each context computed once: contexts (G, L)
+        are prefilled into a KV cache whose row rows[r] then serves continuation row r (R, W), fed at
+        positions L..L+W-1. `where` (R, W + 1) marks the positions whose logits are returned (row-major):
+        column 0 is the context's last position (which predicts a continuation's first token), column
+        j > 0 the continuation's (j-1)-th token. L + W must be at most block_size."""
+        cache = [LayerKV(self.block_size) for _ in range(self.n_layer)]
+        last = self._hidden(contexts, cache, 0)[:, -1]  # (G, C)
+        for layer in cache:  # each continuation row reads its context's keys and values
+            layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)  # (R, nkv, block, hd)
+        h = last.index_select(0, rows)[:, None]  # (R, 1, C)
+        if continuations.size(1):
+            h = torch.cat([h, self._hidden(continuations, cache, contexts.size(1))], dim=1)  # (R, W + 1, C)
+        return self.lm_head(h[where])  # (N, V)
 
     def _hidden(self, idx: Tensor, cache: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
         """Final-LayerNorm hidden states (B, T, C) of idx (B, T) placed at positions pos..pos+T-1."""

@@ -164,14 +164,17 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:  # on (B, T, h, hd), before the transpose: elementwise work on dense rows
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd), 2 x (B, nkv, T, hd)
-        assert pos == 0 or T == 1, "a cached step feeds one token at a time"
         if kv is not None:
             k, v = kv.update(k, v, pos)  # (B, nkv, pos + T, hd)
         if nkv != self.n_head:  # query head i reads key/value head i // (n_head / nkv), as in HF's repeat_kv
             k = k.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, pos + T, hd)
             v = v.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, pos + T, hd)
-        # Only a block starting at position 0 needs the causal mask; a single later query may see
-        # every cached position. (is_causal aligns the mask top-left, wrong for T < key length.)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0, is_causal=pos == 0)  # (B, nh, T, hd)
+        if pos and T > 1:  # a chunk after cached positions (a shared context's continuations): query i sees
+            # the cache and the chunk up to itself. (is_causal would align the mask top-left: wrong here.)
+            assert not self.training, "chunks after a cache are for scoring, in eval mode"
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, pos + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+        else:  # a block from position 0 is causal; a single later query may see every cached position
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0, is_causal=pos == 0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return dropout(self.c_proj(y), self.dropout, self.training)  # (B, T, C)

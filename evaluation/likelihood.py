@@ -45,6 +45,7 @@ class Request(NamedTuple):
     choice: int
     tokens: list[int]    # context + continuation, its last block_size + 1 tokens at most
     n_cont: int          # the last n_cont tokens are the continuation's: the scored ones
+    whole: bool = True   # tokens hold the whole context (none cut to fit block_size + 1)
 
 
 class Encoded(NamedTuple):
@@ -98,7 +99,8 @@ def _request(i: int, c: int, item: Item, choice: str, tokenizer, block_size: int
         raise _Skip("a character outside the model's vocabulary") from None
     if not continuation or len(continuation) > block_size:
         raise _Skip(f"a continuation of {len(continuation)} tokens (1 to block_size = {block_size} fit)")
-    return Request(i, c, (context + continuation)[-(block_size + 1):], len(continuation))
+    tokens = context + continuation
+    return Request(i, c, tokens[-(block_size + 1):], len(continuation), len(tokens) <= block_size + 1)
 
 
 class Scores(NamedTuple):
@@ -109,32 +111,88 @@ class Scores(NamedTuple):
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, requests: Sequence[Request], batch_size: int,
                    device: torch.device) -> Scores:
-    """Each request's continuation log-likelihood and greediness; longest first, batch_size rows at a
-    time, right-padded (identical to scoring each alone, up to float rounding)."""
+    """Each request's continuation log-likelihood and greediness, batch_size rows at a time (identical to
+    scoring each alone, up to float rounding). An item whose choices all hold its whole context has that
+    context computed once, its KV cache shared by the choices (where the model allows it); the others
+    (contexts cut to fit block_size) are scored as whole rows, longest first, right-padded."""
     model.eval()
-    ll, greedy = np.zeros(len(requests)), np.zeros(len(requests), dtype=bool)
-    order = sorted(range(len(requests)), key=lambda r: -len(requests[r].tokens))
-    for start in range(0, len(order), batch_size):
-        chunk = [requests[r] for r in order[start:start + batch_size]]
-        width = len(chunk[0].tokens) - 1
-        x = torch.zeros(len(chunk), width, dtype=torch.long)                # (B, T)
-        where = torch.zeros(len(chunk), width, dtype=torch.bool)            # (B, T): the scored positions
-        targets = []
-        for row, req in enumerate(chunk):
-            n = len(req.tokens) - 1
-            x[row, :n] = torch.tensor(req.tokens[:-1])
-            where[row, n - req.n_cont:n] = True
-            targets += req.tokens[-req.n_cont:]
-        logits = model.logits_at(x.to(device), where.to(device)).float()   # (N, V)
-        y = torch.tensor(targets, device=device)                           # (N,)
-        token_ll = F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0]  # (N,)
-        hit = logits.argmax(-1) == y                                        # (N,)
-        bounds = np.cumsum([0] + [req.n_cont for req in chunk])
-        token_ll, hit = token_ll.double().cpu().numpy(), hit.cpu().numpy()
-        for k, r in enumerate(order[start:start + batch_size]):
-            ll[r] = token_ll[bounds[k]:bounds[k + 1]].sum()
-            greedy[r] = hit[bounds[k]:bounds[k + 1]].all()
-    return Scores(ll, greedy)
+    scores = Scores(np.zeros(len(requests)), np.zeros(len(requests), dtype=bool))
+    by_item: dict[int, list[int]] = {}
+    for r, req in enumerate(requests):
+        by_item.setdefault(req.item, []).append(r)
+    shared: dict[int, list[list[int]]] = {}  # context length -> items (their requests) that share a context
+    alone: list[int] = []
+    share = getattr(model, "shares_contexts", False)
+    for rs in by_item.values():
+        contexts = {tuple(requests[r].tokens[:-requests[r].n_cont]) for r in rs}
+        if share and len(rs) > 1 and all(requests[r].whole for r in rs) and len(contexts) == 1:
+            shared.setdefault(len(next(iter(contexts))), []).append(rs)
+        else:
+            alone += rs
+    for items in shared.values():
+        for chunk in _chunks(items, batch_size):
+            _score_shared(model, requests, chunk, device, scores)
+    alone.sort(key=lambda r: -len(requests[r].tokens))
+    for start in range(0, len(alone), batch_size):
+        _score_rows(model, requests, alone[start:start + batch_size], device, scores)
+    return scores
+
+
+def _chunks(items: list[list[int]], rows: int):
+    """Items (each a list of requests) in chunks of at most `rows` requests (one item at least)."""
+    chunk: list[list[int]] = []
+    for rs in items:
+        if chunk and sum(map(len, chunk)) + len(rs) > rows:
+            yield chunk
+            chunk = []
+        chunk.append(rs)
+    if chunk:
+        yield chunk
+
+
+def _score_shared(model, requests: Sequence[Request], items: list[list[int]], device: torch.device,
+                  scores: Scores) -> None:
+    """Items whose contexts have one length: each context once, then every choice from its cache."""
+    order = [r for rs in items for r in rs]
+    first = [requests[rs[0]] for rs in items]
+    contexts = torch.tensor([req.tokens[:-req.n_cont] for req in first])                       # (G, L)
+    rows = torch.tensor([g for g, rs in enumerate(items) for _ in rs])                           # (R,)
+    width = max(requests[r].n_cont for r in order) - 1
+    continuations = torch.zeros(len(order), width, dtype=torch.long)                             # (R, W)
+    where = torch.zeros(len(order), width + 1, dtype=torch.bool)                                 # (R, W + 1)
+    for row, r in enumerate(order):
+        cont = requests[r].tokens[-requests[r].n_cont:]
+        continuations[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+        where[row, :len(cont)] = True
+    logits = model.shared_context_logits(contexts.to(device), rows.to(device), continuations.to(device),
+                                         where.to(device))                                        # (N, V)
+    _record(logits, requests, order, device, scores)
+
+
+def _score_rows(model, requests: Sequence[Request], order: list[int], device: torch.device, scores: Scores) -> None:
+    """Whole requests as right-padded rows; the LM head on the continuations' positions only."""
+    chunk = [requests[r] for r in order]
+    width = max(len(req.tokens) for req in chunk) - 1
+    x = torch.zeros(len(chunk), width, dtype=torch.long)                # (B, T)
+    where = torch.zeros(len(chunk), width, dtype=torch.bool)            # (B, T): the scored positions
+    for row, req in enumerate(chunk):
+        n = len(req.tokens) - 1
+        x[row, :n] = torch.tensor(req.tokens[:-1])
+        where[row, n - req.n_cont:n] = True
+    _record(model.logits_at(x.to(device), where.to(device)), requests, order, device, scores)
+
+
+def _record(logits: torch.Tensor, requests: Sequence[Request], order: list[int], device: torch.device,
+            scores: Scores) -> None:
+    """Log-softmax in float32 at each continuation token (row-major in `order`), summed per request."""
+    logits = logits.float()                                                                      # (N, V)
+    y = torch.tensor([t for r in order for t in requests[r].tokens[-requests[r].n_cont:]], device=device)  # (N,)
+    token_ll = F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0].double().cpu().numpy()  # (N,)
+    hit = (logits.argmax(-1) == y).cpu().numpy()                                                 # (N,)
+    bounds = np.cumsum([0] + [requests[r].n_cont for r in order])
+    for k, r in enumerate(order):
+        scores.loglikelihood[r] = token_ll[bounds[k]:bounds[k + 1]].sum()
+        scores.greedy[r] = hit[bounds[k]:bounds[k + 1]].all()
 
 
 def item_results(bench: Benchmark, encoded: Encoded, scores: Scores) -> list[dict]:

@@ -204,6 +204,23 @@ def test_cached_step_logits_match_forward(cfg: ModelConfig) -> None:
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=0)
 
 
+def test_shared_context_logits_equal_each_row_computed_whole(cfg: ModelConfig) -> None:
+    """Two contexts of 5 tokens, computed once each, serve 3 and 2 continuations of 1 to 4 tokens (right-
+    padded): the logits equal a full forward over each context + continuation."""
+    model = scrambled_model(cfg)
+    assert model.shares_contexts
+    contexts = torch.randint(0, VOCAB, (2, 5))
+    conts = [torch.randint(0, VOCAB, (n,)) for n in (3, 1, 4, 2, 4)]
+    rows = torch.tensor([0, 0, 0, 1, 1])
+    padded = torch.zeros(5, 3, dtype=torch.long)
+    where = torch.zeros(5, 4, dtype=torch.bool)
+    for r, c in enumerate(conts):
+        padded[r, :len(c) - 1], where[r, :len(c)] = c[:-1], True
+    got = model.shared_context_logits(contexts, rows, padded, where)
+    want = torch.cat([model(torch.cat([contexts[g], c])[None, :-1])[0][0, -len(c):] for g, c in zip(rows, conts)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(cfg: ModelConfig) -> None:
     model = scrambled_model(cfg)
     prompt = torch.randint(0, VOCAB, (2, 3))
