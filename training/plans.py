@@ -351,6 +351,10 @@ def run_plan(plan: Plan, run_stage: Callable[..., int]) -> int:
     return 0
 
 
+# What an evaluate stage's summary shows: pairs' and text's, then benchmarks' (evaluation/likelihood.py)
+PLAN_RESULTS = ("exact_match", "loss", "top1_accuracy", "acc", "acc_norm", "perplexity", "items")
+
+
 def evaluate_stage(plan: Plan, i: int) -> int:
     """Score the last trained stage's run as evaluate.py would; the results go to that run's evals/ too."""
     options = dict(plan.spec.stages[i].evaluate)
@@ -362,8 +366,7 @@ def evaluate_stage(plan: Plan, i: int) -> int:
     for note in notes:
         print(note)
     print(report(*evaluation))
-    plan.record(i, results={k: evaluation.record[k] for k in ("exact_match", "loss", "top1_accuracy")
-                            if k in evaluation.record})
+    plan.record(i, results={k: evaluation.record[k] for k in PLAN_RESULTS if k in evaluation.record})
     return 0
 
 

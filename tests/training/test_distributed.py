@@ -113,3 +113,25 @@ def test_interrupted_two_rank_run_resumes_exactly(tiny_corpus: Path, tmp_path: P
     res = call_main(train.main, "--resume", str(run_dir), "--max-iters", str(int(target) + 2))
     assert res.returncode == 0, res.stderr
     assert "batch_size 4 -> 8 per rank, keeping the global batch of 8" in res.stdout
+
+
+def test_two_ranks_score_eval_tasks_together_as_evaluate_py_does(tiny_corpus: Path, tmp_path: Path):
+    """Each rank scores every other item of an eval_tasks file; the gathered record equals evaluate.py's
+    on the export."""
+    import evaluate
+    from conftest import write_benchmarks
+
+    files = write_benchmarks(tmp_path / "files", n=9)  # odd: the ranks hold 5 and 4 items
+    res = torchrun(*args(tiny_corpus, tmp_path, "ddp", "--dtype", "float32", "--max-iters", "10",
+                         "--eval-tasks", f"{files['hellaswag']},lambada:{files['lambada']}"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    (run_dir,) = (tmp_path / "ddp").iterdir()
+    trained = {r["name"]: r for r in (json.loads(p.read_text()) for p in (run_dir / "evals").glob("*.json"))}
+    assert {r["items"] for r in trained.values()} == {9}
+    for name, spec in (("hellaswag_own", str(files["hellaswag"])), ("lambada_own", f"lambada:{files['lambada']}")):
+        call_main(evaluate.main, "--run", str(run_dir), "--data", spec, "--name", f"{name}-again")
+        (again,) = [json.loads(p.read_text()) for p in (run_dir / "evals").glob(f"*_{name}-again.json")]
+        keys = ("acc", "acc_norm", "acc_bytes", "acc_per_token") if "hellaswag" in name else ("acc",)
+        assert {k: trained[name][k] for k in keys} == {k: again[k] for k in keys}
+        if "lambada" in name:
+            assert trained[name]["loss"] == pytest.approx(again["loss"], rel=1e-6)

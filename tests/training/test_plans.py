@@ -183,3 +183,28 @@ def test_a_later_stages_missing_data_is_refused_before_anything_trains(tmp_path,
     with user_error("plan stage 'finetune': data path", "missing.jsonl' does not exist", kind=FileNotFoundError):
         call_main(train.main, "--plan", str(plan), *flags(tmp_path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_plan_scores_benchmarks_in_its_stages_and_checks_them_up_front(tmp_path, tiny_corpus):
+    from conftest import write_benchmarks
+
+    files = write_benchmarks(tmp_path / "files")
+    plan = {"name": "bench", "config": "debug", "settings": {"sample_length": 0, "histogram_interval": 0},
+            "stages": [{"name": "pretrain", "data": str(tiny_corpus), "max_iters": 10,
+                        "eval_tasks": [str(files["generic"])]},
+                       {"name": "hellaswag", "evaluate": {"data": str(files["hellaswag"])}},
+                       {"name": "lambada", "evaluate": {"data": f"lambada:{files['lambada']}"}}]}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
+    res = call_main(train.main, "--plan", str(path), *flags(tmp_path))
+    assert res.returncode == 0, res.stderr
+    state = json.loads((plan_dir(tmp_path) / "state.json").read_text())
+    assert "acc_norm" in state["stages"][1]["results"] and "perplexity" in state["stages"][2]["results"]
+    names = {json.loads(p.read_text())["name"] for p in (Path(state["stages"][0]["run"]) / "evals").glob("*.json")}
+    assert names == {"generic_own", "hellaswag_own", "lambada_own"}
+    plan["stages"][0]["eval_tasks"] = [str(tmp_path / "gone.jsonl")]
+    path.write_text(yaml.safe_dump(plan, sort_keys=False), encoding="utf-8")
+    with user_error("plan stage 'pretrain': eval_tasks: benchmark file", "gone.jsonl' does not exist",
+                    kind=FileNotFoundError):
+        call_main(train.main, "--plan", str(path), "--runs-dir", str(tmp_path / "runs2"), "--device", "cpu")
+    assert not (tmp_path / "runs2").exists()
