@@ -1,6 +1,10 @@
 """lm-evaluation-harness task files for local benchmark files, so lm-eval scores exactly the items
 evaluate.py scores: its own hellaswag, arc, piqa and lambada_openai templates, with `dataset_path: json`.
 
+    python benchmarks/lm_eval_tasks.py my_tasks hellaswag=hellaswag_val.jsonl lambada=lambada_test.jsonl
+    python -m lm_eval --model hf --model_args pretrained=runs/<id>/artifacts/export/hf,dtype=float32 \\
+        --tasks gptlab_hellaswag,gptlab_lambada --include_path my_tasks --device cpu
+
     from lm_eval_tasks import write_tasks, run_lm_eval
     tasks = write_tasks(task_dir, {"hellaswag": "hs.jsonl", "piqa": "piqa.jsonl"})   # {format: file}
     results = run_lm_eval(hf_dir, task_dir, tasks, out_dir)   # {task: {"acc": ..., ...}}, per-item log-likelihoods
@@ -84,3 +88,14 @@ def run_lm_eval(hf_dir: Path, task_dir: Path, tasks: list[str], out_dir: Path, b
         metrics["seconds"] = seconds
         out[task] = metrics
     return out
+
+
+def main(argv: list[str]) -> None:
+    """python benchmarks/lm_eval_tasks.py DIR FORMAT=FILE ...: write the tasks, print their names."""
+    if len(argv) < 2 or not all("=" in a and a.split("=")[0] in TEMPLATES for a in argv[1:]):
+        sys.exit(f"usage: python benchmarks/lm_eval_tasks.py DIR FORMAT=FILE ... (FORMAT: {', '.join(TEMPLATES)})")
+    print(",".join(write_tasks(Path(argv[0]), dict(a.split("=", 1) for a in argv[1:]))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
