@@ -144,7 +144,7 @@ class Evaluation(NamedTuple):
 
 
 def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name: str = "", data_dir: str = "data",
-                 max_tokens: int = 100_000, max_pairs: int = 0, batch_size: int = 0,
+                 max_tokens: int = 100_000, max_pairs: int = 0, max_items: int = 0, batch_size: int = 0,
                  device: torch.device = torch.device("cpu"), notes: list[str] | None = None) -> Evaluation:
     """Score the run's export on `data` (anything --data takes) and save the results. Pairs get
     score_pairs, anything else score_windows; batch_size 0 is 64 prompts or 8 windows (a window's logits
@@ -154,6 +154,7 @@ def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name:
     snapshot = read_export(run.path)
     if is_benchmark(data):
         bench = read_benchmark(data)
+        bench = dataclasses.replace(bench, items=bench.items[:max_items or None])
         model = build_model(snapshot, device=device)
         results = score_benchmark(model, bench, snapshot.tokenizer, snapshot.config.block_size, batch_size or 32, device)
         if notes is not None and results["skipped"]:

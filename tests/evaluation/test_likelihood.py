@@ -150,5 +150,5 @@ def test_evaluate_cli_prints_saves_and_tracks_a_benchmark(trained_run: Path, tmp
     assert set(record) >= {"acc", "acc_norm", "acc_bytes", "acc_per_token", "acc_norm_centered", "chance"}
     events = EventAccumulator(str(trained_run / "logs" / "tensorboard")).Reload()
     assert "eval/hs/acc_norm" in events.Tags()["scalars"]
-    res = call_main(evaluate.main, "--run", str(trained_run), "--data", f"lambada:{files['lambada']}")
-    assert "lambada_own" in res.stdout and "perplexity" in res.stdout
+    res = call_main(evaluate.main, "--run", str(trained_run), "--data", f"lambada:{files['lambada']}", "--max-items", "4")
+    assert "lambada_own" in res.stdout and "perplexity" in res.stdout and "(lambada, 4 items)" in res.stdout
