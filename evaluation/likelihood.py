@@ -29,7 +29,7 @@ perplexity exp(loss), lm-eval's perplexity.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -294,3 +294,16 @@ def prepare_eval_tasks(specs: Sequence[str], tokenizer, block_size: int, max_ite
         tasks.append(EvalTask(bench.name, bench, Encoded([r for r in encoded.requests if r.item in mine],
                                                          sorted(mine), {}), encoded.skipped))
     return tasks
+
+
+def score_eval_tasks(model: torch.nn.Module, tasks: Sequence[EvalTask], device: torch.device,
+                     gather: Callable[[list], list[list]] = lambda mine: [mine], batch_size: int = 32) -> dict[str, dict]:
+    """Each task's record on the model as it is (float32, eval mode): this rank's items scored, every rank's
+    results gathered (`gather`: distributed.gather under torchrun), {name: the record evaluate.py saves}."""
+    out = {}
+    for task in tasks:
+        mine = item_results(task.bench, task.encoded, loglikelihoods(model, task.encoded.requests, batch_size, device))
+        results = [r for part in gather(mine) for r in part]
+        out[task.name] = {"data": str(task.bench.path), "split": "all", "name": task.name,
+                          **benchmark_metrics(task.bench, results, task.skipped)}
+    return out

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from evaluation.likelihood import EvalTask, benchmark_metrics, headline, item_results, loglikelihoods
+from evaluation.likelihood import EvalTask, headline, score_eval_tasks
 from model import LanguageModel
 from parameters import ModelConfig
 from rundir.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
@@ -221,17 +221,11 @@ class Trainer:
         return losses, bpb
 
     def score_tasks(self) -> dict[str, dict]:
-        """Every eval_tasks file scored on the weights as they are (float32, eval mode; each rank its share of
-        the items, gathered): {name: the record evaluate.py would save}."""
-        training, out = self.raw_model.training, {}
-        for task in self.eval_tasks:
-            scores = loglikelihoods(self.raw_model, task.encoded.requests, EVAL_TASK_BATCH, self.device)
-            mine = item_results(task.bench, task.encoded, scores)
-            results = [r for part in distributed.gather(self.d, mine) for r in part]
-            out[task.name] = {"data": str(task.bench.path), "split": "all", "name": task.name,
-                              **benchmark_metrics(task.bench, results, task.skipped)}
+        """Every eval_tasks file on the weights as they are (each rank its share, gathered)."""
+        training = self.raw_model.training
+        scores = score_eval_tasks(self.raw_model, self.eval_tasks, self.device, lambda x: distributed.gather(self.d, x))
         self.raw_model.train(training)
-        return out
+        return scores
 
     def task_line(self) -> str:
         """" | hellaswag_val acc_norm 31.20% | ..." for the eval line: each task's headline metric."""
@@ -376,9 +370,6 @@ class Trainer:
         self.evals_since_best, self.saved_at = meta["evals_since_best"], meta["iteration"]
         self.best_step, self.seconds_before = meta.get("best_step", 0), meta.get("seconds", 0.0)
         self.window = [torch.tensor(v, device=self.device) for v in meta["loss_window"]]
-
-
-EVAL_TASK_BATCH = 32  # rows per forward when scoring eval_tasks (evaluate.py's default)
 
 
 def eval_line(step: int, losses: dict[str, float], bpb: float | None) -> str:
