@@ -208,6 +208,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                         help="continue runs/<id> (or 'latest') from its newest good checkpoint, in the same "
                              "directory; only flags that keep the past valid may change; or continue a plan: "
                              "runs/plans/<id>")
+    parser.add_argument("--sweep-trial", "--sweep_trial", metavar="DIR:N",
+                        help="(sweep.py's) train as trial N of the sweep in DIR, reporting each eval to it")
     parser.add_argument("--plan", metavar="FILE",
                         help="run the stages of a plan file (e.g. plans/reverse_words.yaml), each its own run, "
                              "initialised from the one before; other flags apply to every stage")

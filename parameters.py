@@ -260,6 +260,9 @@ class ModelConfig(Validated):
     batch_size: int = knob(12, "sequences per micro-step (per process)")
     grad_accum_steps: int = knob(1, "micro-steps per optimizer step")
     max_iters: int = knob(2000, "optimizer steps")
+    target_flops: float = knob(0.0, "a compute budget: max_iters becomes target_flops / (training FLOPs per token "
+                                    "x tokens per step), so models of any size train on the same compute (a "
+                                    "scaling series); 0 = off")
     learning_rate: float = knob(1e-3, "peak learning rate, reached after warmup")
     min_lr: float = knob(1e-4, "learning rate at the end of the decay (a fraction min_lr/learning_rate for Muon)")
     lr_schedule: str = knob("cosine", "a registered schedule after warmup: cosine, linear, or wsd (stable, then a "
@@ -340,6 +343,8 @@ class ModelConfig(Validated):
             p.append(("momentum", f"must be in [0, 1), got {self.momentum}"))
         if not 0.0 < self.decay_fraction <= 1.0:
             p.append(("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"))
+        if self.target_flops < 0:
+            p.append(("target_flops", f"must be >= 0 (0 disables), got {self.target_flops}"))
         if self.target_val_loss < 0:
             p.append(("target_val_loss", f"must be >= 0 (0 disables), got {self.target_val_loss}"))
         if not 0.0 <= self.dropout < 1.0:

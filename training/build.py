@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,7 +27,8 @@ from training.trainer import Trainer
 from utils.distributed import Dist
 
 
-def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist) -> Trainer:
+def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist,
+                  on_eval: Callable[[int, dict], bool] | None = None) -> Trainer:
     """The model (built once, at the corpus' vocabulary: fresh, fine-tuned or resumed), the optimizer, the
     DDP and compile wrappers, and (rank 0) the trackers."""
     cfg, corpus, compute, resume, init = start.cfg, start.corpus, start.compute, start.resume, start.init
@@ -43,7 +45,7 @@ def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist) -> Tr
     optimizer = build_optimizer(raw_model, cfg, device)
     trainer = Trainer(cfg=cfg, raw_model=raw_model, optimizer=optimizer, splits=corpus.splits,
                       tokenizer=corpus.tokenizer, device=device, dtype=dtype, run_dir=run_dir, status=status, d=d,
-                      data=corpus.identity, bits_per_byte=corpus.bits_per_byte, eval_tasks=start.eval_tasks)
+                      data=corpus.identity, bits_per_byte=corpus.bits_per_byte, eval_tasks=start.eval_tasks, on_eval=on_eval)
     if resume:
         trainer.restore(resume)
         trainer.aim_run_hash = resume.meta.get("aim_run_hash")
@@ -54,7 +56,7 @@ def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist) -> Tr
     # all-reduce overlaps backward (PyTorch's recommended order).
     trainer.model = compile_model(model, device) if compiled else model
     status.update(compiled=compiled, dtype=str(dtype).removeprefix("torch."))  # what auto chose here
-    status.update(params=raw_model.num_params())
+    status.update(params=raw_model.num_params(), flops_per_token=raw_model.flops_per_token())
     print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
           f"| compile {'on' if compiled else 'off'}{' (auto)' if cfg.torch_compile == 'auto' else ''} "
           f"| {cfg.tokens_per_step * d.world_size:,} tokens/step"

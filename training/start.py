@@ -78,6 +78,8 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack,
                          f"to train; pass --max-iters N (more than {resume.iteration}) to train it further")
             return None
     cfg = check_sample_prompt(cfg, corpus, notes)
+    if cfg.target_flops and not resume:
+        cfg = fit_to_budget(cfg, corpus.tokenizer.vocab_size, d.world_size, notes)
     eval_tasks = prepare_eval_tasks(cfg.eval_tasks, corpus.tokenizer, cfg.block_size, cfg.eval_task_items, d.rank,
                                     d.world_size, notes if d.is_main else None)
     estimate = estimate_run(cfg, corpus.tokenizer.vocab_size, compute.device, compute.dtype, d.world_size,
@@ -85,6 +87,25 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack,
     check_fits(estimate, compute.device)  # what cannot fit is refused now, not found out by allocating
     notes += describe(estimate, compute.device)
     return Start(cfg=cfg, compute=compute, corpus=corpus, run=run, resume=resume, init=init, eval_tasks=eval_tasks)
+
+
+def fit_to_budget(cfg: ModelConfig, vocab_size: int, world_size: int, notes: list[str]) -> ModelConfig:
+    """max_iters from target_flops: the budget over the model's training FLOPs per token (model.py's count,
+    6N plus attention) and the tokens of a step (every rank's)."""
+    import torch
+
+    from model import LanguageModel
+
+    with torch.device("meta"):  # the count needs the shapes only
+        flops_per_token = LanguageModel(cfg, vocab_size).flops_per_token()
+    steps = int(cfg.target_flops // (flops_per_token * cfg.tokens_per_step * world_size))
+    if steps <= cfg.warmup_iters:
+        raise ValueError(f"target_flops {cfg.target_flops:.3g} buys {steps} steps of this model ({flops_per_token:,} "
+                         f"FLOPs per token, {cfg.tokens_per_step * world_size:,} tokens per step), not more than "
+                         f"warmup_iters={cfg.warmup_iters}: raise the budget or shrink the model")
+    notes.append(f"target_flops {cfg.target_flops:.3g}: max_iters {steps:,} ({flops_per_token:,} FLOPs per token x "
+                 f"{cfg.tokens_per_step * world_size:,} tokens per step)")
+    return dataclasses.replace(cfg, max_iters=steps, eval_interval=min(cfg.eval_interval, steps))
 
 
 def open_corpus(cfg: ModelConfig, given, recorded: dict | None, d: Dist) -> Corpus:

@@ -89,6 +89,10 @@ class Trainer:
     target_reached_at: dict | None = None  # step, val_loss, seconds, tokens of the eval that reached target_val_loss
     eval_tasks: list[EvalTask] = field(default_factory=list)  # benchmark files scored at every eval (eval_tasks)
     task_scores: dict = field(default_factory=dict)  # iteration -> {task: record}: the last eval's and the best's
+    # A sweep's trial (training/sweeps.py): hears each eval's numbers, at the fraction of the schedule done;
+    # True stops the run as pruned (checkpoint, export), as early stopping would.
+    on_eval: Callable[[int, dict], bool] | None = None
+    pruned: bool = False
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -142,6 +146,8 @@ class Trainer:
                 self.evaluate()
                 if self.target_reached_at:  # every rank saw the same val loss (estimate_loss), so all stop here
                     reason = "target_reached"
+                elif self.pruned:
+                    reason = "pruned"
                 elif cfg.early_stopping_patience and self.evals_since_best >= cfg.early_stopping_patience:
                     reason = "early_stopping"
                 clock = time.perf_counter()  # eval time is not training time
@@ -273,6 +279,9 @@ class Trainer:
             self.new_best(losses["val"])
         else:
             self.evals_since_best += 1
+        if self.on_eval and it > 0:
+            self.pruned = self.on_eval(it, {"val_loss": losses["val"], "val_bpb": bpb,
+                                            "benchmarks": self.task_scores.get(it, {})})
         self.status.update(iteration=it, train_loss=losses["train"], val_loss=losses["val"],
                            best_val_loss=self.best_val_loss, **({"val_bpb": bpb} if bpb is not None else {}),
                            **({"benchmarks": {name: dict(zip(("metric", "value"), headline(r, raw=True)))
@@ -318,6 +327,9 @@ class Trainer:
         if reason == "early_stopping":
             print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; "
                   + restore_best(self))
+        if reason == "pruned":
+            print(f"pruned at step {self.iteration}: the sweep's pruner judged this trial behind the others at the "
+                  "same fraction of their schedules")
         if reason == "target_reached":
             at = self.target_reached_at
             print(f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss {cfg.target_val_loss:g} at step "
