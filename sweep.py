@@ -70,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"objective {sweep.spec.objective} ({sweep.spec.direction})")
         stop.immediate = False  # from here a signal reaches the running trials; each stops cleanly
         others = [subprocess.Popen([sys.executable, __file__, "--resume", str(sweep.dir), "--worker"],
-                                   env={**os.environ, "GPTLAB_SWEEP_JOBS": str(args.jobs)})
-                  for _ in range(args.jobs - 1)]
+                                   env={**os.environ, "GPTLAB_SWEEP_JOBS": str(args.jobs),
+                                        "GPTLAB_SWEEP_WORKER": str(k)})
+                  for k in range(1, args.jobs)]
         threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("GPTLAB_SWEEP_JOBS", args.jobs)))
-        reason = run_worker(sweep, stop, threads)
+        # a worker started by hand (--worker) takes its pid as its index: its own sampler seeds
+        worker = int(os.environ.get("GPTLAB_SWEEP_WORKER", os.getpid() if args.worker else 0))
+        reason = run_worker(sweep, stop, threads, worker)
         codes = [p.wait() for p in others]
     if args.worker:
         return stop.exit_code if reason == "interrupted" else 0

@@ -297,7 +297,8 @@ def prepare_eval_tasks(specs: Sequence[str], tokenizer, block_size: int, max_ite
 
 
 def score_eval_tasks(model: torch.nn.Module, tasks: Sequence[EvalTask], device: torch.device,
-                     gather: Callable[[list], list[list]] = lambda mine: [mine], batch_size: int = 32) -> dict[str, dict]:
+                     gather: Callable[[list], list[list]] = lambda mine: [mine],
+                     batch_size: int = 32) -> dict[str, dict]:
     """Each task's record on the model as it is (float32, eval mode): this rank's items scored, every rank's
     results gathered (`gather`: distributed.gather under torchrun), {name: the record evaluate.py saves}."""
     out = {}

@@ -156,7 +156,8 @@ def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name:
         bench = read_benchmark(data)
         bench = dataclasses.replace(bench, items=bench.items[:max_items or None])
         model = build_model(snapshot, device=device)
-        results = score_benchmark(model, bench, snapshot.tokenizer, snapshot.config.block_size, batch_size or 32, device)
+        results = score_benchmark(model, bench, snapshot.tokenizer, snapshot.config.block_size, batch_size or 32,
+                                  device)
         if notes is not None and results["skipped"]:
             notes.append(skipped_note(results, str(bench.path)))
         record = {"run": run.name, "data": str(bench.path), "split": "all", "name": name or bench.name,

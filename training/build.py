@@ -45,7 +45,8 @@ def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist,
     optimizer = build_optimizer(raw_model, cfg, device)
     trainer = Trainer(cfg=cfg, raw_model=raw_model, optimizer=optimizer, splits=corpus.splits,
                       tokenizer=corpus.tokenizer, device=device, dtype=dtype, run_dir=run_dir, status=status, d=d,
-                      data=corpus.identity, bits_per_byte=corpus.bits_per_byte, eval_tasks=start.eval_tasks, on_eval=on_eval)
+                      data=corpus.identity, bits_per_byte=corpus.bits_per_byte, eval_tasks=start.eval_tasks,
+                      on_eval=on_eval)
     if resume:
         trainer.restore(resume)
         trainer.aim_run_hash = resume.meta.get("aim_run_hash")

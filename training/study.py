@@ -62,7 +62,7 @@ class Sweep:
     def runs_dir(self) -> str:
         return read_json_object(self.dir / "sweep.json")["runs_dir"]
 
-    def study(self, create: bool = False):
+    def study(self, create: bool = False, seed_offset: int = 0):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -73,8 +73,8 @@ class Sweep:
             from optuna.storages.journal import JournalFileBackend
 
             storage = optuna.storages.JournalStorage(JournalFileBackend(str(self.dir / "journal.log")))
-        kwargs = {"study_name": self.dir.name, "storage": storage, "sampler": make_sampler(spec),
-                  "pruner": make_pruner(spec)}
+        kwargs = {"study_name": self.dir.name, "storage": storage, "pruner": make_pruner(spec),
+                  "sampler": make_sampler(spec, spec.sampler_seed + seed_offset)}
         if create:
             return optuna.create_study(direction=spec.direction, load_if_exists=True, **kwargs)
         return optuna.load_study(**kwargs)
@@ -90,14 +90,21 @@ class Sweep:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def make_sampler(spec: SweepSpec):
+def make_sampler(spec: SweepSpec, seed: int):
     import optuna
 
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({p.name: p.choices for p in spec.space.values()}, seed=spec.sampler_seed)
+        class GridSampler(optuna.samplers.GridSampler):
+            """Optuna's, without its study.stop() once the grid is done: that works inside study.optimize
+            only; in ask-and-tell it raised before the last trial's state was saved. The workers count."""
+
+            def after_trial(self, study, trial, state, values) -> None:
+                pass
+
+        return GridSampler({p.name: p.choices for p in spec.space.values()}, seed=seed)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.sampler_seed)
-    return optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=min(5, max(2, spec.n_trials // 3)))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(2, spec.n_trials // 3)))
 
 
 def make_pruner(spec: SweepSpec):
@@ -139,13 +146,15 @@ def trial_hook(target: str, run: Path, max_iters: int):
     return on_eval
 
 
-def run_worker(sweep: Sweep, stop, threads: int) -> str:
+def run_worker(sweep: Sweep, stop, threads: int, worker: int = 0) -> str:
     """Trials, one after another, until n_trials are complete or pruned (counting those other workers
-    run); returns why it stopped: done or interrupted."""
+    run); returns why it stopped: done or interrupted. The sampler's seed is sampler_seed, offset by the
+    worker's index and the trials the study holds already: a fresh single-worker sweep repeats exactly,
+    while two workers, or a resumed sweep, never draw the same sequence."""
     import optuna
 
     TS = optuna.trial.TrialState
-    study = sweep.study()
+    study = sweep.study(seed_offset=1000 * worker + len(sweep.study().get_trials(deepcopy=False)))
     while not stop.requested:
         with sweep.lock():
             trials = study.get_trials(deepcopy=False)

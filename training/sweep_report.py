@@ -138,7 +138,8 @@ def write_scaling(sweep: Sweep, done: list) -> str:
     result = {"budgets": [{"target_flops": c, "objective": v, "trial": n} for c, v, n in points]}
     if len(points) >= 2 and all(v > 0 for _, v, _ in points):
         b, log_a = np.polyfit(np.log([c for c, _, _ in points]), np.log([v for _, v, _ in points]), 1)
-        result |= {"a": math.exp(log_a), "b": float(b), "law": f"{sweep.spec.objective} = {math.exp(log_a):.4g} * C^{b:.4f}"}
+        law = f"{sweep.spec.objective} = {math.exp(log_a):.4g} * C^{b:.4f}"
+        result |= {"a": math.exp(log_a), "b": float(b), "law": law}
     atomic_write_json(sweep.dir / "scaling.json", result)
     figure, ax = plt.subplots(figsize=(6, 4))
     for t in done:

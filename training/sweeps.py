@@ -156,8 +156,8 @@ def load_sweep(path: Path) -> SweepSpec:
     try:
         cfg = trial_config(spec, corner)
     except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"{where}: a trial at the space's first values ({', '.join(f'{k}={v!r}' for k, v in corner.items())})"
-                      f" would not train: {e}") from None
+        values = ", ".join(f"{k}={v!r}" for k, v in corner.items())
+        raise type(e)(f"{where}: a trial at the space's first values ({values}) would not train: {e}") from None
     _check_objective(spec, cfg)
     return spec
 
@@ -228,7 +228,8 @@ def _check_objective(spec: SweepSpec, cfg: ModelConfig) -> None:
     stems = [Path(t.split(":")[-1]).name.split(".")[0] for t in cfg.eval_tasks]
     if task not in stems or metric not in (*ACCURACIES, "acc", "loss", "perplexity"):
         raise ValueError(f"{spec.source}: objective {spec.objective!r}: use val_loss, val_bpb or <eval_tasks file "
-                         f"stem>:<metric> (metrics: {', '.join(ACCURACIES)}, loss, perplexity); this sweep's eval_tasks "
+                         f"stem>:<metric> (metrics: {', '.join(ACCURACIES)}, loss, perplexity); this sweep's "
+                         "eval_tasks "
                          f"give {', '.join(stems) or 'none: add eval_tasks to settings'}")
 
 
@@ -245,8 +246,8 @@ def run_objective(run: RunDir, objective: str) -> float | None:
     metric (its newest evals/ record of that name)."""
     status = run.status()
     if objective in LOSSES:
-        key = "best_val_loss" if objective == "val_loss" and status.get("stop_reason") == "early_stopping" else objective
-        return status.get(key)
+        early = objective == "val_loss" and status.get("stop_reason") == "early_stopping"
+        return status.get("best_val_loss" if early else objective)
     task, _, metric = objective.partition(":")
     records = [read_json_object(p) for p in sorted(run.eval_records(), key=lambda p: p.stat().st_mtime_ns)]
     values = [r[metric] for r in records if r.get("name") == task and metric in r]

@@ -48,20 +48,20 @@ def sweep_dir(tmp_path: Path) -> Path:
 
 
 def test_a_study_of_tiny_trials_end_to_end(tmp_path: Path, tiny_corpus: Path) -> None:
-    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path)
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=2)
     res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 0, res.stderr
     root = sweep_dir(tmp_path)
     s, TS = study(root)
     trials = s.get_trials()
-    assert len(trials) == 3 and all(t.state == TS.COMPLETE for t in trials)
+    assert len(trials) == 2 and all(t.state == TS.COMPLETE for t in trials)
     for t in trials:
         (run,) = [RunDir(p) for p in t.user_attrs["run_dirs"]]
         assert run.config()["learning_rate"] == t.params["learning_rate"]      # the parameters reach the run
         assert t.value == run.status()["val_loss"]                             # the objective is its own metric
         assert run.status()["sweep"] == {"dir": str(root), "trial": t.number}  # and the run points back
         assert run.config()["run_tag"] == f"tiny-t{t.number}"
-    assert "3 of 3 trials complete or pruned" in res.stdout and "best: trial" in res.stdout
+    assert "2 of 2 trials complete or pruned" in res.stdout and "best: trial" in res.stdout
     assert (root / "plots" / "history.png").is_file() and (root / "plots" / "slice.png").is_file()
     # best.yaml trains the best trial again: the same val loss, exactly (float32)
     again = call_main(train.main, "--config", str(root / "best.yaml"), "--runs-dir", str(tmp_path / "again"))
@@ -123,23 +123,24 @@ def test_ctrl_c_then_resume_finishes_with_no_trial_lost_or_counted_twice(tmp_pat
 
 
 def test_two_workers_on_one_journal_share_the_study(tmp_path: Path, tiny_corpus: Path) -> None:
-    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=5)
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=4)
     res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"), "--jobs", "2")
     assert res.returncode == 0, res.stderr
     s, TS = study(sweep_dir(tmp_path))
     trials = s.get_trials()
-    assert [t.state for t in trials] == [TS.COMPLETE] * 5  # exactly n_trials, numbered 0..4 once each
-    assert sorted(t.number for t in trials) == list(range(5))
+    assert [t.state for t in trials] == [TS.COMPLETE] * 4  # exactly n_trials, numbered 0..3 once each
+    assert sorted(t.number for t in trials) == list(range(4))
     workers = {tuple(t.user_attrs["worker"]) for t in trials}
     assert len(workers) == 2  # both took trials
+    assert len({t.params["learning_rate"] for t in trials}) == 4  # and drew different values
     runs = [t.user_attrs["run_dirs"][0] for t in trials]
-    assert len(set(runs)) == 5
+    assert len(set(runs)) == 4
 
 
 def test_a_scaling_series_sets_max_iters_from_the_budget_and_fits_a_law(tmp_path: Path, tiny_corpus: Path) -> None:
-    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, sampler="grid", pruner="none",
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, sampler="grid", pruner="none", n_trials=2,
                        space={"target_flops": {"type": "grid", "values": [2.0e9, 8.0e9]},
-                              "n_embd": {"type": "grid", "values": [16, 32]}})
+                              "n_embd": {"type": "grid", "values": [32]}})
     res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 0, res.stderr
     root = sweep_dir(tmp_path)
@@ -172,3 +173,47 @@ def test_a_bad_sweep_file_is_one_line_before_anything_runs(tmp_path: Path, tiny_
     with user_error(*fragments):
         call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_trial_whose_process_died_is_failed_and_tried_once_more_from_its_checkpoint(tmp_path: Path,
+                                                                                    tiny_corpus: Path) -> None:
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["settings"].update(max_iters=400, eval_interval=100, checkpoint_interval=20)
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.Popen([sys.executable, str(REPO / "sweep.py"), str(path), "--runs-dir", str(tmp_path / "runs")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env())
+    wait_for_line(proc, "trial 0: training")
+    for _ in range(600):
+        runs = list((tmp_path / "runs").glob("*_tiny-t0"))
+        if runs and list((runs[0] / "artifacts" / "checkpoints").glob("step_*")):
+            break
+        subprocess.run(["sleep", "0.1"])
+    os.kill(RunDir(runs[0]).status()["pid"], signal.SIGKILL)  # the trial's train.py, as the OOM killer would
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, out
+    s, TS = study(sweep_dir(tmp_path))
+    first, retry = s.get_trials()
+    assert first.state == TS.FAIL and first.user_attrs["failure"] == "train.py exited with -9"
+    assert retry.state == TS.COMPLETE and retry.user_attrs["retry_of"] == 0 and retry.params == first.params
+    assert retry.user_attrs["run_dirs"] == first.user_attrs["run_dirs"]  # resumed from its checkpoint
+    assert "trial 0: died" in out
+
+
+def test_resume_fails_and_retries_a_trial_whose_worker_was_killed(tmp_path: Path, tiny_corpus: Path) -> None:
+    from training.study import Sweep
+    from training.sweeps import load_sweep
+
+    sweep = Sweep.create(load_sweep(write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=1)), None,
+                         str(tmp_path / "runs"))
+    s = sweep.study()
+    orphan = s.ask()
+    orphan.suggest_float("learning_rate", 1.0e-4, 1.0e-2, log=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan.set_user_attr("worker", [__import__("socket").gethostname(), dead.pid])  # a worker that is gone
+    res = call_main(sweep_stage.main, "--resume", str(sweep.dir))
+    assert f"trial 0 was left running by a worker that died (pid {dead.pid})" in res.stdout
+    s, TS = study(sweep.dir)
+    first, retry = s.get_trials()
+    assert first.state == TS.FAIL and retry.state == TS.COMPLETE and retry.params == first.params
