@@ -101,7 +101,7 @@ def run_once(parsed, d: Dist, device_name: str, started: Callable[[Path], None] 
             print(start.corpus.summary)
             on_eval = None
             if parsed.args.sweep_trial:  # the run and the sweep's trial point at each other
-                on_eval = trial_hook(parsed.args.sweep_trial, run.path, cfg.max_iters)
+                on_eval = trial_hook(parsed.args.sweep_trial, run.path, cfg)
                 sweep_dir, number = parsed.args.sweep_trial.rsplit(":", 1)
                 status.update(sweep={"dir": sweep_dir, "trial": int(number)})
             trainer = build_trainer(start, run.path, status, d, on_eval)

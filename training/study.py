@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import yaml
 
@@ -118,10 +118,12 @@ def make_pruner(spec: SweepSpec):
     return optuna.pruners.NopPruner()
 
 
-def trial_hook(target: str, run: Path, max_iters: int):
+def trial_hook(target: str, run: Path, cfg) -> Callable[[int, dict], bool]:
     """train.py --sweep-trial <sweep dir>:<N>: the Trainer's on_eval for trial N; the run is recorded in
-    the trial, the trial in the run's status. Reports the objective at the per-mille of the schedule done;
-    prunes (first seed only) after prune_after, never at the last eval."""
+    the trial, the trial in the run's status. Reports the objective at the per-mille of the schedule done.
+    Prunes (first seed only) from prune_after on, never at the last eval, and for a WSD schedule not before
+    its decay: a high learning rate looks worse in the stable phase and then wins in the decay, so the
+    loss before the decay does not rank trials the way their end does."""
     root, _, number = target.rpartition(":")
     import optuna
 
@@ -131,17 +133,17 @@ def trial_hook(target: str, run: Path, max_iters: int):
     if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING:
         raise ValueError(f"--sweep-trial {target}: no running trial {number} in that sweep")
     trial = optuna.trial.Trial(study, frozen._trial_id)
-    runs = [*frozen.user_attrs.get("run_dirs", []), str(run)]
-    trial.set_user_attr("run_dirs", list(dict.fromkeys(runs)))
-    first_seed = len(frozen.user_attrs.get("run_dirs", [])) == 0 or frozen.user_attrs["run_dirs"][0] == str(run)
+    earlier = frozen.user_attrs.get("run_dirs", [])
+    trial.set_user_attr("run_dirs", list(dict.fromkeys([*earlier, str(run)])))
+    first_seed = not earlier or earlier[0] == str(run)
+    start = max(sweep.spec.prune_after, 1 - cfg.decay_fraction if cfg.lr_schedule == "wsd" else 0)
 
     def on_eval(iteration: int, metrics: dict) -> bool:
         value = objective_value(sweep.spec.objective, metrics)
         if value is None or not first_seed:
             return False
-        step = round(STEPS * iteration / max_iters)
-        trial.report(float(value), step)
-        return iteration < max_iters and trial.should_prune()
+        trial.report(float(value), round(STEPS * iteration / cfg.max_iters))
+        return start <= iteration / cfg.max_iters < 1 and trial.should_prune()
 
     return on_eval
 

@@ -28,9 +28,9 @@ A sweep file:
 
 A trial trains `train.py --config <each config> --config <sweep>/trials/t<N>.yaml --seed S --run-tag
 <name>-t<N> --sweep-trial <sweep>:<N>`. Its Trainer reports each eval to the trial at the fraction of
-its schedule done (per mille), so trials of different lengths are compared at matched fractions, and a
-WSD run is compared with the others in the same phase (stable against stable, decay against decay);
-the pruner waits until prune_after and never prunes at the last eval. A pruned run stops as early
+its schedule done (per mille), so trials of different lengths are compared at matched fractions; the
+pruner waits until prune_after (a WSD trial: until its decay, training/study.py's trial_hook says why)
+and never prunes at the last eval. A pruned run stops as early
 stopping does (checkpoint, export; stop_reason pruned). Runs and trials point at each other: the run's
 status.json has sweep {dir, trial}, the trial's user attributes the run directories.
 

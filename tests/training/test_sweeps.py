@@ -29,6 +29,7 @@ def write_sweep(path: Path, corpus: Path, tmp_path: Path, **changes) -> Path:
                          "device": "cpu"},
             "space": {"learning_rate": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
             "n_trials": 3, "sampler": "random", "pruner": "none"}
+    spec["settings"].update(changes.pop("settings_extra", {}))
     spec.update(changes)
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return path
@@ -73,9 +74,12 @@ def test_a_study_of_tiny_trials_end_to_end(tmp_path: Path, tiny_corpus: Path) ->
     assert shown.stdout.splitlines()[2].split()[0] == str(s.best_trial.number)  # best first
 
 
-def test_pruning_stops_a_hopeless_trial_early(tmp_path: Path, tiny_corpus: Path) -> None:
+@pytest.mark.parametrize("schedule, pruned_at", [("cosine", 5), ("wsd", 15)])
+def test_pruning_stops_a_hopeless_trial_early(tmp_path: Path, tiny_corpus: Path, schedule: str, pruned_at: int) -> None:
+    """At the first eval past prune_after (0.2: step 5 of 20); a WSD trial not before its decay (the last 30%:
+    step 15), where its loss starts to rank as its end will."""
     path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, sampler="tpe", pruner="median", prune_after=0.2,
-                       enqueue=[{"learning_rate": 1.0e-2}, {"learning_rate": 5.0e-3}, {"learning_rate": 1.0e-7}],
+                       settings_extra={"lr_schedule": schedule, "decay_fraction": 0.3}, enqueue=[{"learning_rate": 1.0e-2}, {"learning_rate": 5.0e-3}, {"learning_rate": 1.0e-7}],
                        space={"learning_rate": {"type": "float", "low": 1.0e-7, "high": 1.0e-2, "log": True}})
     res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"))
     assert res.returncode == 0, res.stderr
@@ -85,7 +89,7 @@ def test_pruning_stops_a_hopeless_trial_early(tmp_path: Path, tiny_corpus: Path)
     (pruned,) = [t for t in s.get_trials() if t.state == TS.PRUNED]
     run = RunDir(pruned.user_attrs["run_dirs"][0])
     status = run.status()
-    assert status["stop_reason"] == "pruned" and status["iteration"] < 20 and run.has_export()
+    assert status["stop_reason"] == "pruned" and status["iteration"] == pruned_at and run.has_export()
     assert "pruned" in res.stdout
 
 
@@ -217,3 +221,26 @@ def test_resume_fails_and_retries_a_trial_whose_worker_was_killed(tmp_path: Path
     s, TS = study(sweep.dir)
     first, retry = s.get_trials()
     assert first.state == TS.FAIL and retry.state == TS.COMPLETE and retry.params == first.params
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_sweeps_validate(path: Path) -> None:
+    from training.sweeps import load_sweep
+
+    spec = load_sweep(path)
+    assert spec.n_trials >= 1 and spec.space
+
+
+def test_an_rdb_storage_holds_the_study(tmp_path: Path, tiny_corpus: Path) -> None:
+    """--storage takes an Optuna RDB URL (sqlite here; PostgreSQL or MySQL across machines)."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=1)
+    res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"), "--storage", url)
+    assert res.returncode == 0, res.stderr
+    root = sweep_dir(tmp_path)
+    assert not (root / "journal.log").exists()
+    (summary,) = optuna.get_all_study_summaries(url)
+    assert summary.study_name == root.name and summary.n_trials == 1
+    assert "1 of 1 trials complete" in call_main(sweep_stage.main, "--show", str(root)).stdout
