@@ -30,9 +30,9 @@ A trial trains `train.py --config <each config> --config <sweep>/trials/t<N>.yam
 <name>-t<N> --sweep-trial <sweep>:<N>`. Its Trainer reports each eval to the trial at the fraction of
 its schedule done (per mille), so trials of different lengths are compared at matched fractions; the
 pruner waits until prune_after (a WSD trial: until its decay, training/study.py's trial_hook says why)
-and never prunes at the last eval. A pruned run stops as early
-stopping does (checkpoint, export; stop_reason pruned). Runs and trials point at each other: the run's
-status.json has sweep {dir, trial}, the trial's user attributes the run directories.
+and never prunes at the last eval. A pruned run stops as early stopping does (checkpoint, export;
+stop_reason pruned). Runs and trials point at each other: the run's status.json has sweep {dir, trial},
+the trial's user attributes the run directories.
 
 The study lives in an Optuna journal file in the sweep directory (safe for several processes, no server),
 or in any Optuna RDB storage (--storage URL) that workers on several machines share. A worker takes a
