@@ -5,6 +5,7 @@
     python runs.py diff runs/<a> runs/<b>                    # config keys and code that differ
     python runs.py plot runs/<a> runs/<b> --out loss.png     # val and train loss against tokens seen
     python runs.py leaderboard [--sort hellaswag_val] [--glob '*lr*'] [--format markdown|csv]   # runs x benchmarks
+    python runs.py list --sweep runs/sweeps/<id>             # a sweep's trials (also leaderboard --sweep)
     python runs.py clean                                     # what would be removed (a dry run)
     python runs.py clean --yes                               # remove it
 
@@ -54,6 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                             "loss, val bpb, wall time, start")
     listing.add_argument("--state", choices=STATES, help="only runs in this state")
     listing.add_argument("--tag", help="only runs with this tag")
+    listing.add_argument("--sweep", help="only the trials of this sweep (runs/sweeps/<id>, or its name)")
     listing.add_argument("--sort", default="started", choices=COLUMNS, help="the column to sort by (default started)")
     listing.add_argument("--reverse", action="store_true", help="largest (or latest) first")
     show = verbs.add_parser("show", help="everything a run's meta/ and status.json know, and its evals")
@@ -70,6 +72,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                                        "benchmark's name, val_bpb, params, ...)")
     board.add_argument("--reverse", action="store_true", help="worst first")
     board.add_argument("--tag", help="only runs with this tag")
+    board.add_argument("--sweep", help="only the trials of this sweep (runs/sweeps/<id>, or its name)")
     board.add_argument("--glob", help="only runs whose name matches this pattern, e.g. '2026*_lr*'")
     board.add_argument("--metric", choices=ACCURACIES, help="the accuracy multiple-choice columns show (default: "
                                                             "acc_norm, lm-eval's; a last word always shows acc)")
@@ -89,7 +92,14 @@ def run_facts(run: RunDir) -> dict:
             "best_val": _number(status.get("best_val_loss")), "val_bpb": _number(status.get("val_bpb")),
             "wall": _number(status.get("seconds")) or _seconds_between(status.get("started_at"),
                                                                        status.get("finished_at") or status.get("updated_at")),
-            "started": status.get("started_at")}
+            "started": status.get("started_at"),
+            # a sweep's trial: the sweep directory's name (status.json's sweep.dir), for --sweep
+            "sweep": Path(str(status["sweep"].get("dir", ""))).name if isinstance(status.get("sweep"), dict) else None}
+
+
+def in_sweep(fact: dict, sweep: str | None) -> bool:
+    """Whether a run is a trial of the sweep (its directory or name); True when no sweep is asked for."""
+    return not sweep or fact["sweep"] == Path(sweep.rstrip("/")).name
 
 
 def tokens_per_step(config: dict, status: dict) -> int:
@@ -123,11 +133,12 @@ def _cell(key: str, value: object) -> str:
     return str(value)
 
 
-def list_runs(runs_dir: Path, state: str | None, tag: str | None, sort: str = "started", reverse: bool = False) -> None:
+def list_runs(runs_dir: Path, state: str | None, tag: str | None, sort: str = "started", reverse: bool = False,
+              sweep: str | None = None) -> None:
     facts = [f for f in map(run_facts, find_runs(runs_dir))
-             if not (state and f["state"] != state) and not (tag and f["tag"] != tag)]
+             if not (state and f["state"] != state) and not (tag and f["tag"] != tag) and in_sweep(f, sweep)]
     if not facts:
-        print(f"no runs in '{runs_dir}'" + (" match" if state or tag else ""))
+        print(f"no runs in '{runs_dir}'" + (" match" if state or tag or sweep else ""))
         return
     # Runs without the value sort last either way.
     facts.sort(key=lambda f: (f[sort] is None, f[sort] if f[sort] is not None else 0), reverse=False)
@@ -150,12 +161,13 @@ def leaderboard(runs_dir: Path, args: argparse.Namespace) -> None:
     for run in find_runs(runs_dir):
         if benchmark_records(run) and not (args.glob and not fnmatch.fnmatch(run.name, args.glob)):
             fact = run_facts(run)
-            if not (args.tag and fact["tag"] != args.tag):
+            if not (args.tag and fact["tag"] != args.tag) and in_sweep(fact, args.sweep):
                 runs.append(run)
                 facts.append(fact)
     if not runs:
-        print(f"no run in '{runs_dir}'{' that matches' if args.tag or args.glob else ''} has a benchmark score: score "
-              "one with python evaluate.py --run R --data FILE.jsonl, or train with --eval-tasks FILE.jsonl")
+        print(f"no run in '{runs_dir}'{' that matches' if args.tag or args.glob or args.sweep else ''} has a benchmark "
+              "score: score one with python evaluate.py --run R --data FILE.jsonl, or train with --eval-tasks "
+              "FILE.jsonl")
         return
     board = build_board(runs, [{k: f[k] for k in BOARD_FACTS} for f in facts], args.metric)
     sort_board(board, args.sort, args.reverse)
@@ -384,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"runs directory '{runs_dir}' does not exist; pass --runs-dir")
     if args.verb == "list":
-        list_runs(runs_dir, args.state, args.tag, args.sort, args.reverse)
+        list_runs(runs_dir, args.state, args.tag, args.sort, args.reverse, args.sweep)
     elif args.verb == "show":
         show(resolve_run(args.run, runs_dir, need_export=False))
     elif args.verb == "plot":

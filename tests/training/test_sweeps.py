@@ -69,6 +69,9 @@ def test_a_study_of_tiny_trials_end_to_end(tmp_path: Path, tiny_corpus: Path) ->
     assert again.returncode == 0
     (run,) = (tmp_path / "again").iterdir()
     assert RunDir(run).status()["val_loss"] == s.best_value
+    import runs as runs_stage
+    listed = call_main(runs_stage.main, "--runs-dir", str(tmp_path / "runs"), "list", "--sweep", str(root)).stdout
+    assert [line.split()[1] for line in listed.splitlines()[1:]] == ["tiny-t0", "tiny-t1"]  # runs.py knows trials
     shown = call_main(sweep_stage.main, "--show", str(root))
     assert shown.stdout.splitlines()[1].split()[:2] == ["trial", "state"]
     assert shown.stdout.splitlines()[2].split()[0] == str(s.best_trial.number)  # best first
