@@ -247,3 +247,20 @@ def test_an_rdb_storage_holds_the_study(tmp_path: Path, tiny_corpus: Path) -> No
     (summary,) = optuna.get_all_study_summaries(url)
     assert summary.study_name == root.name and summary.n_trials == 1
     assert "1 of 1 trials complete" in call_main(sweep_stage.main, "--show", str(root)).stdout
+
+
+def test_a_benchmark_metric_can_be_the_objective(tmp_path: Path, tiny_corpus: Path) -> None:
+    from conftest import write_benchmarks
+
+    files = write_benchmarks(tmp_path / "files")
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=1, objective="generic_own:acc_norm",
+                       settings_extra={"eval_tasks": [str(files["generic"])]})
+    res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"))
+    assert res.returncode == 0, res.stderr
+    s, TS = study(sweep_dir(tmp_path))
+    (trial,) = s.get_trials()
+    assert s.direction.name == "MAXIMIZE" and trial.state == TS.COMPLETE
+    run = RunDir(trial.user_attrs["run_dirs"][0])
+    (record,) = [json.loads(p.read_text()) for p in run.evals.glob("*_generic_own.json")]
+    assert trial.value == record["acc_norm"]
+    assert trial.intermediate_values[1000] == record["acc_norm"]  # reported at each eval, the last at 100%
