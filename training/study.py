@@ -121,8 +121,8 @@ def make_pruner(spec: SweepSpec):
 def trial_hook(target: str, run: Path, cfg) -> Callable[[int, dict], bool]:
     """train.py --sweep-trial <sweep dir>:<N>: the Trainer's on_eval for trial N; the run is recorded in
     the trial, the trial in the run's status. Reports the objective at the per-mille of the schedule done.
-    Prunes (first seed only) from prune_after on, never at the last eval, and for a WSD schedule not before
-    its decay: a high learning rate looks worse in the stable phase and then wins in the decay, so the
+    Prunes (first seed only) from prune_after on and past the warmup, never at the last eval, and for a WSD
+    schedule not before its decay: a high learning rate looks worse in the stable phase and then wins in the decay, so the
     loss before the decay does not rank trials the way their end does."""
     root, _, number = target.rpartition(":")
     import optuna
@@ -136,7 +136,8 @@ def trial_hook(target: str, run: Path, cfg) -> Callable[[int, dict], bool]:
     earlier = frozen.user_attrs.get("run_dirs", [])
     trial.set_user_attr("run_dirs", list(dict.fromkeys([*earlier, str(run)])))
     first_seed = not earlier or earlier[0] == str(run)
-    start = max(sweep.spec.prune_after, 1 - cfg.decay_fraction if cfg.lr_schedule == "wsd" else 0)
+    decay = 1 - cfg.decay_fraction if cfg.lr_schedule == "wsd" else 0.0
+    start = max(sweep.spec.prune_after, cfg.warmup_iters / cfg.max_iters, decay)  # past the warmup, at least
 
     def on_eval(iteration: int, metrics: dict) -> bool:
         value = objective_value(sweep.spec.objective, metrics)
