@@ -157,19 +157,20 @@ BOARD_FACTS = ("run", "arch", "params", "tokens", "val_bpb")
 
 def leaderboard(runs_dir: Path, args: argparse.Namespace) -> None:
     """The runs (by --tag, --glob) that have a benchmark score, one row each, ranked by --sort."""
-    runs, facts = [], []
+    records, facts = [], []
     for run in find_runs(runs_dir):
-        if benchmark_records(run) and not (args.glob and not fnmatch.fnmatch(run.name, args.glob)):
-            fact = run_facts(run)
-            if not (args.tag and fact["tag"] != args.tag) and in_sweep(fact, args.sweep):
-                runs.append(run)
-                facts.append(fact)
-    if not runs:
+        if args.glob and not fnmatch.fnmatch(run.name, args.glob):
+            continue
+        scores, fact = benchmark_records(run), run_facts(run)
+        if scores and not (args.tag and fact["tag"] != args.tag) and in_sweep(fact, args.sweep):
+            records.append(scores)
+            facts.append(fact)
+    if not records:
         print(f"no run in '{runs_dir}'{' that matches' if args.tag or args.glob or args.sweep else ''} has a benchmark "
               "score: score one with python evaluate.py --run R --data FILE.jsonl, or train with --eval-tasks "
               "FILE.jsonl")
         return
-    board = build_board(runs, [{k: f[k] for k in BOARD_FACTS} for f in facts], args.metric)
+    board = build_board(records, [{k: f[k] for k in BOARD_FACTS} for f in facts], args.metric)
     sort_board(board, args.sort, args.reverse)
     print(render(board, args.format, _board_cell))
     for note in board.notes:

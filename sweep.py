@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         reason = run_worker(sweep, stop, threads, worker)
         codes = [p.wait() for p in others]
     if args.worker:
-        return stop.exit_code if reason == "interrupted" else 0
+        return stop.exit_code if reason == "interrupted" else int(reason == "failed")
     print(report(sweep))
+    if reason == "failed":
+        return 1
     if reason == "interrupted" or any(codes):
         print(f"interrupted; continue with: python sweep.py --resume {sweep.dir}")
         return stop.exit_code or 130

@@ -31,7 +31,7 @@ from rundir.status import RunStatus
 from training.plans import open_plan, run_plan
 from training.start import resolve_start
 from training.build import build_trainer
-from training.study import trial_hook
+from training.study import parse_trial, trial_hook
 from utils import distributed
 from utils.cli import run_main
 from utils.console import setup_console_log
@@ -102,8 +102,8 @@ def run_once(parsed, d: Dist, device_name: str, started: Callable[[Path], None] 
             on_eval = None
             if parsed.args.sweep_trial:  # the run and the sweep's trial point at each other
                 on_eval = trial_hook(parsed.args.sweep_trial, run.path, cfg)
-                sweep_dir, number = parsed.args.sweep_trial.rsplit(":", 1)
-                status.update(sweep={"dir": sweep_dir, "trial": int(number)})
+                sweep_dir, number = parse_trial(parsed.args.sweep_trial)
+                status.update(sweep={"dir": str(sweep_dir), "trial": number})
             trainer = build_trainer(start, run.path, status, d, on_eval)
             # From here a signal only asks to stop: the loop ends after its current step, and one that comes
             # while the export is written lets it finish, so status.json always records how the run ended.

@@ -1,7 +1,7 @@
 """The leaderboard's numbers: each run's newest score on each benchmark (its evals/ records, from
 evaluate.py or from training's eval_tasks), one metric per benchmark, and their mean centred accuracy.
 
-    board = build_board(runs, rows, metric=None)      # rows: runs.py's facts per run (run, arch, params, ...)
+    board = build_board([benchmark_records(r) for r in runs], facts)   # facts: runs.py's (run, arch, ...)
     print(render(board, "markdown"))                  # text, markdown or csv
 
 A benchmark's column shows its headline metric (acc_norm for multiple choice, acc for a last word) or
@@ -46,11 +46,11 @@ def benchmark_records(run: RunDir) -> dict[str, dict]:
     return out
 
 
-def build_board(runs: list[RunDir], facts: list[dict], metric: str | None = None) -> Board:
-    """One row per run: its facts, each benchmark's metric, and the mean centred metric."""
+def build_board(records: list[dict[str, dict]], facts: list[dict], metric: str | None = None) -> Board:
+    """One row per run from its facts and its benchmark_records(): each benchmark's metric and the mean
+    centred metric."""
     if metric is not None and metric not in ACCURACIES:
         raise ValueError(f"--metric {metric!r}: choose one of {', '.join(ACCURACIES)}")
-    records = [benchmark_records(run) for run in runs]
     names = sorted({name for r in records for name in r})
     board = Board([*facts[0], *names, AVERAGE] if facts else [], [])
     for fact, recs in zip(facts, records):

@@ -235,6 +235,11 @@ def benchmark_metrics(bench: Benchmark, results: list[dict], skipped: dict[str, 
             "chance": chance}
 
 
+def skipped_reasons(skipped: dict[str, int]) -> str:
+    """"2 for a character outside the model's vocabulary; 1 for ...": why items were skipped, counted."""
+    return "; ".join(f"{n:,} for {reason}" for reason, n in skipped.items())
+
+
 def headline(record: dict, raw: bool = False) -> tuple[str, str | float]:
     """A benchmark's one number: acc_norm for multiple choice (lm-eval's, what papers report for HellaSwag),
     acc for a last word; (metric, "31.20%"), or with raw=True (metric, 0.312)."""
@@ -245,7 +250,7 @@ def headline(record: dict, raw: bool = False) -> tuple[str, str | float]:
 def check_scorable(bench: Benchmark, encoded: Encoded) -> None:
     """A benchmark none of whose items this model can score is an error, not a score of nothing."""
     if not encoded.scored:
-        why = "; ".join(f"{n:,} for {reason}" for reason, n in encoded.skipped.items())
+        why = skipped_reasons(encoded.skipped)
         raise ValueError(f"no item of {bench.path} can be scored by this model ({why}); use a model whose "
                          "vocabulary covers the benchmark's text (a gpt2 or bpe tokenizer covers any)")
 
@@ -287,9 +292,8 @@ def prepare_eval_tasks(specs: Sequence[str], tokenizer, block_size: int, max_ite
         encoded = encode_items(bench.items, tokenizer, block_size)
         check_scorable(bench, encoded)
         if encoded.skipped and notes is not None:
-            why = "; ".join(f"{n:,} for {reason}" for reason, n in encoded.skipped.items())
             notes.append(f"eval_tasks: {sum(encoded.skipped.values()):,} of {len(bench.items):,} items of {bench.path} "
-                         f"cannot be scored by this model and are left out ({why})")
+                         f"cannot be scored by this model and are left out ({skipped_reasons(encoded.skipped)})")
         mine = set(encoded.scored[rank::world_size])
         tasks.append(EvalTask(bench.name, bench, Encoded([r for r in encoded.requests if r.item in mine],
                                                          sorted(mine), {}), encoded.skipped))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from data import bits_per_byte
+from evaluation.likelihood import ACCURACIES, skipped_reasons
 
 TOP_K = 5
 
@@ -32,7 +33,7 @@ def token_metrics(nll: float, top1: int, top5: int, tokens: int, text_bytes: int
 
 def skipped_note(record: dict, data: str) -> str:
     """One line: how many items of the benchmark file `data` were skipped, and why."""
-    why = "; ".join(f"{n:,} for {reason}" for reason, n in record["skipped_why"].items())
+    why = skipped_reasons(record["skipped_why"])
     return (f"note: {record['skipped']:,} of {record['skipped'] + record['items']:,} items of {data} were "
             f"skipped and are not in the scores: {why}")
 
@@ -48,7 +49,7 @@ def benchmark_table(record: dict) -> str:
         return "\n".join(lines)
     lines.append(f"  {'':<15} {'accuracy':>12} {'centred':>10}   (chance {record['chance']:.2%})")
     lines += [f"  {rule:<15} {record[rule]:>12.2%} {record[rule + '_centered']:>10.4f}"
-              for rule in ("acc", "acc_norm", "acc_bytes", "acc_per_token")]
+              for rule in ACCURACIES]
     return "\n".join(lines)
 
 

@@ -138,6 +138,18 @@ def greedy_answers(model: torch.nn.Module, examples: Sequence[Example], eot: int
     return answers
 
 
+def score_benchmark_file(snapshot, bench, max_items: int, batch_size: int, device: torch.device,
+                         notes: list[str] | None) -> dict:
+    """A benchmark file's first max_items items (0: all) on the stored model, as the tokenizer it trained with
+    reads them; a note says how many were skipped, and why."""
+    bench = dataclasses.replace(bench, items=bench.items[:max_items or None])
+    model = build_model(snapshot, device=device)
+    results = score_benchmark(model, bench, snapshot.tokenizer, snapshot.config.block_size, batch_size, device)
+    if notes is not None and results["skipped"]:
+        notes.append(skipped_note(results, str(bench.path)))
+    return results
+
+
 class Evaluation(NamedTuple):
     record: dict   # run, data, split, name, iteration and the metrics
     path: Path     # where the record was saved: runs/<id>/evals/<ts>_<name>.json
@@ -154,15 +166,26 @@ def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name:
     snapshot = read_export(run.path)
     if is_benchmark(data):
         bench = read_benchmark(data)
-        bench = dataclasses.replace(bench, items=bench.items[:max_items or None])
-        model = build_model(snapshot, device=device)
-        results = score_benchmark(model, bench, snapshot.tokenizer, snapshot.config.block_size, batch_size or 32,
-                                  device)
-        if notes is not None and results["skipped"]:
-            notes.append(skipped_note(results, str(bench.path)))
-        record = {"run": run.name, "data": str(bench.path), "split": "all", "name": name or bench.name,
-                  "iteration": run.status().get("iteration"), **results}
-        return Evaluation(record, save_eval(run, record))
+        source, split, default, results = str(bench.path), "all", bench.name, score_benchmark_file(
+            snapshot, bench, max_items, batch_size or 32, device, notes)
+    else:
+        cfg = dataclasses.replace(snapshot.config, data=data, data_dir=data_dir)
+        corpus = prepare_corpus(cfg, snapshot.tokenizer)
+        if notes is not None and corpus.note:
+            notes.append(corpus.note)
+        model = build_model(snapshot, corpus.tokenizer.vocab_size, device)
+        parts = [corpus.splits[s] for s in (("train", "val") if split == "all" else (split,))]
+        if corpus.kind == "pairs":
+            examples = sorted((e for rows in parts for e in rows.examples), key=lambda e: e.line)[:max_pairs or None]
+            results = score_pairs(model, examples, corpus.tokenizer, cfg.block_size, batch_size or 64, device)
+        else:
+            arrays = [a for arrays in parts for a in arrays]
+            results = score_windows(model, arrays, corpus.tokenizer, cfg.block_size, max_tokens, batch_size or 8,
+                                    device)
+        source, default = corpus.name, default_name(data)
+    record = {"run": run.name, "data": source, "split": split, "name": name or default,
+              "iteration": run.status().get("iteration"), **results}
+    return Evaluation(record, save_eval(run, record))
     cfg = dataclasses.replace(snapshot.config, data=data, data_dir=data_dir)
     corpus = prepare_corpus(cfg, snapshot.tokenizer)
     if notes is not None and corpus.note:

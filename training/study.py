@@ -118,18 +118,26 @@ def make_pruner(spec: SweepSpec):
     return optuna.pruners.NopPruner()
 
 
+def parse_trial(target: str) -> tuple[Path, int]:
+    """--sweep-trial's "<sweep dir>:<N>" as (the sweep directory, the trial number)."""
+    root, _, number = target.rpartition(":")
+    if not root or not number.isdigit():
+        raise ValueError(f"--sweep-trial {target!r}: expected <sweep dir>:<trial number>, as sweep.py passes it")
+    return Path(root), int(number)
+
+
 def trial_hook(target: str, run: Path, cfg) -> Callable[[int, dict], bool]:
     """train.py --sweep-trial <sweep dir>:<N>: the Trainer's on_eval for trial N; the run is recorded in
     the trial, the trial in the run's status. Reports the objective at the per-mille of the schedule done.
     Prunes (first seed only) from prune_after on and past the warmup, never at the last eval, and for a WSD
-    schedule not before its decay: a high learning rate looks worse in the stable phase and then wins in the decay, so the
-    loss before the decay does not rank trials the way their end does."""
-    root, _, number = target.rpartition(":")
+    schedule not before its decay: a high learning rate looks worse in the stable phase and then wins in the
+    decay, so the loss before the decay does not rank trials the way their end does."""
+    root, number = parse_trial(target)
     import optuna
 
-    sweep = Sweep.open(Path(root))
+    sweep = Sweep.open(root)
     study = sweep.study()
-    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == int(number)), None)
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING:
         raise ValueError(f"--sweep-trial {target}: no running trial {number} in that sweep")
     trial = optuna.trial.Trial(study, frozen._trial_id)
@@ -151,9 +159,10 @@ def trial_hook(target: str, run: Path, cfg) -> Callable[[int, dict], bool]:
 
 def run_worker(sweep: Sweep, stop, threads: int, worker: int = 0) -> str:
     """Trials, one after another, until n_trials are complete or pruned (counting those other workers
-    run); returns why it stopped: done or interrupted. The sampler's seed is sampler_seed, offset by the
-    worker's index and the trials the study holds already: a fresh single-worker sweep repeats exactly,
-    while two workers, or a resumed sweep, never draw the same sequence."""
+    run); returns why it stopped: done, interrupted, or failed (as many trials failed as were asked for).
+    The sampler's seed is sampler_seed, offset by the worker's index and the trials the study holds
+    already: a fresh single-worker sweep repeats exactly, while two workers, or a resumed sweep, never
+    draw the same sequence."""
     import optuna
 
     TS = optuna.trial.TrialState
@@ -164,11 +173,16 @@ def run_worker(sweep: Sweep, stop, threads: int, worker: int = 0) -> str:
             taken = sum(t.state in (TS.COMPLETE, TS.PRUNED, TS.RUNNING) for t in trials)
             if taken >= sweep.spec.n_trials:
                 return "done"
+            failed = sum(t.state == TS.FAIL and not t.user_attrs.get("retry") for t in trials)
+            if failed >= sweep.spec.n_trials:  # a space where nothing trains would otherwise loop forever
+                print(f"{failed} trials failed (train.py refused their configs, or a retry failed again): stopping; "
+                      "the table below says which", flush=True)
+                return "failed"
             _enqueue_retries(study, trials)
             trial = study.ask()
             trial.set_user_attr("worker", [socket.gethostname(), os.getpid()])
         params = {name: p.suggest(trial) for name, p in sweep.spec.space.items()}
-        state, value, note = run_trial(sweep, trial, params, threads)
+        state, value, note = run_trial(sweep, study, trial, params, threads)
         print(f"trial {trial.number}: {state}" + (f", {sweep.spec.objective} {value:.4f}" if value is not None else "")
               + (f" ({note})" if note else "") + f" | {_params_text(params)}", flush=True)
         if state == "complete":
@@ -193,7 +207,13 @@ def _enqueue_retries(study, trials) -> None:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "resume": t.user_attrs.get("run_dirs", [])})
 
 
-def run_trial(sweep: Sweep, trial, params: dict, threads: int) -> tuple[str, float | None, str]:
+def _run_dirs(study, number: int) -> list[str]:
+    """The trial's runs, read anew from the storage (the train.py process wrote them there; a Trial object
+    keeps the attributes it had when it was made)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number).user_attrs.get("run_dirs", [])
+
+
+def run_trial(sweep: Sweep, study, trial, params: dict, threads: int) -> tuple[str, float | None, str]:
     """Each seed's run of the trial, in a train.py process; (complete | pruned | failed | interrupted |
     died, the objective (the seeds' mean), a note)."""
     spec = sweep.spec
@@ -201,7 +221,7 @@ def run_trial(sweep: Sweep, trial, params: dict, threads: int) -> tuple[str, flo
     trials_dir.mkdir(exist_ok=True)
     config = trials_dir / f"t{trial.number}.yaml"
     atomic_write_text(config, yaml.safe_dump({**spec.settings, **params}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GPTLAB_SWEEP_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     resume = trial.user_attrs.get("resume", [])
     values = []
     for k, seed in enumerate(spec.seeds):
@@ -216,7 +236,7 @@ def run_trial(sweep: Sweep, trial, params: dict, threads: int) -> tuple[str, flo
               f"{_params_text(params)}", flush=True)
         # The run's own logs/train.log keeps its output; the console shows a line per trial (and any error).
         code = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode
-        runs = _trial_runs(sweep, trial.number)
+        runs = _run_dirs(study, trial.number)
         if code in (130, 143):
             return "interrupted", None, f"stopped by a signal; python sweep.py --resume {sweep.dir} tries it again"
         if code == USER_ERROR:
@@ -231,11 +251,6 @@ def run_trial(sweep: Sweep, trial, params: dict, threads: int) -> tuple[str, flo
             return "failed", None, f"{runs[-1]} has no {spec.objective}"
         values.append(float(value))
     return "complete", sum(values) / len(values), ""
-
-
-def _trial_runs(sweep: Sweep, number: int) -> list[str]:
-    trial = next(t for t in sweep.study().get_trials(deepcopy=False) if t.number == number)
-    return trial.user_attrs.get("run_dirs", [])
 
 
 def _params_text(params: dict) -> str:

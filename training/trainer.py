@@ -210,7 +210,6 @@ class Trainer:
         losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d, self.stop_requested)
         if losses is None:
             return None, None
-        self.eval_seconds = time.perf_counter() - t0
         bpb = self.bits_per_byte("val", losses["val"]) if self.bits_per_byte else None
         for split, value in losses.items():
             self.tracker.log_scalars(it, {"eval_loss": value}, subset=split)
@@ -221,7 +220,7 @@ class Trainer:
             self.task_scores[it] = self.score_tasks()
             for name, record in self.task_scores[it].items():
                 self.tracker.log_eval(it, name, {k: record[k] for k in METRICS if k in record})
-            self.eval_seconds = time.perf_counter() - t0
+        self.eval_seconds = time.perf_counter() - t0  # the ETA's share of each eval, benchmarks included
         if sample and self.cfg.sample_length and self.d.is_main:
             self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
         return losses, bpb

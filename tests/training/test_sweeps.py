@@ -264,3 +264,14 @@ def test_a_benchmark_metric_can_be_the_objective(tmp_path: Path, tiny_corpus: Pa
     (record,) = [json.loads(p.read_text()) for p in run.evals.glob("*_generic_own.json")]
     assert trial.value == record["acc_norm"]
     assert trial.intermediate_values[1000] == record["acc_norm"]  # reported at each eval, the last at 100%
+
+
+def test_a_sweep_whose_trials_all_fail_stops_and_says_so(tmp_path: Path, tiny_corpus: Path) -> None:
+    """train.py refuses each trial (a sample prompt outside the vocabulary): after n_trials failures the
+    sweep stops with exit 1 instead of asking for trials forever."""
+    path = write_sweep(tmp_path / "s.yaml", tiny_corpus, tmp_path, n_trials=2,
+                       settings_extra={"sample_prompt": "€", "sample_length": 10})
+    res = call_main(sweep_stage.main, str(path), "--runs-dir", str(tmp_path / "runs"))
+    assert res.returncode == 1 and "2 trials failed" in res.stdout
+    s, TS = study(sweep_dir(tmp_path))
+    assert [t.state for t in s.get_trials()] == [TS.FAIL, TS.FAIL]
