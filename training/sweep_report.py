@@ -88,7 +88,8 @@ def write_best(sweep: Sweep, best) -> Path | None:
 
 
 def write_plots(sweep: Sweep, study, complete: int) -> list[Path]:
-    """Optimization history, and with two or more complete trials the parameters' importances and slices."""
+    """Optimization history once a trial is complete, and with two or more the parameters' slices and
+    importances."""
     import warnings
 
     import matplotlib
@@ -103,7 +104,7 @@ def write_plots(sweep: Sweep, study, complete: int) -> list[Path]:
 
     out = sweep.dir / "plots"
     out.mkdir(exist_ok=True)
-    plots = [("history", ovm.plot_optimization_history)]
+    plots = [("history", ovm.plot_optimization_history)] if complete else []  # nothing to draw without one
     if complete >= 2:
         plots += [("slice", ovm.plot_slice)]
         if len(sweep.spec.space) >= 2:
