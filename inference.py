@@ -17,16 +17,13 @@ import torch
 
 from config import PROJECT_DIR, add_config_arg, parse
 from parameters import GenerateConfig
-from rundir.checkpoint import checkpoint_by_path, find_checkpoint
-from rundir.export import load_checkpoint_model, load_export
-from rundir.lock import run_state
+from rundir.export import load_for_generation
 from rundir.meta import code_note
-from rundir.run_dir import RunDir, resolve_run
+from tokenizer import TextStream
 from utils.cli import run_main
 from utils.device import resolve_device
 
 DEFAULT_PROMPT = GenerateConfig.__dataclass_fields__["prompt"].default
-MAX_HELD_TOKENS = 8  # a UTF-8 character is at most 4 bytes; more tokens than this cannot still be one
 
 
 def read_prompt(cfg: GenerateConfig) -> str:
@@ -44,37 +41,18 @@ def read_prompt(cfg: GenerateConfig) -> str:
 
 def stream_text(model, tokenizer, ids: list[int], cfg: GenerateConfig, device: torch.device,
                 generator: torch.Generator) -> Iterator[str]:
-    """Yield text as tokens arrive, decoding only the new ones (a long generation stays linear).
-    A GPT-2 token can end inside a multi-byte character, so tokens are held back until they decode
-    cleanly (no trailing U+FFFD), or until a few more show that the bytes really are invalid."""
+    """Yield text as tokens arrive, never split inside a character (TextStream)."""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    pending: list[int] = []
+    text = TextStream(tokenizer)
     stop = tokenizer.eot_id if cfg.stop_at_end_of_text else None
     for token in model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                        top_p=cfg.top_p, generator=generator):
         if int(token[0, 0]) == stop:  # the model ended the document
             break
-        pending.append(int(token[0, 0]))
-        text = tokenizer.decode(pending)
-        if not text.endswith("\ufffd") or len(pending) >= MAX_HELD_TOKENS:
-            yield text
-            pending = []
-    if pending:
-        yield tokenizer.decode(pending)
-
-
-def load_model(cfg: GenerateConfig, device: torch.device):
-    """(model, tokenizer, its training config, what was loaded, its run): the run's export, or one of its
-    checkpoints, which is how steps are compared (--checkpoint best, or --run .../checkpoints/step_N)."""
-    if found := checkpoint_by_path(Path(cfg.run), cfg.runs_dir):
-        run, ckpt = found
-    elif cfg.checkpoint:
-        run = resolve_run(cfg.run, cfg.runs_dir, need_export=False)
-        ckpt = find_checkpoint(run, cfg.checkpoint)
-    else:
-        run = resolve_run(cfg.run, cfg.runs_dir)
-        return (*load_export(run.path, device), _describe(run, "export"), run)
-    return (*load_checkpoint_model(ckpt, device), _describe(run, f"checkpoint {ckpt.name}"), run)
+        if piece := text.push(int(token[0, 0])):
+            yield piece
+    if piece := text.flush():
+        yield piece
 
 
 def _encodes(tokenizer, text: str) -> bool:
@@ -84,16 +62,10 @@ def _encodes(tokenizer, text: str) -> bool:
         return False
 
 
-def _describe(run: RunDir, what: str) -> str:
-    state = run_state(run.path)
-    ended = "" if state.state == "completed" else f" ({state.state}{': ' + state.detail if state.detail else ''})"
-    return f"{run}{ended} | {what}"
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(GenerateConfig, argv, __doc__, config_dir=None, add_stage_args=add_config_arg).config
     device = resolve_device(cfg.device)
-    model, tokenizer, trained, loaded, run = load_model(cfg, device)
+    model, tokenizer, trained, loaded, run = load_for_generation(cfg.run, cfg.checkpoint, cfg.runs_dir, device)
     if note := code_note(run.path, PROJECT_DIR):
         print(note, file=sys.stderr)
     prompt = read_prompt(cfg)

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from architectures import ARCHITECTURES, LayerKV, dropout
+from architectures import ARCHITECTURES, BatchKV, LayerKV, dropout
 from architectures.layers import CausalSelfAttention
 from parameters import ModelConfig
 
@@ -100,9 +100,10 @@ class LanguageModel(nn.Module):
         return self.lm_head(self._hidden(idx)[where])  # (N, V)
 
     @property
-    def shares_contexts(self) -> bool:
-        """Whether shared_context_logits applies: every block attends through CausalSelfAttention, which
-        takes a chunk of tokens after a cache (a block of your own may not)."""
+    def flexible_cache(self) -> bool:
+        """Whether every block attends through CausalSelfAttention, which takes a chunk of tokens after a
+        cache (shared_context_logits) and a BatchKV step of rows at their own positions (serve.py); a
+        block of your own may not."""
         return all(isinstance(getattr(b, "attn", None), CausalSelfAttention) for b in self.transformer.h)
 
     def shared_context_logits(self, contexts: Tensor, rows: Tensor, continuations: Tensor, where: Tensor) -> Tensor:
@@ -120,13 +121,15 @@ class LanguageModel(nn.Module):
             h = torch.cat([h, self._hidden(continuations, cache, contexts.size(1))], dim=1)  # (R, W + 1, C)
         return self.lm_head(h[where])  # (N, V)
 
-    def _hidden(self, idx: Tensor, cache: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
-        """Final-LayerNorm hidden states (B, T, C) of idx (B, T) placed at positions pos..pos+T-1."""
+    def _hidden(self, idx: Tensor, cache: list[LayerKV] | list[BatchKV] | None = None, pos: int | Tensor = 0) -> Tensor:
+        """Final-LayerNorm hidden states (B, T, C) of idx (B, T) placed at positions pos..pos+T-1, or, with
+        a (B,) tensor pos and a BatchKV cache (T == 1), row b's token at position pos[b]."""
         T = idx.size(1)
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
             # A slice of the table is the embedding of positions pos..pos+T-1, without an arange per call.
-            x = x + self.transformer.wpe.weight[pos:pos + T]  # (B, T, C)
+            where = self.transformer.wpe.weight[pos][:, None] if isinstance(pos, Tensor) else self.transformer.wpe.weight[pos:pos + T]
+            x = x + where  # (B, T, C)
         x = dropout(x, self.dropout, self.training)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if cache is None else cache[i], pos)  # (B, T, C)
@@ -187,7 +190,7 @@ class LanguageModel(nn.Module):
         window[:, :n] = idx[:, -n:]
         keep = max(self.block_size // 2, 1)
         cache = [LayerKV(self.block_size) for _ in range(self.n_layer)] if use_cache else None
-        logits = self._last_logits(window[:, :n], cache, 0)  # (B, V)
+        logits = self.next_logits(window[:, :n], cache, 0)  # (B, V)
         for i in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             yield next_token
@@ -198,14 +201,15 @@ class LanguageModel(nn.Module):
             if n > self.block_size:
                 window[:, :keep] = window[:, n - keep:n].clone()
                 n = keep
-                logits = self._last_logits(window[:, :n], cache, 0)  # re-prefill
+                logits = self.next_logits(window[:, :n], cache, 0)  # re-prefill
             elif cache is None:
-                logits = self._last_logits(window[:, :n], None, 0)  # full recompute
+                logits = self.next_logits(window[:, :n], None, 0)  # full recompute
             else:
-                logits = self._last_logits(next_token, cache, n - 1)  # one position
+                logits = self.next_logits(next_token, cache, n - 1)  # one position
 
-    def _last_logits(self, idx: Tensor, cache: list[LayerKV] | None, pos: int) -> Tensor:
-        """Logits (B, V) after the last token of idx (B, T); the lm_head sees only that position."""
+    def next_logits(self, idx: Tensor, cache: list[LayerKV] | list[BatchKV] | None, pos: int | Tensor) -> Tensor:
+        """Logits (B, V) after the last token of idx (B, T) placed at pos (see _hidden); the lm_head sees
+        only that position. The KV-cached step of generate_stream, and of serve.py's batched decoding."""
         h = self._hidden(idx, cache, pos)  # (B, T, C)
         return self.lm_head(h[:, -1, :])  # (B, V)
 

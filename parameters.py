@@ -447,3 +447,36 @@ class GenerateConfig(Validated):
         if not 0 <= self.seed < 2**63:
             p.append(("seed", f"must be in [0, 2**63), got {self.seed}"))
         return p
+
+
+@dataclass
+class ServeConfig(Validated):
+    run: str = knob("latest", "run directory, its export/ folder, or one of its checkpoints/step_N folders; "
+                                "latest = newest run with an export")
+    checkpoint: str = knob("", "serve this checkpoint of the run instead of its export: best, latest or step_N")
+    runs_dir: str = knob("runs", "where `latest` looks for runs")
+    device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    host: str = knob("127.0.0.1", "address to listen on; 0.0.0.0 serves every network the machine is on")
+    port: int = knob(8000, "TCP port; 0 picks a free one (printed at start)")
+    api_key: str = knob("", "require `Authorization: Bearer KEY` on every /v1 request (or set GPTLAB_API_KEY)")
+    model_name: str = knob("", "the model id clients name and /v1/models lists; default: the run directory's name")
+    max_batch: int = knob(16, "sequences decoded together, one step for all; more requests wait their turn")
+    max_queue: int = knob(256, "sequences waiting for a place in the batch; past this a request gets 503")
+    max_prompt_tokens: int = knob(8192, "longest prompt accepted, in tokens (generation sees its last block_size)")
+    max_tokens: int = knob(2048, "most tokens one completion may ask for (max_tokens)")
+    max_n: int = knob(8, "most completions one request may ask for (n)")
+    max_body_bytes: int = knob(1 << 20, "largest request body accepted, in bytes")
+    request_timeout: float = knob(600.0, "seconds a request may take, waiting included; then it ends with 504")
+
+    WHAT = "arguments"
+
+    def _problems(self) -> list[tuple[str, str]]:
+        p: list[tuple[str, str]] = []
+        if not 0 <= self.port < 65536:
+            p.append(("port", f"must be in [0, 65535], got {self.port}"))
+        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "max_n", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                p.append((name, f"must be > 0, got {getattr(self, name)}"))
+        if self.request_timeout <= 0:
+            p.append(("request_timeout", f"must be > 0 seconds, got {self.request_timeout}"))
+        return p

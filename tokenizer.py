@@ -521,3 +521,35 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     raise ValueError(f"not a tokenizer description: {str(d)[:80]!r} ({problem}); expected one written by "
                      f"to_dict, of type {', '.join(TOKENIZERS.names())} (re-export the model if tokenizer.json "
                      "is damaged)")
+
+
+class TextStream:
+    """Text of token ids that arrive one at a time, given out without splitting a character.
+
+    A byte-level token (gpt2, bpe) can end inside a multi-byte UTF-8 character, which decodes to a
+    trailing U+FFFD: such tokens are held back until they decode cleanly, or until MAX_HELD tokens show
+    that the bytes really are invalid. Only the held tokens are decoded, so a long stream stays linear.
+
+        stream = TextStream(tok)
+        pieces = [stream.push(i) for i in ids] + [stream.flush()]   # "".join(pieces) == tok.decode(ids)
+    """
+    MAX_HELD = 8  # a UTF-8 character is at most 4 bytes: more held tokens than this cannot still be one
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.held: list[int] = []
+
+    def push(self, token: int) -> str:
+        """The text that token completes ("" while it is held back)."""
+        self.held.append(token)
+        text = self.tokenizer.decode(self.held)
+        if text.endswith("\ufffd") and len(self.held) < self.MAX_HELD:
+            return ""
+        self.held = []
+        return text
+
+    def flush(self) -> str:
+        """The text of the tokens still held (at the end of a stream)."""
+        text = self.tokenizer.decode(self.held) if self.held else ""
+        self.held = []
+        return text

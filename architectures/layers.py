@@ -46,7 +46,9 @@ class RMSNorm(nn.RMSNorm):
     normalizes in bf16. A float32 input, the residual stream, is normalized exactly as before."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            return super().forward(x.float()).type_as(x)
+        return super().forward(x)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -113,6 +115,73 @@ class LayerKV:
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]  # (B, nkv, pos + T, hd)
 
 
+class BatchKV:
+    """One layer's keys and values for up to `slots` sequences decoded together, each at its own position
+    (serve.py's continuous batching). A sequence owns one row: row(i) is a LayerKV over that row for its
+    prefill (and re-prefill); a decode step writes one token per row at that row's position and attends
+    each row to its own positions. start_step() sets which rows a step decodes, for every layer at once."""
+
+    def __init__(self, slots: int, block_size: int) -> None:
+        self.slots, self.block_size = slots, block_size
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.rows: Tensor | None = None  # the rows a step decodes, or None for rows 0..B-1 (views, no copy)
+        self.length = 0  # positions a step attends to: the furthest row's position + 1
+        self.mask: Tensor | None = None  # (B, 1, 1, length): True where a row's query may look; None: all
+
+    def row(self, i: int) -> LayerKV:
+        return _RowKV(self, i)
+
+    def allocate(self, like: Tensor) -> None:
+        """Storage for every slot, shaped and typed like the first keys written (B, nkv, T, hd)."""
+        if self.k is None:
+            _, nkv, _, hd = like.shape
+            self.k = like.new_zeros(self.slots, nkv, self.block_size, hd)  # (slots, nkv, block_size, hd)
+            self.v = like.new_zeros(self.slots, nkv, self.block_size, hd)  # (slots, nkv, block_size, hd)
+
+    def update(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nkv, 1, hd) of row b at position pos[b]; return every row's keys and values up
+        to self.length (B, nkv, length, hd): views of rows 0..B-1, or a gather of self.rows."""
+        B = k.size(0)
+        rows = torch.arange(B, device=k.device) if self.rows is None else self.rows  # (B,)
+        self.k[rows, :, pos] = k[:, :, 0]
+        self.v[rows, :, pos] = v[:, :, 0]
+        if self.rows is None:
+            return self.k[:B, :, :self.length], self.v[:B, :, :self.length]  # (B, nkv, length, hd)
+        return self.k[rows, :, :self.length], self.v[rows, :, :self.length]  # (B, nkv, length, hd)
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's keys and values become row dst's (keeping the decoded rows 0..B-1 contiguous)."""
+        if self.k is not None:
+            self.k[dst], self.v[dst] = self.k[src], self.v[src]
+
+
+class _RowKV(LayerKV):
+    """A LayerKV whose storage is one row of a BatchKV: a prefill there is a prefill of that sequence."""
+
+    def __init__(self, batch: BatchKV, i: int) -> None:
+        super().__init__(batch.block_size)
+        self.batch, self.i = batch, i
+
+    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+        self.batch.allocate(k)
+        self.k, self.v = self.batch.k[self.i:self.i + 1], self.batch.v[self.i:self.i + 1]  # (1, nkv, block, hd)
+        return super().update(k, v, pos)
+
+
+def start_step(cache: list[BatchKV], positions: list[int], rows: list[int] | None, device: torch.device) -> Tensor:
+    """Point every layer's BatchKV at one decode step: row rows[b] (or b, when rows is None) takes its next
+    token at positions[b]. Returns the positions as a (B,) tensor, the `pos` the blocks take."""
+    length = max(positions) + 1
+    pos = torch.tensor(positions, device=device)  # (B,)
+    # Rows at the same position see every stored position up to it: no mask, the unmasked kernel.
+    mask = None if min(positions) == max(positions) else (torch.arange(length, device=device) <= pos[:, None])[:, None, None, :]
+    index = None if rows is None else torch.tensor(rows, device=device)
+    for layer in cache:
+        layer.rows, layer.length, layer.mask = index, length, mask
+    return pos
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021), in the half-split layout Hugging Face Llama uses:
     the pair rotated together is (x[i], x[i + hd/2]). cos/sin for every position up to block_size
@@ -128,11 +197,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos().float()[:, None, :], persistent=False)  # (block_size, 1, hd/2)
         self.register_buffer("sin", angles.sin().float()[:, None, :], persistent=False)  # (block_size, 1, hd/2)
 
-    def forward(self, x: Tensor, pos: int) -> Tensor:
-        """x (B, T, nh, hd) at positions pos..pos+T-1, rotated: HF's x * cos + rotate_half(x) * sin,
-        written per half, which gives the same numbers without building rotate_half(x) (a copy of x)."""
+    def forward(self, x: Tensor, pos: int | Tensor) -> Tensor:
+        """x (B, T, nh, hd) at positions pos..pos+T-1 (or row b's one token at pos[b]), rotated: HF's
+        x * cos + rotate_half(x) * sin, written per half, which gives the same numbers without building
+        rotate_half(x) (a copy of x)."""
         T, half = x.size(1), x.size(-1) // 2
-        cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)  # (T, 1, hd/2)
+        if isinstance(pos, Tensor):  # (B,) positions, T == 1
+            cos, sin = self.cos[pos][:, None].to(x.dtype), self.sin[pos][:, None].to(x.dtype)  # (B, 1, 1, hd/2)
+        else:
+            cos, sin = self.cos[pos:pos + T].to(x.dtype), self.sin[pos:pos + T].to(x.dtype)  # (T, 1, hd/2)
         x1, x2 = x[..., :half], x[..., half:]  # (B, T, nh, hd/2) each
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, T, nh, hd)
 
@@ -154,7 +227,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.rotary = Rotary(self.head_dim, cfg.block_size, cfg.rope_theta) if rotary else None
 
-    def forward(self, x: Tensor, kv: LayerKV | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, kv: LayerKV | BatchKV | None = None, pos: int | Tensor = 0) -> Tensor:
         B, T, C = x.shape
         hd, nkv = self.head_dim, self.n_kv_head
         q, k, v = self.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)  # (B, T, C), 2 x (B, T, nkv * hd)
@@ -165,11 +238,13 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, pos), self.rotary(k, pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hd), 2 x (B, nkv, T, hd)
         if kv is not None:
-            k, v = kv.update(k, v, pos)  # (B, nkv, pos + T, hd)
+            k, v = kv.update(k, v, pos)  # (B, nkv, pos + T, hd); a BatchKV step: (B, nkv, kv.length, hd)
         if nkv != self.n_head:  # query head i reads key/value head i // (n_head / nkv), as in HF's repeat_kv
             k = k.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, pos + T, hd)
             v = v.repeat_interleave(self.n_head // nkv, dim=1)  # (B, nh, pos + T, hd)
-        if pos and T > 1:  # a chunk after cached positions (a shared context's continuations): query i sees
+        if isinstance(pos, Tensor):  # one token per row at its own position (a BatchKV step, serve.py)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.mask)  # (B, nh, 1, hd)
+        elif pos and T > 1:  # a chunk after cached positions (a shared context's continuations): query i sees
             # the cache and the chunk up to itself. (is_causal would align the mask top-left: wrong here.)
             assert not self.training, "chunks after a cache are for scoring, in eval mode"
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)  # (T, pos + T)

@@ -60,15 +60,22 @@ def write_tasks(task_dir: Path, files: dict[str, str | Path]) -> list[str]:
     return names
 
 
-def run_lm_eval(hf_dir: Path, task_dir: Path, tasks: list[str], out_dir: Path, batch_size: int = 1,
-                extra_model_args: str = "", timeout: float = 900) -> dict:
-    """lm-eval's hf model on the tasks, in a subprocess: {task: {metric: value, "lls": [[ll per choice]
-    per item], "seconds": the run's wall time}}. The char export without end-of-text declares no prefix
-    token, which lm-eval needs: extra_model_args passes it (",prefix_token_id=0")."""
+def run_lm_eval(hf_dir: Path | None, task_dir: Path, tasks: list[str], out_dir: Path, batch_size: int = 1,
+                extra_model_args: str = "", timeout: float = 900, server: str = "") -> dict:
+    """lm-eval on the tasks, in a subprocess: {task: {metric: value, "lls": [[ll per choice] per item],
+    "seconds": the run's wall time}}. Its hf model reads hf_dir; or, with server ("http://host:port/v1
+    model-id"), its local-completions model asks serve.py, tokenizing through the server's /tokenize.
+    The char export without end-of-text declares no prefix token, which lm-eval needs: extra_model_args
+    passes it (",prefix_token_id=0")."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_CACHE": str(out_dir / "hf_datasets_cache")}
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
-           "--model_args", f"pretrained={hf_dir},dtype=float32{extra_model_args}", "--tasks", ",".join(tasks),
+    model, model_args = "hf", f"pretrained={hf_dir},dtype=float32"
+    if server:
+        base_url, model_id = server.split()
+        model = "local-completions"
+        model_args = f"model={model_id},base_url={base_url}/completions,tokenizer_backend=remote,max_retries=1"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", model,
+           "--model_args", model_args + extra_model_args, "--tasks", ",".join(tasks),
            "--include_path", str(task_dir), "--device", "cpu", "--batch_size", str(batch_size),
            "--output_path", str(out_dir), "--log_samples"]
     t0 = time.perf_counter()

@@ -122,7 +122,7 @@ def loglikelihoods(model: torch.nn.Module, requests: Sequence[Request], batch_si
         by_item.setdefault(req.item, []).append(r)
     shared: dict[int, list[list[int]]] = {}  # context length -> items (their requests) that share a context
     alone: list[int] = []
-    share = getattr(model, "shares_contexts", False)
+    share = getattr(model, "flexible_cache", False)
     for rs in by_item.values():
         contexts = {tuple(requests[r].tokens[:-requests[r].n_cont]) for r in rs}
         if share and len(rs) > 1 and all(requests[r].whole for r in rs) and len(contexts) == 1:

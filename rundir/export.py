@@ -24,12 +24,13 @@ import torch
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
-from rundir.checkpoint import check_finite, verify
+from rundir.checkpoint import check_finite, checkpoint_by_path, find_checkpoint, verify
 from utils import files
 from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
 from rundir.hf_export import remove_hf_export, write_hf_export
 from rundir.hf_import import is_hf_model_dir, read_hf_model
-from rundir.run_dir import RunDir
+from rundir.lock import run_state
+from rundir.run_dir import RunDir, resolve_run
 from rundir.snapshot import Snapshot, build_model
 
 WEIGHTS = "model.safetensors"
@@ -115,6 +116,36 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> Exp
     """(model in eval mode, tokenizer, config) from a training checkpoint, verified as resume verifies it."""
     snapshot = read_checkpoint_model(path)
     return Export(build_model(snapshot, device=device), snapshot.tokenizer, snapshot.config)
+
+
+class Loaded(NamedTuple):
+    """A model to generate from, and what it is: what inference.py and serve.py load."""
+    model: LanguageModel  # in eval mode, on the device asked for
+    tokenizer: Tokenizer
+    config: ModelConfig  # the config it was trained with
+    described: str  # "<run> | export", or "<run> (failed: ...) | checkpoint step_N", for the user
+    run: RunDir
+
+
+def load_for_generation(run: str, checkpoint: str, runs_dir: str, device: torch.device | str = "cpu") -> Loaded:
+    """A run's export (run: a run directory, its export/ folder, or `latest`), or one of its checkpoints
+    (checkpoint: best, latest or step_N; or run naming a checkpoints/step_N folder itself): how steps
+    are compared."""
+    if found := checkpoint_by_path(Path(run), runs_dir):
+        run_dir, ckpt = found
+    elif checkpoint:
+        run_dir = resolve_run(run, runs_dir, need_export=False)
+        ckpt = find_checkpoint(run_dir, checkpoint)
+    else:
+        run_dir = resolve_run(run, runs_dir)
+        return Loaded(*load_export(run_dir.path, device), _describe(run_dir, "export"), run_dir)
+    return Loaded(*load_checkpoint_model(ckpt, device), _describe(run_dir, f"checkpoint {ckpt.name}"), run_dir)
+
+
+def _describe(run: RunDir, what: str) -> str:
+    state = run_state(run.path)
+    ended = "" if state.state == "completed" else f" ({state.state}{': ' + state.detail if state.detail else ''})"
+    return f"{run}{ended} | {what}"
 
 
 def _snapshot(raw_config: object, raw_tokenizer: object, config_file: Path, described_by: str,

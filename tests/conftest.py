@@ -134,6 +134,23 @@ def write_benchmarks(root: Path, n: int = 12) -> dict[str, Path]:
     return paths
 
 
+def benchmark_scores(run: Path, spec: str) -> tuple[dict, list[list[float]]]:
+    """evaluate.py's record for a benchmark file, and every item's per-choice log-likelihoods (to hold
+    against lm-eval's)."""
+    from evaluation.benchmarks import read_benchmark
+    from evaluation.likelihood import benchmark_metrics, encode_items, item_results, loglikelihoods
+    from rundir.export import load_export
+
+    export = load_export(run)
+    bench = read_benchmark(spec)
+    encoded = encode_items(bench.items, export.tokenizer, export.config.block_size)
+    scores = loglikelihoods(export.model, encoded.requests, 8, export.model.lm_head.weight.device)
+    lls: dict[int, list[float]] = {}
+    for req, ll in zip(encoded.requests, scores.loglikelihood):
+        lls.setdefault(req.item, []).append(float(ll))
+    return benchmark_metrics(bench, item_results(bench, encoded, scores), encoded.skipped), [lls[i] for i in sorted(lls)]
+
+
 @pytest.fixture
 def pairs_file(tmp_path: Path) -> Path:
     return write_pairs(tmp_path / "pairs.jsonl")

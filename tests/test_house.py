@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-STAGES = {"train", "prepare_data", "evaluate", "inference", "profile_model", "runs", "sweep"}
+STAGES = {"train", "prepare_data", "evaluate", "inference", "profile_model", "runs", "sweep", "serve"}
 # The lower floor: what the model and the data are made of; none of it reads or writes run directories.
 LOWER = {"parameters", "tokenizer", "architectures", "model", "corpus", "data"}
 NOT_CODE = {"tests", "benchmarks", "runs", "data", ".venv", ".git"}

@@ -199,8 +199,8 @@ def test_cached_step_logits_match_forward(cfg: ModelConfig) -> None:
     seq = torch.randint(0, VOCAB, (2, cfg.block_size))
     full, _ = model(seq)
     cache = [LayerKV(model.block_size) for _ in range(model.n_layer)]
-    steps = [model._last_logits(seq[:, :3], cache, 0)]
-    steps += [model._last_logits(seq[:, p:p + 1], cache, p) for p in range(3, cfg.block_size)]
+    steps = [model.next_logits(seq[:, :3], cache, 0)]
+    steps += [model.next_logits(seq[:, p:p + 1], cache, p) for p in range(3, cfg.block_size)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=0)
 
 
@@ -208,7 +208,7 @@ def test_shared_context_logits_equal_each_row_computed_whole(cfg: ModelConfig) -
     """Two contexts of 5 tokens, computed once each, serve 3 and 2 continuations of 1 to 4 tokens (right-
     padded): the logits equal a full forward over each context + continuation."""
     model = scrambled_model(cfg)
-    assert model.shares_contexts
+    assert model.flexible_cache
     contexts = torch.randint(0, VOCAB, (2, 5))
     conts = [torch.randint(0, VOCAB, (n,)) for n in (3, 1, 4, 2, 4)]
     rows = torch.tensor([0, 0, 0, 1, 1])

