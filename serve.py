@@ -14,9 +14,12 @@ GET /tokenizer_info, GET /health. Requests that arrive together are decoded toge
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
+
+import torch
 
 from config import PROJECT_DIR, add_config_arg, parse
 from parameters import ServeConfig
@@ -29,7 +32,9 @@ from utils.device import resolve_device
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads: a taken port is one line at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it every
+    # response after a connection's first waited 40 ms for a delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.api_key = os.environ["GPTLAB_API_KEY"]
     sock = listen(cfg.host, cfg.port)
     device = resolve_device(cfg.device)
+    # Decoding a token reads every weight once: memory-bound, so a second thread gains little, and one that
+    # must wait for the core the HTTP side is on stalls every step (README: Performance).
+    torch.set_num_threads(cfg.threads or max(len(os.sched_getaffinity(0)) - 1, 1))
     model, tokenizer, _, loaded, run = load_for_generation(cfg.run, cfg.checkpoint, cfg.runs_dir, device)
     if note := code_note(run.path, PROJECT_DIR):
         print(note, file=sys.stderr)
@@ -61,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, tokenizer, cfg, model_id)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    print(f"# {loaded} | {model.num_params() / 1e6:.2f}M parameters | {device} | model id '{model_id}'", file=sys.stderr)
+    print(f"# {loaded} | {model.num_params() / 1e6:.2f}M parameters | {device}, {torch.get_num_threads()} threads | "
+          f"model id '{model_id}'", file=sys.stderr)
     print(f"serving on {url}  |  playground {url}/  |  OpenAI base_url {url}/v1"
           f"{'  |  API key required' if cfg.api_key else ''}", flush=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: {cfg.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
+    gc.collect()
+    gc.freeze()  # the start-up's objects (torch, fastapi, pydantic) are never collected: no GC pauses over them
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=30))
     server.run(sockets=[sock])
     return 0

@@ -2,8 +2,8 @@
 
     app = create_app(engine, tokenizer, cfg, model_id="my-run")    # then uvicorn serves it
 
-Every request becomes one engine Sequence per (prompt, choice); their events come back through an
-asyncio queue. A refused request gets OpenAI's error object with the status that fits (400 bad
+Every request becomes one engine Sequence per (prompt, choice); their events come back through a
+Mailbox. A refused request gets OpenAI's error object with the status that fits (400 bad
 request, 401 key, 404 model or route, 413 body, 503 queue full, 504 timeout, 500 the model failed),
 never a traceback. A streaming client that goes away cancels its sequences, which frees their rows.
 """
@@ -11,6 +11,7 @@ never a traceback. A streaming client that goes away cancels its sequences, whic
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import json
@@ -65,6 +66,44 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class Mailbox:
+    """Events from the engine thread to one request's handler. The engine appends (a deque append is
+    atomic) and wakes the event loop only when no wake-up is pending, and, for a non-streaming request,
+    only at a sequence's end: a token then costs the loop nothing, which keeps the engine thread from
+    contending with it for the interpreter."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_event: bool) -> None:
+        self.loop, self.every_event = loop, every_event
+        self.events: collections.deque[tuple[int, Event]] = collections.deque()
+        self.ready = asyncio.Event()
+        self.waking = False
+
+    def emitter(self, index: int) -> Callable[[Event], None]:
+        def emit(ev: Event) -> None:
+            self.events.append((index, ev))
+            if (self.every_event or ev.finish or ev.error) and not self.waking:
+                self.waking = True
+                self.loop.call_soon_threadsafe(self._wake)
+        return emit
+
+    def _wake(self) -> None:
+        self.waking = False
+        self.ready.set()
+
+    async def take(self, timeout: float | None = None) -> list[tuple[int, Event]]:
+        """The events that arrived (waiting up to timeout seconds for one; [] if none came)."""
+        if not self.events:
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except TimeoutError:
+                return []
+        self.ready.clear()
+        taken = []
+        while self.events:
+            taken.append(self.events.popleft())
+        return taken
 
 
 @dataclasses.dataclass
@@ -195,24 +234,22 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
                            code="context_length_exceeded")
         return ids
 
-    def start(prompts: list[list[int]], n: int, sampling: Any) -> tuple[asyncio.Queue, list[Sequence]]:
+    def start(prompts: list[list[int]], n: int, sampling: Any, stream: bool) -> tuple[Mailbox, list[Sequence]]:
         """Queue one Sequence per (prompt, choice); choice j of a seeded request uses seed + j."""
         if n > cfg.max_n:
             raise ApiError(400, f"n is {n}, more than this server allows ({cfg.max_n}; serve.py --max-n)", "n")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        mailbox = Mailbox(asyncio.get_running_loop(), every_event=stream)
         deadline = time.monotonic() + cfg.request_timeout
         seqs = []
         for i, ids in enumerate(prompts):
             for j in range(n):
-                index = i * n + j
                 s = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + j)
-                emit = (lambda index: lambda ev: loop.call_soon_threadsafe(queue.put_nowait, (index, ev)))(index)
-                seqs.append(Sequence(ids, s, emit, deadline=deadline))
+                seqs.append(Sequence(ids, s, mailbox.emitter(i * n + j), deadline=deadline))
         try:
             engine.submit(seqs)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy ({e}); retry shortly", kind="server_overloaded") from None
-        return queue, seqs
+        return mailbox, seqs
 
     def failed(ev: Event) -> ApiError:
         if ev.error == TIMEOUT:
@@ -220,31 +257,29 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
                             kind="timeout")
         return ApiError(500, ev.error, kind="server_error")
 
-    async def gather(request: Request, queue: asyncio.Queue, seqs: list[Sequence]) -> list[Choice] | None:
+    async def gather(request: Request, mailbox: Mailbox, seqs: list[Sequence]) -> list[Choice] | None:
         """Every sequence's whole result; None if the client went away first (its sequences cancelled)."""
         choices = [Choice() for _ in seqs]
         remaining = len(seqs)
         try:
             while remaining:
-                try:
-                    index, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
-                if ev.error:
-                    raise failed(ev)
-                c = choices[index]
-                c.text += ev.text
-                c.tokens += ev.tokens
-                if ev.finish:
-                    c.finish, c.completion_tokens = ev.finish, ev.completion_tokens
-                    remaining -= 1
+                events = await mailbox.take(timeout=0.5)
+                if not events and await request.is_disconnected():
+                    return None
+                for index, ev in events:
+                    if ev.error:
+                        raise failed(ev)
+                    c = choices[index]
+                    c.text += ev.text
+                    c.tokens += ev.tokens
+                    if ev.finish:
+                        c.finish, c.completion_tokens = ev.finish, ev.completion_tokens
+                        remaining -= 1
             return choices
         finally:
             engine.cancel(seqs)  # a no-op for finished ones
 
-    async def sse(queue: asyncio.Queue, seqs: list[Sequence], chunk: Callable[[int, Event], dict | None],
+    async def sse(mailbox: Mailbox, seqs: list[Sequence], chunk: Callable[[int, Event], dict | None],
                   prompt_tokens: int, include_usage: bool, head: dict, first: list[dict] = ()) -> AsyncIterator[str]:
         """Server-Sent Events: each event's chunk, usage on the last one, then [DONE]. Cancelled when the
         client goes away (starlette cancels the response), which cancels its sequences."""
@@ -253,21 +288,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
                 yield f"data: {json.dumps(c)}\n\n"
             remaining, generated = len(seqs), 0
             while remaining:
-                index, ev = await queue.get()
-                if ev.error:
-                    yield f"data: {json.dumps(failed(ev).body())}\n\n"
-                    break
-                body = chunk(index, ev)
-                if ev.finish:
-                    remaining -= 1
-                    generated += ev.completion_tokens
-                    if not remaining:
-                        body["usage"] = usage(prompt_tokens, generated)
-                if body:
-                    yield f"data: {json.dumps(body)}\n\n"
-            else:
-                if include_usage:
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(prompt_tokens, generated)})}\n\n"
+                lines = []
+                for index, ev in await mailbox.take():
+                    if ev.error:
+                        yield "".join(lines) + f"data: {json.dumps(failed(ev).body())}\n\ndata: [DONE]\n\n"
+                        return
+                    body = chunk(index, ev)
+                    if ev.finish:
+                        remaining -= 1
+                        generated += ev.completion_tokens
+                        if not remaining:
+                            body["usage"] = usage(prompt_tokens, generated)
+                    if body:
+                        lines.append(f"data: {json.dumps(body)}\n\n")
+                if lines:
+                    yield "".join(lines)
+            if include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(prompt_tokens, generated)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             engine.cancel(seqs)
@@ -279,7 +316,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
         echo_logprobs = req.echo and req.logprobs is not None
         prompts = [check_prompt(p, echo_logprobs) for p in prompts_of(req.prompt)]
         prompt_tokens = sum(len(p) for p in prompts)
-        queue, seqs = start(prompts, req.n, sampling)
+        mailbox, seqs = start(prompts, req.n, sampling, req.stream)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                          "model": model_id}
         if req.stream:
@@ -292,8 +329,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
                 offsets[index] += len(ev.text)
                 return {**head, "choices": [{"index": index, "text": ev.text, "logprobs": logprobs,
                                                       "finish_reason": ev.finish}]}
-            return stream_response(sse(queue, seqs, chunk, prompt_tokens, req.include_usage, head))
-        choices = await gather(request, queue, seqs)
+            return stream_response(sse(mailbox, seqs, chunk, prompt_tokens, req.include_usage, head))
+        choices = await gather(request, mailbox, seqs)
         if choices is None:
             return JSONResponse({}, 499)
         return {**head, "choices": [
@@ -306,7 +343,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
         check_model(req.model)
         sampling = req.sampling(cfg.max_tokens)
         prompt = check_prompt(encode(req.prompt()), False)
-        queue, seqs = start([prompt], req.n, sampling)
+        mailbox, seqs = start([prompt], req.n, sampling, req.stream)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_id}
         if req.stream:
@@ -321,8 +358,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig, model_id:
                                              "finish_reason": ev.finish}]}
             roles = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}]} for i in range(len(seqs))]
-            return stream_response(sse(queue, seqs, chunk, len(prompt), req.include_usage, head, roles))
-        choices = await gather(request, queue, seqs)
+            return stream_response(sse(mailbox, seqs, chunk, len(prompt), req.include_usage, head, roles))
+        choices = await gather(request, mailbox, seqs)
         if choices is None:
             return JSONResponse({}, 499)
         return {**head, "choices": [
