@@ -213,6 +213,11 @@ class LanguageModel(nn.Module):
         h = self._hidden(idx, cache, pos)  # (B, T, C)
         return self.lm_head(h[:, -1, :])  # (B, V)
 
+    def chunk_logits(self, idx: Tensor, cache: list[LayerKV], pos: int) -> Tensor:
+        """Logits (B, T, V) at every position of idx (B, T), a chunk fed after cached positions 0..pos-1:
+        checking several drafted tokens in one forward (serve.py's speculative decoding)."""
+        return self.lm_head(self._hidden(idx, cache, pos))  # (B, T, V)
+
 
 def grow_vocab(state: dict[str, Tensor], vocab_size: int) -> dict[str, Tensor]:
     """The state dict with its token embedding and LM head grown to vocab_size rows. The new ids come

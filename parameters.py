@@ -467,6 +467,8 @@ class ServeConfig(Validated):
     max_n: int = knob(8, "most completions one request may ask for (n)")
     max_body_bytes: int = knob(1 << 20, "largest request body accepted, in bytes")
     request_timeout: float = knob(600.0, "seconds a request may take, waiting included; then it ends with 504")
+    speculate: int = knob(0, "a lone greedy request drafts up to N tokens from its own earlier text (prompt "
+                              "lookup) and checks them in one forward; 0 = off")
     threads: int = knob(0, "CPU threads the model computes with; 0 = the cores less one (at least 1), leaving one "
                             "to answer HTTP")
 
@@ -476,6 +478,8 @@ class ServeConfig(Validated):
         p: list[tuple[str, str]] = []
         if not 0 <= self.port < 65536:
             p.append(("port", f"must be in [0, 65535], got {self.port}"))
+        if not 0 <= self.speculate <= 64:
+            p.append(("speculate", f"must be in [0, 64] draft tokens, got {self.speculate}"))
         if self.threads < 0:
             p.append(("threads", f"must be >= 0 (0 = automatic), got {self.threads}"))
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "max_n", "max_body_bytes"):

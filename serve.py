@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.engine import Engine
 
     model_id = cfg.model_name or run.path.name
-    engine = Engine(model, tokenizer, device, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    engine = Engine(model, tokenizer, device, max_batch=cfg.max_batch, max_queue=cfg.max_queue, speculate=cfg.speculate)
     app = create_app(engine, tokenizer, cfg, model_id)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"

@@ -179,8 +179,8 @@ def test_tokenize_detokenize_and_tokenizer_info(server: Server, trained_run: Pat
     assert info["vocab_size"] == tok.vocab_size and "eos_token" in info and info["max_model_len"] == 32
 
 
-def test_the_api_key_is_required_when_set(trained_run: Path):
-    for server in serve(trained_run, "--api-key", "s3cret", "--max-batch", "2"):
+def test_the_api_key_is_required_when_set_and_a_slow_request_times_out(trained_run: Path):
+    for server in serve(trained_run, "--api-key", "s3cret", "--max-batch", "2", "--request-timeout", "0.3"):
         assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
         wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
@@ -189,6 +189,9 @@ def test_the_api_key_is_required_when_set(trained_run: Path):
         r = server.client("s3cret").completions.create(model=trained_run.name, prompt="All:", max_tokens=2)
         assert r.usage.completion_tokens == 2
         assert server.health()["status"] == "ok"  # /health and the page stay open for checks
+        slow = server.post("/v1/completions", {"prompt": "All:", "max_tokens": 2048},
+                           headers={"Authorization": "Bearer s3cret"})
+        assert slow.status_code == 504 and "--request-timeout" in slow.json()["error"]["message"]
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(server: Server):

@@ -153,3 +153,19 @@ def test_a_full_queue_refuses_the_whole_request():
         with pytest.raises(QueueFull, match="max_queue 2"):
             engine.submit([Sequence([1], Sampling(max_tokens=1), lambda ev: None) for _ in range(2)])
     assert gate.wait(30)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_speculation_gives_greedy_decodings_text_in_fewer_steps(arch: str):
+    model, tok = make(arch, block_size=32)
+    engine = Engine(model, tok, torch.device("cpu"), max_batch=2, max_queue=8, speculate=6)
+    prompt = tok.encode("abc abc abc abc ab")  # repeats: the lookup drafts from it
+    for max_tokens, stop in [(60, ()), (7, ()), (60, ("q",))]:  # past block_size; ending mid-draft; a stop string
+        steps = engine.steps
+        out = run(engine, [prompt], [Sampling(max_tokens=max_tokens, temperature=0.0, stop=stop)])
+        ref = tok.decode(model.generate(torch.tensor([prompt]), max_tokens, temperature=0.0)[0, len(prompt):])
+        expected = ref[:ref.index(stop[0])] if stop and stop[0] in ref else ref
+        assert out.text(0) == expected, (max_tokens, stop)
+        if max_tokens == 60 and not stop:
+            assert engine.steps - steps < 60  # drafts were taken: fewer steps than tokens
+    assert Engine._lookup([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1] and Engine._lookup([5, 6, 7], 3) == []
