@@ -414,11 +414,19 @@ RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_inte
 
 
 @dataclass
-class GenerateConfig(Validated):
+class RunModel(Validated):
+    """The model a stage loads from a run (inference.py, serve.py): its export, or one of its checkpoints."""
     run: str = knob("latest", "run directory, its export/ folder, or one of its checkpoints/step_N folders; "
                                 "latest = newest run with an export")
-    checkpoint: str = knob("", "sample from this checkpoint of the run instead of its export: best, latest or step_N")
+    checkpoint: str = knob("", "use this checkpoint of the run instead of its export: best, latest or step_N")
     runs_dir: str = knob("runs", "where `latest` looks for runs")
+    device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+
+    WHAT = "arguments"
+
+
+@dataclass
+class GenerateConfig(RunModel):
     prompt: str = knob("\n", "text the samples continue")
     prompt_file: str = knob("", "read the prompt from this file instead of --prompt")
     max_new_tokens: int = knob(500, "tokens to generate per sample")
@@ -428,9 +436,6 @@ class GenerateConfig(Validated):
     num_samples: int = knob(1, "independent samples to draw")
     stop_at_end_of_text: bool = knob(True, "end a sample at the tokenizer's end-of-text id (where a document ends)")
     seed: int = knob(1337, "sampling seed")
-    device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-
-    WHAT = "arguments"
 
     def _problems(self) -> list[tuple[str, str]]:
         p: list[tuple[str, str]] = []
@@ -450,12 +455,7 @@ class GenerateConfig(Validated):
 
 
 @dataclass
-class ServeConfig(Validated):
-    run: str = knob("latest", "run directory, its export/ folder, or one of its checkpoints/step_N folders; "
-                                "latest = newest run with an export")
-    checkpoint: str = knob("", "serve this checkpoint of the run instead of its export: best, latest or step_N")
-    runs_dir: str = knob("runs", "where `latest` looks for runs")
-    device: str = knob("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+class ServeConfig(RunModel):
     host: str = knob("127.0.0.1", "address to listen on; 0.0.0.0 serves every network the machine is on")
     port: int = knob(8000, "TCP port; 0 picks a free one (printed at start)")
     api_key: str = knob("", "require `Authorization: Bearer KEY` on every /v1 request (or set GPTLAB_API_KEY)")
@@ -471,8 +471,6 @@ class ServeConfig(Validated):
                               "lookup) and checks them in one forward; 0 = off")
     threads: int = knob(0, "CPU threads the model computes with; 0 = the cores less one (at least 1), leaving one "
                             "to answer HTTP")
-
-    WHAT = "arguments"
 
     def _problems(self) -> list[tuple[str, str]]:
         p: list[tuple[str, str]] = []

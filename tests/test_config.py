@@ -12,7 +12,7 @@ import yaml
 import train
 from config import CONFIG_DIR, load_config, parse
 from conftest import REPO, call_main, run_cli
-from parameters import GenerateConfig, ModelConfig
+from parameters import GenerateConfig, ModelConfig, ServeConfig
 
 
 def write(path: Path, text: str) -> Path:
@@ -169,7 +169,7 @@ def test_all_problems_reported_together():
 
 
 def test_every_field_has_help_and_type():
-    for cls in (ModelConfig, GenerateConfig):
+    for cls in (ModelConfig, GenerateConfig, ServeConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
 
