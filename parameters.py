@@ -218,6 +218,12 @@ class ModelConfig(Validated):
         "auto", "torch.compile the model: auto = on for CUDA, off for CPU and MPS (where it measured slower; "
         "README, Performance); true or false to force it", choices=("auto", "true", "false"),
     )
+    activation_checkpointing: str = knob(
+        "none", "recompute blocks' activations in the backward pass instead of keeping them: less memory for about "
+        "a third more compute; full = every block, selective = every activation_checkpoint_every-th block",
+        choices=("none", "full", "selective"),
+    )
+    activation_checkpoint_every: int = knob(2, "selective activation checkpointing: blocks 0, N, 2N, ... recompute")
 
     # --- data ---
     data: str = knob(
@@ -320,7 +326,7 @@ class ModelConfig(Validated):
             if choices and getattr(self, f.name) not in choices:
                 p.append((f.name, f"{getattr(self, f.name)!r} is not one of {', '.join(choices)}"))
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum_steps",
-                     "max_iters", "eval_interval", "eval_iters", "log_interval"):
+                     "max_iters", "eval_interval", "eval_iters", "log_interval", "activation_checkpoint_every"):
             if getattr(self, name) <= 0:
                 p.append((name, f"must be > 0, got {getattr(self, name)}"))
         for name in ("warmup_iters", "lr_decay_iters", "histogram_interval", "sample_length", "overfit_batches",
@@ -410,7 +416,8 @@ ARCHITECTURE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "bias"
 # run; the LR schedule keeps the length it was recorded with.)
 RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_interval", "histogram_interval",
                   "keep_checkpoints", "sample_length", "aim_logging", "device", "torch_compile", "runs_dir",
-                  "target_val_loss", "early_stopping_patience", "eval_tasks", "eval_task_items")
+                  "target_val_loss", "early_stopping_patience", "eval_tasks", "eval_task_items",
+                  "activation_checkpointing", "activation_checkpoint_every")
 
 
 @dataclass

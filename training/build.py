@@ -22,6 +22,7 @@ from rundir.status import RunStatus
 from rundir.tracking import build_tracker
 from training.optim import build_optimizer, describe_optimizer
 from training.start import Start
+from training.parallelize import apply_activation_checkpointing
 from training.step import compile_model
 from training.trainer import Trainer
 from utils.distributed import Dist
@@ -41,6 +42,7 @@ def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist,
             source = record_init_source(run_dir, cfg.init_from)
             status.update(init_from=source)
             print(f"initialized from {source}")
+    apply_activation_checkpointing(raw_model, cfg)
     torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
     optimizer = build_optimizer(raw_model, cfg, device)
     trainer = Trainer(cfg=cfg, raw_model=raw_model, optimizer=optimizer, splits=corpus.splits,

@@ -31,6 +31,7 @@ import torch
 from corpus.text import tokenizing_bytes
 from model import LanguageModel
 from parameters import ModelConfig
+from training.parallelize import apply_activation_checkpointing, checkpointed_blocks
 from utils.console import format_duration
 from utils.device import autocast, matmul_flops, synchronize
 
@@ -85,9 +86,13 @@ def activation_bytes(cfg: ModelConfig, vocab_size: int, device: torch.device, dt
     B, T, C, L, H = cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head
     per_value = 4 if dtype == torch.float32 else 2
     dropout = cfg.dropout > 0
-    acts = L * B * T * C * per_value * (16.5 + 2.5 * dropout)
+    layer = B * T * C * per_value * (16.5 + 2.5 * dropout)
     if dropout and device.type == "cpu":
-        acts += 3 * L * B * H * T * T * per_value
+        layer += 3 * B * H * T * T * per_value
+    # A checkpointed block keeps only its input, and the backward holds one block's activations at a time
+    # while it recomputes them (training/parallelize.py).
+    recomputed = len(checkpointed_blocks(cfg))
+    acts = (L - recomputed) * layer + recomputed * B * T * C * per_value + (layer if recomputed else 0)
     return int(acts + 3 * B * T * vocab_size * 4)
 
 
@@ -123,6 +128,7 @@ def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype:
     rate = matmul_flops(4096 if device.type == "cuda" else 1024, "x @ W.T", device, dtype, repeats=2)
     rate *= UTILIZATION.get(device.type, 0.3)
     step = flops_per_token(cfg, vocab_size) * cfg.tokens_per_step / rate
+    step *= 1 + len(checkpointed_blocks(cfg)) / cfg.n_layer / 3  # a recomputed block runs its forward twice
     timed = step < TIMED_STEP_S and acts + state < available
     if timed:
         step = timed_step(cfg, vocab_size, device, dtype)
@@ -141,6 +147,7 @@ def timed_step(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: t
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = LanguageModel(cfg, vocab_size).to(device)
+        apply_activation_checkpointing(model, cfg)
         optimizer = build_optimizer(model, cfg, device)
         x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size), device=device)
         best = float("inf")
