@@ -59,6 +59,16 @@ def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch
     return tokenizer.decode(ids)
 
 
+def eta_pace(pace: float | None, window: float) -> float:
+    """Seconds per step for the ETA after a log window that took `window` per step: a moving average, so
+    one slow window on a busy machine moves it a third; but a window under half the pace replaces it,
+    since the slow part was warming up (CUDA: compilation after the first step made step 10 say 35
+    minutes of a run that took 56 seconds)."""
+    if pace is None or window < pace / 2:
+        return window
+    return 0.7 * pace + 0.3 * window
+
+
 @dataclass(kw_only=True)
 class Trainer:
     """The loop and the state it carries between steps; that state is what a checkpoint saves."""
@@ -192,8 +202,7 @@ class Trainer:
         self.window = []
         train_loss = sum(losses) / len(losses)
         cfg, it = self.cfg, self.iteration
-        # The ETA's pace is a moving average over windows: one slow window on a busy machine moves it a third.
-        self.sec_per_step = sec_per_step if self.sec_per_step is None else 0.7 * self.sec_per_step + 0.3 * sec_per_step
+        self.sec_per_step = eta_pace(self.sec_per_step, sec_per_step)
         evals_left = (cfg.max_iters // cfg.eval_interval) - (it // cfg.eval_interval)
         eta = format_duration((cfg.max_iters - it) * self.sec_per_step + evals_left * self.eval_seconds)
         print(f"step {it:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {train_loss:.4f} | lr {lr:.2e} "

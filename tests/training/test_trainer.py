@@ -277,3 +277,13 @@ def test_overfit_batches_1_drives_the_loss_near_zero(tiny_cfg):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::20]
+
+
+def test_the_eta_pace_averages_windows_but_drops_a_warm_up():
+    from training.trainer import eta_pace
+
+    assert eta_pace(None, 2.0) == 2.0
+    assert eta_pace(2.0, 3.0) == pytest.approx(2.3)  # a slow window on a busy machine moves it a third
+    assert eta_pace(2.0, 1.5) == pytest.approx(1.85)
+    # compilation made the first window 100x slower than the run's pace: the next window replaces it
+    assert eta_pace(1.4, 0.012) == 0.012
