@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from config import add_config_arg, load_config
@@ -130,25 +131,48 @@ def op_kind(event) -> str:
 
 
 def breakdown(prof, on_gpu: bool) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]]]:
-    """(phase shares, op-kind shares, top ops by self time in ms) from the profiler's event tree."""
-    def incl(e):
-        return e.device_time_total if on_gpu else e.cpu_time_total
-
-    def self_time(e):
-        return e.self_device_time_total if on_gpu else e.self_cpu_time_total
-
-    events = prof.events()
+    """(phase shares, op-kind shares, top ops by self time in ms) from the profiler's event tree: on CPU
+    of the ops' CPU time, on CUDA of their kernels' time (gpu_breakdown)."""
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     steps = [e for e in events if e.name == STEP]
-    step_total = sum(incl(e) for e in steps)
-    phases = {p: sum(incl(e) for e in events if e.name == p) / step_total for p in PHASES}
+    if on_gpu:
+        return gpu_breakdown(events, steps)
+    step_total = sum(e.cpu_time_total for e in steps)
+    phases = {p: sum(e.cpu_time_total for e in events if e.name == p) / step_total for p in PHASES}
     phases["other"] = max(0.0, 1.0 - sum(phases.values()))
     kinds: dict[str, float] = {"attention": 0.0, "linear/matmul": 0.0, "other ops": 0.0}
     per_op: dict[str, float] = {}
     for e in events:
         if e.name == STEP or e.name in PHASES:
             continue
-        kinds[op_kind(e)] += self_time(e) / step_total
-        per_op[e.name] = per_op.get(e.name, 0.0) + self_time(e)
+        kinds[op_kind(e)] += e.self_cpu_time_total / step_total
+        per_op[e.name] = per_op.get(e.name, 0.0) + e.self_cpu_time_total
+    top = sorted(((name, t / 1e3 / len(steps)) for name, t in per_op.items()), key=lambda kv: -kv[1])[:10]
+    return phases, kinds, top
+
+
+def gpu_breakdown(events: list, steps: list) -> tuple[dict[str, float], dict[str, float], list[tuple[str, float]]]:
+    """On CUDA a phase's own range cannot be timed: its kernels run after the CPU has left it, and the
+    backward's are launched by autograd's own thread, outside the range (it read 0%). So each op's
+    kernels (its self device time) count for the phase whose CPU-side range the op started in, and
+    shares are of all the step's kernel time."""
+    def inside(e, ranges):
+        return next((r for r in ranges if r.time_range.start <= e.time_range.start <= r.time_range.end), None)
+
+    ranges = [e for e in events if e.name in PHASES]
+    ops = [e for e in events if e.name != STEP and e.name not in PHASES and e.self_device_time_total > 0
+           and inside(e, steps)]
+    total = sum(e.self_device_time_total for e in ops) or 1.0
+    phases = dict.fromkeys(PHASES, 0.0)
+    kinds: dict[str, float] = {"attention": 0.0, "linear/matmul": 0.0, "other ops": 0.0}
+    per_op: dict[str, float] = {}
+    for e in ops:
+        share = e.self_device_time_total / total
+        if phase := inside(e, ranges):
+            phases[phase.name] += share
+        kinds[op_kind(e)] += share
+        per_op[e.name] = per_op.get(e.name, 0.0) + e.self_device_time_total
+    phases["other"] = max(0.0, 1.0 - sum(phases.values()))
     top = sorted(((name, t / 1e3 / len(steps)) for name, t in per_op.items()), key=lambda kv: -kv[1])[:10]
     return phases, kinds, top
 
@@ -239,7 +263,8 @@ def measure_generation(model: LanguageModel, prompt: torch.Tensor, n_tokens: int
 
 
 def format_report(figures: dict, top: list[tuple[str, float]]) -> str:
-    lines = ["share of step time", f"  {'phase':<16}{'share':>8}"]
+    of = "kernel time (CUDA)" if figures["device"].startswith("cuda") else "step time"
+    lines = [f"share of {of}", f"  {'phase':<16}{'share':>8}"]
     lines += [f"  {name:<16}{share:>8.1%}" for name, share in figures["phases"].items()]
     lines += [f"  {'op kind':<16}{'share':>8}"]
     lines += [f"  {name:<16}{share:>8.1%}" for name, share in figures["op_kinds"].items()]
