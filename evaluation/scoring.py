@@ -186,18 +186,3 @@ def evaluate_run(run_dir: Path | RunDir, data: str, *, split: str = "val", name:
     record = {"run": run.name, "data": source, "split": split, "name": name or default,
               "iteration": run.status().get("iteration"), **results}
     return Evaluation(record, save_eval(run, record))
-    cfg = dataclasses.replace(snapshot.config, data=data, data_dir=data_dir)
-    corpus = prepare_corpus(cfg, snapshot.tokenizer)
-    if notes is not None and corpus.note:
-        notes.append(corpus.note)
-    model = build_model(snapshot, corpus.tokenizer.vocab_size, device)
-    parts = [corpus.splits[s] for s in (("train", "val") if split == "all" else (split,))]
-    if corpus.kind == "pairs":
-        examples = sorted((e for rows in parts for e in rows.examples), key=lambda e: e.line)[:max_pairs or None]
-        results = score_pairs(model, examples, corpus.tokenizer, cfg.block_size, batch_size or 64, device)
-    else:
-        arrays = [a for arrays in parts for a in arrays]
-        results = score_windows(model, arrays, corpus.tokenizer, cfg.block_size, max_tokens, batch_size or 8, device)
-    record = {"run": run.name, "data": corpus.name, "split": split, "name": name or default_name(data),
-              "iteration": run.status().get("iteration"), **results}
-    return Evaluation(record, save_eval(run, record))
