@@ -224,6 +224,11 @@ class ModelConfig(Validated):
         choices=("none", "full", "selective"),
     )
     activation_checkpoint_every: int = knob(2, "selective activation checkpointing: blocks 0, N, 2N, ... recompute")
+    parallelism: str = knob(
+        "ddp", "under torchrun: ddp = every rank holds the whole model, gradients and optimizer state; fsdp = each "
+        "rank holds 1/world_size of them (FSDP2, sharded checkpoints that resume on any world size)",
+        choices=("ddp", "fsdp"),
+    )
 
     # --- data ---
     data: str = knob(
@@ -378,6 +383,9 @@ class ModelConfig(Validated):
                 or not self.run_tag.isprintable() or len(self.run_tag.encode()) > MAX_TAG_BYTES:
             p.append(("run_tag", f"{self.run_tag[:60]!r} must be non-empty, at most {MAX_TAG_BYTES} bytes of printable "
                                  "characters, without '/', '\\' or spaces, not starting with '.'"))
+        if self.parallelism == "fsdp" and self.dtype == "float16":
+            p.append(("parallelism", "fsdp takes float32 or bfloat16, not float16 (its GradScaler is DDP's); "
+                                     "use --dtype bfloat16"))
         if not 0 <= self.seed < 2**63:
             p.append(("seed", f"must be in [0, 2**63), got {self.seed}"))
         return p
@@ -417,7 +425,7 @@ ARCHITECTURE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "bias"
 RESUMABLE_KEYS = ("max_iters", "eval_interval", "log_interval", "checkpoint_interval", "histogram_interval",
                   "keep_checkpoints", "sample_length", "aim_logging", "device", "torch_compile", "runs_dir",
                   "target_val_loss", "early_stopping_patience", "eval_tasks", "eval_task_items",
-                  "activation_checkpointing", "activation_checkpoint_every")
+                  "activation_checkpointing", "activation_checkpoint_every", "parallelism")
 
 
 @dataclass

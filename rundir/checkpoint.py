@@ -6,6 +6,8 @@ artifacts/checkpoints/step_000500/ holds
   meta.json           iteration, best val loss, config, tokenizer, Aim hash, python/numpy RNG states,
                       the loss window, the SHA-256 of the two files above, and a SHA-256 of its own
                       content (meta_sha256), so an edited or truncated meta.json is refused too
+An fsdp run's checkpoint holds its shards instead of model.safetensors and the optimizer state
+(rundir/sharded.py); either kind loads into a run of any layout and world size.
 It is written into a hidden temp directory and renamed into place, so a SIGKILL at any moment
 leaves either the whole checkpoint or none (the temp leftovers are swept on the next save).
 best.json names the checkpoint with the best val loss; rotation keeps the last `keep` and that one.
@@ -28,12 +30,17 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from utils import distributed
+from utils.distributed import Dist
 from utils.files import atomic_write_json, sha256_file
 from rundir.lock import RunState, run_state
 from rundir.run_dir import RunDir, find_runs, resolve_run
+from rundir.sharded import (METADATA, SHARDS, hash_files, holds_shards, load_full_into_shards, load_shards,
+                            local_tensors, write_shards)
 
 PREFIX = "step_"
-FILES = ("model.safetensors", "trainer.pt")
+WEIGHTS, TRAINER = "model.safetensors", "trainer.pt"
+FILES = (WEIGHTS, TRAINER)  # a full checkpoint's; a sharded one has TRAINER and SHARDS/
 
 
 @dataclass
@@ -68,60 +75,102 @@ def restore_rng(meta: dict[str, Any], trainer: dict[str, Any]) -> None:
 
 
 def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+                    scaler: torch.amp.GradScaler, meta: dict[str, Any], extra: dict[str, Any] | None = None,
+                    d: Dist = Dist()) -> Path:
     """Write step_<iteration>/ atomically; meta (JSON) must hold "iteration"; extra (tensors, e.g. every
     rank's RNG state) goes into trainer.pt. Returns the checkpoint path. Weights or optimizer state that
-    are not finite are refused (ValueError): a checkpoint is always one that training can go on from."""
+    are not finite are refused (ValueError): a checkpoint is always one that training can go on from.
+    A sharded model is saved by every rank together (collective), each writing its own shards; otherwise
+    rank 0 alone calls this."""
     final = ckpt_dir / f"{PREFIX}{meta['iteration']:06d}"
-    optimizer_state = ((f"optimizer state {i}.{k}", v) for i, state in optimizer.state_dict()["state"].items()
-                       for k, v in state.items())
-    check_finite([*model.state_dict().items(), *optimizer_state], f"checkpoint {final.name}")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / f".tmp_{final.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    sharded = holds_shards(model)
+    d = d if sharded else Dist()  # a full checkpoint is rank 0's alone: nothing here waits for another rank
+    problems = distributed.gather(d, nonfinite(local_tensors(model, optimizer)))
+    if problem := next(filter(None, problems), None):
+        raise ValueError(f"checkpoint {final.name} not written: {problem}")
+    # One temp directory for every rank, named after rank 0's process (rotate() sweeps a dead writer's).
+    tmp = ckpt_dir / f".tmp_{final.name}_{distributed.broadcast(d, os.getpid())}"
+    if d.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        rng = capture_rng()
-        safetensors.torch.save_model(model, str(tmp / FILES[0]))
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda"), **(extra or {})}, tmp / FILES[1])
-        for name in FILES:
-            _fsync(tmp / name)
-        hashes = {name: sha256_file(tmp / name) for name in FILES}
-        meta = {**meta, "rng": rng, "sha256": hashes}
-        atomic_write_json(tmp / "meta.json", {**meta, "meta_sha256": _digest(meta)})
-        _fsync(tmp)
+    distributed.barrier(d)
+    failed = None
+    try:
+        hashes = {}
+        if sharded:
+            write_shards(tmp, model, optimizer)  # DCP raises on every rank if any rank's write failed
+            hashes = hash_files(tmp, SHARDS, d)
+        if d.is_main:
+            _write_rest(tmp, model, optimizer, scaler, {**meta, "format": "sharded" if sharded else "full"}, extra,
+                        hashes)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays behind
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
-            _raise_if_disk_full(e, ckpt_dir, model, optimizer)
-        raise
-    if final.exists():  # a step saved again, after resuming from before a damaged newer checkpoint
-        _remove(final)
-    os.rename(tmp, final)
-    _fsync(ckpt_dir)
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays behind
+        # torch.save reports a failed write as a RuntimeError
+        full_disk = _disk_full(e, ckpt_dir, model, optimizer) if isinstance(e, (OSError, RuntimeError)) else None
+        if not (sharded and d.enabled):
+            if full_disk:
+                raise full_disk from None
+            raise
+        failed = str(full_disk or f"checkpoint {final.name} not written: {type(e).__name__}: {e}")
+    if sharded and d.enabled:  # every rank fails together, or none does
+        if failed := next(filter(None, distributed.gather(d, failed)), None):
+            raise ValueError(failed)
+    if d.is_main:
+        if final.exists():  # a step saved again, after resuming from before a damaged newer checkpoint
+            _remove(final)
+        os.rename(tmp, final)
+        _fsync(ckpt_dir)
     return final
+
+
+def _write_rest(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                meta: dict[str, Any], extra: dict[str, Any] | None, hashes: dict[str, str]) -> None:
+    """Rank 0's part of a save: the weights and optimizer state of a full checkpoint, trainer.pt, and
+    meta.json with every file's SHA-256 (hashes: the shards', already hashed)."""
+    rng = capture_rng()
+    trainer = {"scaler": scaler.state_dict(), "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda"),
+               **(extra or {})}
+    names = [TRAINER]
+    if meta["format"] == "full":
+        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+        trainer["optimizer"] = optimizer.state_dict()
+        names.append(WEIGHTS)
+    torch.save(trainer, tmp / TRAINER)
+    for name in names:
+        _fsync(tmp / name)
+    hashes = {**hashes, **{name: sha256_file(tmp / name) for name in names}}
+    meta = {**meta, "rng": rng, "sha256": dict(sorted(hashes.items()))}
+    atomic_write_json(tmp / "meta.json", {**meta, "meta_sha256": _digest(meta)})
+    _fsync(tmp)
 
 
 def check_finite(named: Iterable[tuple[str, Any]], what: str) -> None:
     """ValueError naming the first tensor that holds a NaN or an inf: `what` (a checkpoint, an export) is
     not written from it."""
+    if problem := nonfinite(named):
+        raise ValueError(f"{what} not written: {problem}")
+
+
+def nonfinite(named: Iterable[tuple[str, Any]]) -> str | None:
+    """What is wrong with the first tensor that holds a NaN or an inf, or None."""
     for name, t in named:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{what} not written: {name} holds non-finite values (NaN or inf); the weights diverged")
+            return f"{name} holds non-finite values (NaN or inf); the weights diverged"
+    return None
 
 
-def _raise_if_disk_full(error: BaseException, ckpt_dir: Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> None:
-    """A ValueError in one line if `error` came from a full disk (or quota): where, and how much room."""
-    tensors = [*model.state_dict().values(),
-               *(v for state in optimizer.state_dict()["state"].values() for v in state.values())]
-    needed = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def _disk_full(error: BaseException, ckpt_dir: Path, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer) -> ValueError | None:
+    """A one-line ValueError if `error` came from a full disk (or quota): where, and how much room."""
+    needed = sum(t.nbytes for _, t in local_tensors(model, optimizer))
     free = shutil.disk_usage(ckpt_dir).free
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
-        raise ValueError(f"disk full at {ckpt_dir}: a checkpoint needs about {needed / 1e6:,.0f} MB and "
-                         f"{free / 1e6:,.0f} MB are free; the last good checkpoint is kept. Free some space "
-                         "and continue with --resume") from None
+        return ValueError(f"disk full at {ckpt_dir}: a checkpoint needs about {needed / 1e6:,.0f} MB and "
+                          f"{free / 1e6:,.0f} MB are free; the last good checkpoint is kept. Free some space "
+                          "and continue with --resume")
+    return None
 
 
 def find_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -146,10 +195,18 @@ def verify(path: Path) -> dict[str, Any]:
     digest = meta.pop("meta_sha256")
     if digest != _digest(meta):
         raise ValueError(f"checkpoint '{path}': meta.json does not match its recorded digest (edited or damaged)")
-    if meta.get("iteration") != _step_of(path) or set(meta.get("sha256", {})) != set(FILES):
+    files = meta.get("sha256", {})
+    if meta.get("format") == "sharded":  # trainer.pt and DCP's files, at least its .metadata
+        described = {TRAINER, METADATA} <= set(files) and all(
+            n == TRAINER or (n.startswith(f"{SHARDS}/") and ".." not in Path(n).parts) for n in files)
+    else:
+        described = set(files) == set(FILES)
+    if meta.get("iteration") != _step_of(path) or not described:
         raise ValueError(f"checkpoint '{path}': meta.json does not describe {path.name}")
-    for name, expected in meta["sha256"].items():
-        if not (path / name).is_file() or sha256_file(path / name) != expected:
+    for name, expected in files.items():
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint '{path}': {name} is missing")
+        if sha256_file(path / name) != expected:
             raise ValueError(f"checkpoint '{path}': {name} does not match its recorded SHA-256 (damaged)")
     return meta
 
@@ -175,25 +232,42 @@ def latest_good(ckpt_dir: Path, skipped: list[str] | None = None) -> Checkpoint 
     return None
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / METADATA).is_file()
+
+
 def load_weights(path: Path, model: torch.nn.Module, device: torch.device) -> None:
-    """Only the weights of a checkpoint (e.g. the best one, for the export of an early-stopped run)."""
-    safetensors.torch.load_model(model, str(path / FILES[0]), strict=True, device=str(device))
+    """Only the weights of a checkpoint (e.g. the best one, for the export of an early-stopped run), into
+    the model as it is laid out (collective when either side is sharded)."""
+    if is_sharded_checkpoint(path):
+        load_shards(path, model, None)
+    elif holds_shards(model):
+        load_full_into_shards(model, None, safetensors.torch.load_file(path / WEIGHTS), None)
+    else:
+        safetensors.torch.load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
 
 
 def load_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     scaler: torch.amp.GradScaler | None, device: torch.device) -> dict[str, Any]:
     """Weights, optimizer, scaler and every RNG state back into place (no pickle: weights_only);
-    returns trainer.pt's contents for callers that stored extras."""
-    load_weights(ckpt.path, model, device)
+    returns trainer.pt's contents for callers that stored extras. Either kind of checkpoint, full or
+    sharded, goes into the model as it is laid out now: one process, DDP or fsdp on any world size."""
     try:
-        trainer = torch.load(ckpt.path / FILES[1], map_location=device, weights_only=True)
+        trainer = torch.load(ckpt.path / TRAINER, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         # torch's own message advises weights_only=False, which would run whatever code the file holds.
-        raise ValueError(f"checkpoint '{ckpt.path}': {FILES[1]} holds something other than tensors and plain "
+        raise ValueError(f"checkpoint '{ckpt.path}': {TRAINER} holds something other than tensors and plain "
                          f"data ({type(e).__name__}), and gptlab never unpickles code; resume from an earlier "
                          "checkpoint, or start a new run") from None
-    if optimizer is not None:
-        optimizer.load_state_dict(trainer["optimizer"])
+    if is_sharded_checkpoint(ckpt.path):
+        load_shards(ckpt.path, model, optimizer)
+    elif holds_shards(model):
+        load_full_into_shards(model, optimizer, safetensors.torch.load_file(ckpt.path / WEIGHTS),
+                              trainer["optimizer"])
+    else:
+        load_weights(ckpt.path, model, device)
+        if optimizer is not None:
+            optimizer.load_state_dict(trainer["optimizer"])
     if scaler is not None:
         scaler.load_state_dict(trainer["scaler"])
     trainer["torch_rng"] = trainer["torch_rng"].cpu()

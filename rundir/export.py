@@ -24,13 +24,14 @@ import torch
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
-from rundir.checkpoint import check_finite, checkpoint_by_path, find_checkpoint, verify
+from rundir.checkpoint import check_finite, checkpoint_by_path, find_checkpoint, is_sharded_checkpoint, verify
 from utils import files
 from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
 from rundir.hf_export import remove_hf_export, write_hf_export
 from rundir.hf_import import is_hf_model_dir, read_hf_model
 from rundir.lock import run_state
 from rundir.run_dir import RunDir, resolve_run
+from rundir.sharded import read_shard_weights
 from rundir.snapshot import Snapshot, build_model
 
 WEIGHTS = "model.safetensors"
@@ -89,9 +90,11 @@ def read_export(path: str | Path) -> Snapshot:
 
 
 def read_checkpoint_model(path: Path) -> Snapshot:
-    """A training checkpoint's model, verified as resume verifies it."""
+    """A training checkpoint's model, verified as resume verifies it; an fsdp run's shards are read
+    whole."""
     meta = verify(path)
-    return _snapshot(meta["config"], meta["tokenizer"], path / "meta.json", "meta.json", path / WEIGHTS)
+    weights = read_shard_weights(path) if is_sharded_checkpoint(path) else path / WEIGHTS
+    return _snapshot(meta["config"], meta["tokenizer"], path / "meta.json", "meta.json", weights)
 
 
 def read_init_source(path: str | Path) -> Snapshot:
@@ -149,10 +152,13 @@ def _describe(run: RunDir, what: str) -> str:
 
 
 def _snapshot(raw_config: object, raw_tokenizer: object, config_file: Path, described_by: str,
-              weights: Path) -> Snapshot:
-    """What a config, a tokenizer and a weights file describe; one-line errors naming the file."""
+              weights: Path | dict[str, torch.Tensor]) -> Snapshot:
+    """What a config, a tokenizer and a weights file (or tensors already read) describe; one-line errors
+    naming the file."""
     config = ModelConfig.from_dict(raw_config, str(config_file))
     tokenizer = tokenizer_from_dict(raw_tokenizer)
+    if isinstance(weights, dict):
+        return Snapshot(weights, tokenizer, config, f"{config_file.parent} does not fit {described_by}")
     try:
         tensors = safetensors.torch.load_file(str(weights))
     except (OSError, safetensors.SafetensorError) as e:

@@ -1,5 +1,6 @@
-"""Build a run's parts, once its directory exists: the model (once, at the corpus' vocabulary), the
-optimizer, the DDP and compile wrappers, and the trackers, handed to a Trainer.
+"""Build a run's parts, once its directory exists: the model (once, at the corpus' vocabulary), its
+layout (activation checkpointing, fsdp shards), the optimizer, the DDP and compile wrappers, and the
+trackers, handed to a Trainer.
 
     trainer = build_trainer(start, run_dir, status, d)
 """
@@ -22,7 +23,7 @@ from rundir.status import RunStatus
 from rundir.tracking import build_tracker
 from training.optim import build_optimizer, describe_optimizer
 from training.start import Start
-from training.parallelize import apply_activation_checkpointing
+from training.parallelize import apply_activation_checkpointing, apply_fsdp
 from training.step import compile_model
 from training.trainer import Trainer
 from utils.distributed import Dist
@@ -43,6 +44,11 @@ def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist,
             status.update(init_from=source)
             print(f"initialized from {source}")
     apply_activation_checkpointing(raw_model, cfg)
+    fsdp = cfg.parallelism == "fsdp" and d.enabled
+    if fsdp:  # before the optimizer, which then holds (and keeps state for) this rank's shards only
+        apply_fsdp(raw_model, compute, d)
+    elif cfg.parallelism == "fsdp":
+        print("parallelism fsdp on one process: nothing to shard, so the run trains and checkpoints as one process")
     torch.manual_seed(cfg.seed + d.rank)  # but each rank its own dropout masks
     optimizer = build_optimizer(raw_model, cfg, device)
     trainer = Trainer(cfg=cfg, raw_model=raw_model, optimizer=optimizer, splits=corpus.splits,
@@ -54,16 +60,17 @@ def build_trainer(start: Start, run_dir: Path, status: RunStatus, d: Dist,
         trainer.aim_run_hash = resume.meta.get("aim_run_hash")
         status.update(resumed_from=resume.path.name)
         print(f"resumed from {resume.path.name} at iteration {trainer.iteration}")
-    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else raw_model
+    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled and not fsdp \
+        else raw_model
     # Compile after wrapping: DDPOptimizer then splits the graph at bucket boundaries, so gradient
-    # all-reduce overlaps backward (PyTorch's recommended order).
-    trainer.model = compile_model(model, device) if compiled else model
+    # all-reduce overlaps backward (PyTorch's recommended order). fsdp compiled its blocks already.
+    trainer.model = compile_model(model, device) if compiled and not fsdp else model
     status.update(compiled=compiled, dtype=str(dtype).removeprefix("torch."))  # what auto chose here
     status.update(params=raw_model.num_params(), flops_per_token=raw_model.flops_per_token())
     print(f"model {raw_model.num_params() / 1e6:.2f}M parameters | device {device} | {str(dtype)[6:]} "
           f"| compile {'on' if compiled else 'off'}{' (auto)' if cfg.torch_compile == 'auto' else ''} "
           f"| {cfg.tokens_per_step * d.world_size:,} tokens/step"
-          + (f" ({d.world_size} ranks)" if d.enabled else ""))
+          + (f" ({d.world_size} ranks, {'fsdp' if fsdp else 'ddp'})" if d.enabled else ""))
     print(describe_optimizer(optimizer, cfg))
     if d.is_main:
         extra = {"git": git_summary(PROJECT_DIR), "python": sys.version.split()[0], "torch": torch.__version__}

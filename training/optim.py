@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parameters import OPTIMIZERS, SCHEDULES, ModelConfig
 
@@ -134,17 +135,29 @@ def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], 
     return x.T if tall else x
 
 
+def orthogonalized(update: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz of the update. Under fsdp the update is a DTensor of which this rank holds rows:
+    the iteration needs the whole matrix, so it is gathered, every rank orthogonalizes it, and keeps its
+    own rows (README, Sharding over ranks: this measured faster on 2 CPU ranks than giving each matrix
+    to one rank and scattering the result)."""
+    if not isinstance(update, DTensor):
+        return newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+    whole = newton_schulz(update.full_tensor(), group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Muon):
     """torch.optim.Muon: the same hyperparameters, state (momentum_buffer) and update, with the
     Newton-Schulz iteration in float32 except on CUDA. torch runs it in bfloat16, which a CPU without
     native bf16 (AVX2) emulates: 831 ms of optimizer per step of the default recipe against 48 ms for
     the whole AdamW step (README, Performance); and on a Sapphire Rapids VM a bf16 matmul can kill the
-    process (SIGILL). On CUDA this is torch's own step. Only adjust_lr_fn "original" (the default)."""
+    process (SIGILL). On CUDA this is torch's own step, except under fsdp (sharded parameters), where
+    this one runs Newton-Schulz in bf16 as torch does. Only adjust_lr_fn "original" (the default)."""
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]
-        if params and all(p.device.type == "cuda" for p in params):
+        if params and all(p.device.type == "cuda" and not isinstance(p, DTensor) for p in params):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -161,8 +174,7 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
+                update = orthogonalized(update, group, torch.bfloat16 if p.device.type == "cuda" else self.ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"] * math.sqrt(max(1.0, p.size(0) / p.size(1))))
         return loss

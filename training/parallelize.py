@@ -1,6 +1,9 @@
-"""How a model is laid over memory: activation checkpointing.
+"""How a model is laid over memory: activation checkpointing, and FSDP2's sharding over ranks.
 
     blocks = apply_activation_checkpointing(model, cfg)    # the indices of the blocks that recompute
+    apply_fsdp(model, compute, d)                           # parallelism fsdp: each rank keeps 1/world_size
+    with gathered(model): ...                               # evals, samples: whole weights, no collectives
+    copy = full_copy(model, cfg)                            # rank 0: a plain model with the whole weights
 
 A checkpointed block keeps only its input for the backward pass and runs its forward again there
 (torch.utils.checkpoint, non-reentrant): its attention, MLP and norm activations are never held, at
@@ -16,14 +19,21 @@ no_grad) runs the plain forward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from model import LanguageModel
 from parameters import ModelConfig
+from utils.device import Compute
+from utils.distributed import Dist
 
 
 def checkpointed_blocks(cfg: ModelConfig) -> list[int]:
@@ -47,3 +57,88 @@ def _recomputed(forward: Callable, x: torch.Tensor, kv=None, pos=0) -> torch.Ten
     if kv is not None or not torch.is_grad_enabled():  # generation and evals: nothing to save
         return forward(x, kv, pos)
     return checkpoint(forward, x, kv, pos, use_reentrant=False)
+
+
+# FSDP2 (torch.distributed.fsdp.fully_shard): every parameter becomes a DTensor sharded on its first dimension,
+# each rank holding 1/world_size of it, and the gradients and the optimizer state (built on the sharded
+# parameters) follow. A block's whole weights are all-gathered just before its forward and freed after it,
+# again for its backward, whose gradients are reduce-scattered (averaged: tests/training/test_fsdp.py holds
+# gloo to one process's gradients, pytorch#162338) into the shards. Parameter names do not change, so
+# checkpoints, exports and the optimizer's groups see the same model.
+
+
+def apply_fsdp(model: LanguageModel, compute: Compute, d: Dist) -> None:
+    """Shard each block, then the root (embeddings, final norm, LM head: a tied head shares wte's shard),
+    as torchtitan does. On CUDA in bfloat16 the gathered weights and the forward are bf16 while the
+    shards, the gradient reduction and the optimizer stay float32. Compiling compiles each block before it
+    is wrapped, so FSDP's hooks stay outside the graphs."""
+    mesh = init_device_mesh(compute.device.type, (d.world_size,))
+    half = compute.device.type == "cuda" and compute.dtype != torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute.dtype, reduce_dtype=torch.float32) if half else \
+        MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        if compute.compiled:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every weight of a sharded model is whole on every rank and stays so across forwards, so
+    evals, samples and benchmark scoring run any number of forwards (each rank its own), and call into
+    submodules directly (generation's KV cache does), with no collective. It costs the whole weights'
+    memory meanwhile, not the gradients' or the optimizer's. Collective on entry and exit; a no-op for
+    a model that is not sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root's own setting: kept for the backward
+        # FSDP records each forward's order to prefetch in the next backward; forwards that only one rank ran
+        # (a sample, its share of a benchmark) would make the ranks prefetch different blocks, and the next
+        # backward's all-gathers would wait on each other forever. Nothing is in flight between steps.
+        model.reset_iter_state()
+        for unit in units:
+            unit.reshard()
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole weights as CPU tensors on rank 0 ({} on the others; collective); an
+    unsharded model's state_dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_copy(model: LanguageModel, cfg: ModelConfig, grads: bool = False) -> LanguageModel | None:
+    """Rank 0: a plain CPU model holding a sharded model's whole weights (and gradients, with grads),
+    for the export and histograms; None on the other ranks. Collective. An unsharded model is returned
+    as it is."""
+    if not is_sharded(model):
+        return model
+    state = full_state(model)
+    whole = [p.grad.full_tensor() if grads and p.grad is not None else None for p in model.parameters()]
+    if not state:
+        return None
+    copy = LanguageModel(cfg, model.vocab_size)
+    copy.load_state_dict(state)
+    for p, g in zip(copy.parameters(), whole):
+        p.grad = None if g is None else g.cpu()
+    return copy.train(model.training)
+
+
+def local_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    """Bytes this rank holds of the tensors: a DTensor's own shard only."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)

@@ -10,6 +10,7 @@ import contextlib
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from parameters import ModelConfig
@@ -40,13 +41,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens,
     """One optimizer step over grad_accum_steps micro-batches; returns (mean loss, grad norm) as
     tensors, unsynchronized. The caller zeroes the gradients (after any histogram logging).
     Under DDP each rank takes its slice of the step's global batch, and gradients are all-reduced
-    only on the last micro-step (no_sync before it).
+    only on the last micro-step (no_sync before it). Under fsdp they are reduce-scattered at every
+    micro-step: skipping it would hold whole, unsharded gradients between micro-steps, the memory fsdp
+    exists to save.
 
     The loss is the mean over the trained targets of the whole step (every micro-batch of every rank),
     so accumulation and DDP give the gradient of one big batch. Token windows train on every target, so
     that is each micro-batch's mean / grad_accum_steps; with pairs, where micro-batches hold different
     numbers of response tokens, each micro-batch's mean is weighted by its share of the step's targets
-    (times world_size, as DDP averages the ranks' gradients)."""
+    (times world_size, as DDP and fsdp average the ranks' gradients)."""
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     n_micro, at = cfg.grad_accum_steps, batch_step(step, cfg)
     targets = step_targets(tokens, cfg.batch_size, seed=cfg.seed, step=at, n_micro=n_micro,
@@ -93,10 +96,16 @@ class NonFiniteStep(ValueError):
 
 
 def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
-    """The global gradient norm, clipping the gradients to grad_clip (0: measured only, nothing rescaled)."""
+    """The global gradient norm, clipping the gradients to grad_clip (0: measured only, nothing rescaled).
+    Under fsdp each rank's norm covers its shards: full_tensor() sums the squares over ranks, so every
+    rank clips by, and reports, the whole model's norm (torchtitan's clip does the same)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     if grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    return norm
 
 
 

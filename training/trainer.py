@@ -31,6 +31,7 @@ from rundir.export import save_export
 from rundir.status import RunStatus
 from rundir.tracking import Tracker
 from training.optim import get_lr, set_lrs
+from training.parallelize import full_copy, gathered, is_sharded, local_bytes
 from training.step import NonFiniteStep, estimate_loss, train_step
 from utils import distributed
 from utils.console import format_duration
@@ -45,8 +46,10 @@ from utils.signals import GracefulStop, Interrupted
 INITIAL_LOSS_TOLERANCE = 0.25
 
 
-def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig, device: torch.device) -> str:
-    """A short sample from the training prompt, with a fixed seed so samples are comparable across evals."""
+def sample_text(model: LanguageModel, tokenizer, cfg: ModelConfig) -> str:
+    """A short sample from the training prompt, with a fixed seed so samples are comparable across evals;
+    on the model's own device."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     prompt = torch.tensor([tokenizer.encode(cfg.sample_prompt)], dtype=torch.long, device=device)
@@ -140,7 +143,9 @@ class Trainer:
             it = self.iteration
             self.window.append(loss)
             if cfg.histogram_interval and it % cfg.histogram_interval == 0:
-                self.tracker.log_histograms(it, self.raw_model)  # before zero_grad, while gradients exist
+                self.log_histograms()  # before zero_grad, while gradients exist
+            if it == self.first_iteration + 1 and self.d.enabled:
+                print(self.memory_line(), flush=True)
             self.optimizer.zero_grad(set_to_none=True)
             last = it == cfg.max_iters
             if steps_timed == 1 and it == self.first_iteration + 1 and not (it % cfg.log_interval == 0 or last):
@@ -169,6 +174,24 @@ class Trainer:
             if reason != "completed":
                 break
         return reason
+
+    def log_histograms(self) -> None:
+        """Every parameter's and gradient's distribution; under fsdp gathered whole first (every rank)."""
+        if self.d.is_main or is_sharded(self.raw_model):
+            whole = full_copy(self.raw_model, self.cfg, grads=True)
+            if whole is not None:
+                self.tracker.log_histograms(self.iteration, whole)
+
+    def memory_line(self) -> str:
+        """What this rank holds of weights, gradients and optimizer state, measured on the tensors (under
+        fsdp its shards): each rank's log says it."""
+        params = list(self.raw_model.parameters())
+        held = {"weights": local_bytes(params), "gradients": local_bytes(p.grad for p in params if p.grad is not None),
+                "optimizer state": local_bytes(t for state in self.optimizer.state.values() for t in state.values()
+                                               if isinstance(t, torch.Tensor))}
+        layout = f"fsdp, 1/{self.d.world_size} each" if is_sharded(self.raw_model) else "ddp, whole on every rank"
+        return (f"rank {self.d.rank} holds " + ", ".join(f"{k} {v / 1e6:,.3f} MB" for k, v in held.items())
+                + f" ({layout})")
 
     def elapsed(self) -> float:
         """Wall time the run has taken: this session's, plus the earlier sessions' up to the checkpoint
@@ -215,6 +238,10 @@ class Trainer:
     def measure(self, sample: bool = True) -> tuple[dict[str, float] | None, float | None]:
         """Loss on both splits (and val bits per byte), tracked at this iteration, with a sample; (None,
         None) when a stop was asked for during it."""
+        with gathered(self.raw_model):  # fsdp: whole weights for the eval's forwards, gathered once
+            return self._measure(sample)
+
+    def _measure(self, sample: bool) -> tuple[dict[str, float] | None, float | None]:
         it, t0 = self.iteration, time.perf_counter()
         losses = estimate_loss(self.model, self.splits, self.cfg, self.device, self.ctx, self.d, self.stop_requested)
         if losses is None:
@@ -231,7 +258,7 @@ class Trainer:
                 self.tracker.log_eval(it, name, {k: record[k] for k in METRICS if k in record})
         self.eval_seconds = time.perf_counter() - t0  # the ETA's share of each eval, benchmarks included
         if sample and self.cfg.sample_length and self.d.is_main:
-            self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg, self.device))
+            self.tracker.log_text(it, "sample", sample_text(self.raw_model, self.tokenizer, self.cfg))
         return losses, bpb
 
     def score_tasks(self) -> dict[str, dict]:
@@ -303,14 +330,14 @@ class Trainer:
             mark_best(self.ckpt_dir, path, val_loss)
 
     def save(self) -> Path:
-        """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state),
-        then rotate the old ones."""
+        """Checkpoint this iteration (once; rank 0 writes, every rank contributes its RNG state; under
+        fsdp every rank writes its shards), then rotate the old ones."""
         path = self.ckpt_dir / f"step_{self.iteration:06d}"
         if self.saved_at != self.iteration:
             window = self.window_losses()
             rank_rng = distributed.gather(self.d, torch.get_rng_state())  # dropout masks differ per rank
             self.saved_at = self.iteration
-            if not self.d.is_main:
+            if not (self.d.is_main or is_sharded(self.raw_model)):
                 return path
             meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best, "loss_window": window,
@@ -318,10 +345,12 @@ class Trainer:
                     "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "data": self.data}
             t0 = time.perf_counter()
             path = save_checkpoint(self.ckpt_dir, self.raw_model, self.optimizer, self.scaler, meta,
-                                   {"rank_torch_rng": rank_rng})
+                                   {"rank_torch_rng": rank_rng}, self.d)
+            if not self.d.is_main:
+                return path
             rotate(self.ckpt_dir, self.cfg.keep_checkpoints)
             self.status.update(iteration=self.iteration, checkpoint=path.name)  # a kill now loses nothing recorded
-            size = sum(f.stat().st_size for f in path.iterdir())
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             print(f"saved checkpoint {path.name} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.2f} s)", flush=True)
         return path
 
@@ -330,11 +359,15 @@ class Trainer:
         that reached target_val_loss completes there, recording when (target_reached_at). Rank 0 writes;
         the exit code is the signal's for an interrupted run, else 0."""
         cfg, run = self.cfg, RunDir(self.run_dir)
+        code = stop.exit_code if reason == "interrupted" else 0
+        if not (self.d.is_main or is_sharded(self.raw_model)):
+            return code
+        exported = restore_best(self) if reason == "early_stopping" else ""  # under fsdp: every rank, together
+        model = full_copy(self.raw_model, cfg)  # fsdp: gathered whole on rank 0 (a plain CPU copy)
         if not self.d.is_main:
-            return stop.exit_code if reason == "interrupted" else 0
+            return code
         if reason == "early_stopping":
-            print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; "
-                  + restore_best(self))
+            print(f"early stopping: val loss has not improved for {cfg.early_stopping_patience} evals; " + exported)
         if reason == "pruned":
             print(f"pruned at step {self.iteration}: the sweep's pruner judged this trial behind the others at the "
                   "same fraction of their schedules")
@@ -342,11 +375,11 @@ class Trainer:
             at = self.target_reached_at
             print(f"target reached: val loss {at['val_loss']:.4f} <= target_val_loss {cfg.target_val_loss:g} at step "
                   f"{at['step']}, after {format_duration(at['seconds'])} and {at['tokens']:,} tokens")
-        save_export(run.export, self.raw_model, cfg.to_dict(), self.tokenizer.to_dict())
+        save_export(run.export, model, cfg.to_dict(), self.tokenizer.to_dict())
         print(f"exported to {run.export}")
         self.save_task_scores(run, self.best_step if reason == "early_stopping" else self.iteration)
         if cfg.sample_length and reason != "interrupted":
-            print("sample:\n" + sample_text(self.raw_model, self.tokenizer, cfg, self.device))
+            print("sample:\n" + sample_text(model, self.tokenizer, cfg))
         metrics = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "stop_reason": reason,
                    "seconds": round(self.elapsed(), 1)}
         if reason == "target_reached":
@@ -354,7 +387,7 @@ class Trainer:
         if reason == "interrupted":
             self.status.finish("interrupted", **metrics)
             print(f"interrupted at iteration {self.iteration}; continue with: {continue_with}")
-            return stop.exit_code
+            return code
         self.status.finish("completed", **metrics)
         stop.ignore()  # completed and recorded: a Ctrl-C now (while the trackers close) changes nothing
         print(summary(self))
