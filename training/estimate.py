@@ -4,8 +4,9 @@
     check_fits(est, device)        # a ValueError, before any run directory exists, if it cannot fit
     print(describe(est))           # "memory ~1.2 GB of 23 GB | ~48 ms/step, ~1m50s for 2,000 steps + 9 evals"
 
-Memory: weights, gradients and AdamW's two moments (16 bytes per parameter), plus the activations one
-micro-batch saves for backward. The activation model was fitted to the bytes autograd saves in
+Memory: weights, gradients and AdamW's two moments (16 bytes per parameter; under fsdp each rank holds
+1/world_size of them, plus the whole weights and gradients of the units it has gathered at once: the
+root's and two blocks'), plus the activations one micro-batch saves for backward. The activation model was fitted to the bytes autograd saves in
 model.py on CPU (saved_tensors_hooks, float32; within 5% on four shapes): about 16.5 bytes x 4 per
 (layer, token, channel); with dropout 2.5 more, and on CPU 3 x 4 bytes per attention probability
 (the unfused path keeps them); and the logits 3 times over (log-softmax, its gradient, the head).
@@ -57,6 +58,7 @@ class Estimate:
     evals: int
     rate: float             # the measured matmul FLOP/s behind the time
     timed: bool = False     # step_seconds was timed on the model, not derived from the matmul rate
+    shards: int = 1         # fsdp: the ranks the state is sharded over (memory is per rank)
 
     @property
     def peak_bytes(self) -> int:
@@ -75,6 +77,20 @@ def _linear_in_layers(cfg: ModelConfig, vocab_size: int, measure: Callable[[Lang
 def count_params(cfg: ModelConfig, vocab_size: int) -> int:
     """LanguageModel(cfg, vocab_size).num_params()."""
     return _linear_in_layers(cfg, vocab_size, LanguageModel.num_params)
+
+
+def state_bytes(cfg: ModelConfig, vocab_size: int, world_size: int) -> tuple[int, int]:
+    """(Bytes one rank holds of weights, gradients and AdamW's moments; the ranks they are sharded over).
+    fsdp on N ranks: 16/N bytes per parameter, plus the units gathered whole at once in float32 (the root,
+    which stays gathered from its forward to its backward, a block and the next one prefetched) and one
+    block's whole gradients before they are reduce-scattered."""
+    params = count_params(cfg, vocab_size)
+    if cfg.parallelism != "fsdp" or world_size < 2:
+        return 16 * params, 1
+    block = count_params(dataclasses.replace(cfg, n_layer=2), vocab_size) - \
+        count_params(dataclasses.replace(cfg, n_layer=1), vocab_size)
+    root = params - cfg.n_layer * block
+    return 16 * params // world_size + 4 * (root + 3 * block), world_size
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
@@ -119,7 +135,7 @@ def host_memory() -> tuple[int, int]:
 def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype,
                  world_size: int = 1, done_iters: int = 0) -> Estimate:
     params = count_params(cfg, vocab_size)
-    state = 16 * params
+    state, shards = state_bytes(cfg, vocab_size, world_size)
     acts = activation_bytes(cfg, vocab_size, device, dtype)
     total, available = device_memory(device)
     if device.type != "cuda":  # the ranks of a CPU run share the host's memory
@@ -137,7 +153,7 @@ def estimate_run(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype:
     steps = max(0, cfg.max_iters - done_iters)
     evals = steps // cfg.eval_interval + 1
     return Estimate(params, state, acts, total, available, step, steps * step + evals * eval_seconds, steps, evals,
-                    rate / UTILIZATION.get(device.type, 0.3), timed)
+                    rate / UTILIZATION.get(device.type, 0.3), timed, shards)
 
 
 def timed_step(cfg: ModelConfig, vocab_size: int, device: torch.device, dtype: torch.dtype) -> float:
@@ -180,18 +196,21 @@ def check_tokenizing_fits(cfg: ModelConfig) -> None:
 def check_fits(est: Estimate, device: torch.device) -> None:
     """A one-line ValueError if the run cannot fit in the device's memory at all."""
     if est.peak_bytes > est.device_bytes:
+        where = f"per rank, sharded over {est.shards}" if est.shards > 1 else "on every rank under ddp"
         raise ValueError(
             f"this run needs about {_gb(est.peak_bytes)} ({est.params / 1e6:,.1f}M parameters: {_gb(est.state_bytes)} "
-            f"for weights, gradients and AdamW; {_gb(est.activation_bytes)} of activations per micro-batch) but "
-            f"{device.type} has {_gb(est.device_bytes)}; lower n_layer, n_embd, block_size or batch_size "
-            "(raise grad_accum_steps to keep the batch)")
+            f"for weights, gradients and AdamW {where}; {_gb(est.activation_bytes)} of activations per micro-batch) "
+            f"but {device.type} has {_gb(est.device_bytes)}; lower n_layer, n_embd, block_size or batch_size (raise "
+            "grad_accum_steps to keep the batch), turn on --activation-checkpointing full, or shard the model over "
+            "more GPUs with torchrun and --parallelism fsdp")
 
 
 def describe(est: Estimate, device: torch.device) -> list[str]:
     """The estimate line, and a warning when it is tight on memory or hours long."""
     basis = ("a step of this model timed here" if est.timed else f"a {est.rate / 1e12:.3f} TFLOP/s matmul measured "
              f"here, {UTILIZATION.get(device.type, 0.3):.0%} of it assumed")
-    lines = [f"estimate: memory ~{_gb(est.peak_bytes)} of {_gb(est.available_bytes)} available | "
+    per_rank = f" per rank (fsdp over {est.shards})" if est.shards > 1 and device.type == "cuda" else ""
+    lines = [f"estimate: memory ~{_gb(est.peak_bytes)}{per_rank} of {_gb(est.available_bytes)} available | "
              f"~{est.step_seconds * 1e3:,.0f} ms/step, ~{format_duration(est.total_seconds)} for {est.steps:,} steps "
              f"and {est.evals} evals ({basis})"]
     if est.peak_bytes > est.available_bytes:

@@ -13,7 +13,7 @@ import train
 from model import LanguageModel
 from parameters import ModelConfig
 from training.estimate import (Estimate, activation_bytes, check_fits, count_params, describe, estimate_run,
-                            flops_per_token)
+                               flops_per_token, state_bytes)
 
 CPU = torch.device("cpu")
 
@@ -83,3 +83,30 @@ def test_the_description_warns_of_hours_and_of_too_little_free_memory():
     lines = describe(fake(total_seconds=30 * 3600.0, available_bytes=5 * 10**7), CPU)
     assert any("more than the 50 MB free now" in line for line in lines)
     assert any("hours on this cpu" in line and "--config debug" in line for line in lines)
+
+
+def test_fsdp_divides_the_state_over_the_ranks_and_adds_what_it_gathers(tiny_cfg: ModelConfig):
+    """Each rank: 16 bytes per parameter over the ranks, plus the root and three blocks whole in float32;
+    the root and the blocks counted on the model itself."""
+    cfg = dataclasses.replace(tiny_cfg, n_layer=8, parallelism="fsdp")
+    model = LanguageModel(cfg, 65)
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    root = model.num_params() - cfg.n_layer * block
+    whole = estimate_run(cfg, 65, CPU, torch.float32, world_size=1)
+    assert whole.state_bytes == 16 * model.num_params() and whole.shards == 1  # one process: nothing to shard
+    for world in (2, 4):
+        per_rank = state_bytes(cfg, 65, world)
+        assert per_rank == (16 * model.num_params() // world + 4 * (root + 3 * block), world)
+    ddp = dataclasses.replace(cfg, parallelism="ddp")
+    assert state_bytes(ddp, 65, 4) == (16 * model.num_params(), 1)
+
+
+def test_a_run_that_fits_only_when_sharded_says_so():
+    big = fake(params=2 * 10**9, state_bytes=32 * 10**9, activation_bytes=10**9, device_bytes=24 * 10**9)
+    with pytest.raises(ValueError, match="on every rank under ddp.*--parallelism fsdp"):
+        check_fits(big, torch.device("cuda"))
+    sharded = fake(params=2 * 10**9, state_bytes=32 * 10**9 // 8, activation_bytes=10**9, device_bytes=24 * 10**9,
+                   shards=8)
+    check_fits(sharded, torch.device("cuda"))
+    (line,) = describe(sharded, torch.device("cuda"))
+    assert "per rank (fsdp over 8)" in line

@@ -15,7 +15,7 @@ import torch
 
 import inference
 import train
-from conftest import REPO, call_main, user_error
+from conftest import REPO, call_main, user_error, write_benchmarks
 from test_distributed import args, env, export_of
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,11 @@ def fsdp_runs(tmp_path_factory) -> dict[str, Path]:
     from conftest import TINY_TEXT
     corpus.write_text(TINY_TEXT, encoding="utf-8")
     runs = {}
-    for optimizer, extra in (("adamw", ("--activation-checkpointing", "full")), ("muon", ())):
+    # The AdamW run also samples and scores a benchmark file at each eval (rank 0 alone samples, and the ranks
+    # score 5 and 4 items: forwards that only some ranks run), and logs histograms (gathered whole).
+    hellaswag = write_benchmarks(root / "bench", n=9)["hellaswag"]
+    also = ("--sample-length", "20", "--eval-tasks", str(hellaswag), "--histogram-interval", "10")
+    for optimizer, extra in (("adamw", ("--activation-checkpointing", "full", *also)), ("muon", ())):
         common = ("--dtype", "float32", "--optimizer", optimizer)
         torchrun(2, *args(corpus, root, f"fsdp-{optimizer}", "--parallelism", "fsdp", "--batch-size", "4",
                           *common, *extra))
@@ -70,6 +74,10 @@ def test_two_fsdp_ranks_equal_one_process_with_twice_the_batch(optimizer: str, f
     run = fsdp_runs[optimizer]
     log = (run / "logs" / "train.log").read_text()
     assert "(2 ranks, fsdp)" in log and "(fsdp, 1/2 each)" in log
+    if optimizer == "adamw":
+        assert log.count("hellaswag_own acc_norm") == 5 and "sample:" in log  # evals at steps 0, 5, 10, 15, 20
+        (record,) = [json.loads(p.read_text()) for p in (run / "evals").glob("*.json")]
+        assert record["items"] == 9
     checkpoint = run / "artifacts" / "checkpoints" / "step_000020"
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert meta["format"] == "sharded" and not (checkpoint / "model.safetensors").exists()
