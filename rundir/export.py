@@ -24,12 +24,13 @@ import torch
 from model import LanguageModel
 from parameters import ModelConfig
 from tokenizer import Tokenizer, tokenizer_from_dict
-from rundir.checkpoint import check_finite, checkpoint_by_path, find_checkpoint, is_sharded_checkpoint, verify
+from rundir.checkpoint import check_finite, is_sharded_checkpoint, verify
 from utils import files
 from utils.files import MAX_JSON_BYTES, atomic_path, atomic_write_json, sha256_file
 from rundir.hf_export import remove_hf_export, write_hf_export
 from rundir.hf_import import is_hf_model_dir, read_hf_model
 from rundir.lock import run_state
+from rundir.resume import checkpoint_by_path, find_checkpoint
 from rundir.run_dir import RunDir, resolve_run
 from rundir.sharded import read_shard_weights
 from rundir.snapshot import Snapshot, build_model

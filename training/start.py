@@ -19,7 +19,8 @@ from config import PROJECT_DIR, init_config, rescale_batch, resume_config
 from data import Corpus, check_same_corpus, prepare_corpus
 from evaluation.likelihood import EvalTask, prepare_eval_tasks
 from parameters import ModelConfig
-from rundir.checkpoint import Checkpoint, find_resume
+from rundir.checkpoint import Checkpoint
+from rundir.resume import find_resume
 from rundir.export import Snapshot, read_init_source
 from rundir.lock import RunLock
 from rundir.meta import code_note

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,9 @@ import torch
 from conftest import REPO
 from model import LanguageModel
 from training.optim import build_optimizer
-from rundir.checkpoint import (_digest, best_checkpoint, find_checkpoints, find_resume, latest_good, load_checkpoint,
+from rundir.checkpoint import (_digest, best_checkpoint, find_checkpoints, latest_good, load_checkpoint,
                               mark_best, rotate, save_checkpoint, verify)
 from utils.files import sha256_file
-from rundir.lock import RunLock
-from rundir.run_dir import RunDir
-from rundir.status import RunStatus
 
 
 def make(cfg, seed=0):
@@ -157,35 +153,6 @@ def test_rotation_keeps_the_temp_directory_of_a_live_writer(tiny_cfg, tmp_path: 
     live.mkdir(), dead.mkdir()
     rotate(tmp_path, keep=2)
     assert live.is_dir() and not dead.exists()
-
-
-def run_with(root: Path, minute: int, cfg, iterations: tuple[int, ...], finish: str | None) -> Path:
-    run_dir = RunDir.create(root, "run", now=datetime(2026, 1, 1, 12, minute)).path  # runs in the order of `minute`
-    status = RunStatus(run_dir)
-    status.start()
-    if finish:
-        status.finish(finish)
-    model, opt, scaler = make(cfg)
-    for i in iterations:
-        save_checkpoint(run_dir / "artifacts" / "checkpoints", model, opt, scaler, {"iteration": i})
-    return run_dir
-
-
-def test_resume_latest_says_which_run_it_picked_and_refuses_a_running_one(tiny_cfg, tmp_path: Path):
-    older = run_with(tmp_path, 1, tiny_cfg, (10,), "completed")
-    newest = run_with(tmp_path, 2, tiny_cfg, (), None)  # killed before its first checkpoint
-    notes: list[str] = []
-    run, ckpt = find_resume("latest", tmp_path, notes)
-    assert run.path == older and ckpt.iteration == 10
-    assert notes == [f"--resume latest picked {older.name}, the newest run with a checkpoint; newer runs without "
-                     f"one: {newest.name} (killed)"]
-    running = run_with(tmp_path, 3, tiny_cfg, (5,), None)
-    with RunLock(running):
-        with pytest.raises(ValueError, match=f"the newest run, '{running}', is still running"):
-            find_resume("latest", tmp_path, [])
-    notes = []
-    find_resume(str(running), tmp_path, notes)  # its owner gone: resumable, and said to be killed
-    assert notes and notes[-1].startswith(f"{running.name} was killed: pid {os.getpid()}")
 
 
 def test_rotation_keeps_newest_and_best(tiny_cfg, tmp_path: Path):
