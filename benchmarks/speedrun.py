@@ -1,18 +1,26 @@
 """The CPU speedrun: how much sooner does configs/presets/speedrun_cpu.yaml reach the default recipe's
-final val loss? Both run here, one after the other, as `train.py` subprocesses on the same data.
+final val loss, or nanoGPT's? Both run here, one after the other, as subprocesses on the same data.
 
     python benchmarks/speedrun.py [--data shakespeare] [--preset speedrun_cpu] [--runs-dir /tmp/speedrun]
+    python benchmarks/speedrun.py --data input.txt --nanogpt ~/nanoGPT     # against nanoGPT's CPU recipe
 
-1. The default recipe (configs/*.yaml), to its end; its final val loss becomes the target.
+1. The baseline to its end; its final val loss becomes the target. The baseline is the default recipe
+   (configs/*.yaml), or with --nanogpt a nanoGPT checkout running the CPU recipe of its README
+   (NANOGPT_CPU, in a copy of the checkout, on the same text; its prepare.py runs first, untimed).
 2. The preset with --target-val-loss at that loss: it stops at the first eval that reaches it.
 Each is timed from launch to exit (start-up, evals, checkpoints and export included). Samples are off
 in both (--sample-length 0): text generation is not training. Evals stay honest: eval_iters batches
-of the same val split (the preset keeps val_fraction and eval_iters). Prints both runs and the ratio.
+of the same val split (the preset keeps val_fraction and eval_iters). Against nanoGPT the preset's
+eval is at least nanoGPT's (--eval-iters 40: 40 x 24 sequences against 20 x 12 of the same length, on a
+val split of the same 10%), and gptlab's token cache is warmed first, as nanoGPT's prepare.py is.
+Prints both runs and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,28 +47,61 @@ def train(runs_dir: Path, tag: str, *args: str) -> tuple[float, dict]:
     return seconds, RunDir(run_dir).status()
 
 
+# nanoGPT's README, "I only have a macbook": its CPU recipe, run as written.
+NANOGPT_CPU = ("config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 "
+               "--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 "
+               "--lr_decay_iters=2000 --dropout=0.0").split()
+
+
+def nanogpt(checkout: Path, text: Path, work: Path) -> tuple[float, float]:
+    """nanoGPT's CPU recipe in a copy of the checkout on `text`: (wall seconds of train.py, its final val loss)."""
+    copy = work / "nanoGPT"
+    shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(".git", "out*"))
+    shutil.copy(text, copy / "data" / "shakespeare_char" / "input.txt")  # prepare.py downloads only when absent
+    subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=copy, check=True, capture_output=True)
+    cmd = [sys.executable, "train.py", *NANOGPT_CPU]
+    print("$ nanoGPT:", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", proc.stdout)
+    if proc.returncode != 0 or not evals:
+        sys.exit(f"error: nanoGPT's train.py exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return seconds, float(evals[-1][1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="shakespeare", help="dataset name or path (default shakespeare)")
     parser.add_argument("--preset", default="speedrun_cpu", help="the recipe to race (default speedrun_cpu)")
     parser.add_argument("--runs-dir", type=Path, help="where both runs go (default: a temporary directory)")
+    parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: race its README's CPU recipe instead")
     args = parser.parse_args()
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="speedrun_"))
     runs_dir.mkdir(parents=True, exist_ok=True)
 
-    base_s, base = train(runs_dir, "baseline", "--data", args.data)
-    target = base["val_loss"]
+    extra: tuple[str, ...] = ()
+    if args.nanogpt:
+        if not (args.nanogpt / "train.py").is_file() or not Path(args.data).is_file():
+            sys.exit("error: --nanogpt takes a nanoGPT checkout (with train.py), and --data the text file it trains on")
+        base_s, target = nanogpt(args.nanogpt, Path(args.data), runs_dir)
+        train(runs_dir, "cache", "--data", args.data, "--max-iters", "1", "--eval-iters", "1")  # the token cache
+        extra, baseline = ("--eval-iters", "40"), f"nanoGPT: {base_s:6.1f} s wall, 2000 steps, final val loss {target:.4f}"
+    else:
+        base_s, base = train(runs_dir, "baseline", "--data", args.data)
+        target = base["val_loss"]
+        baseline = f"default recipe: {base_s:6.1f} s wall, {base['iteration']} steps, final val loss {target:.4f}"
     fast_s, fast = train(runs_dir, "speedrun", "--data", args.data, "--config", args.preset,
-                         "--target-val-loss", repr(target))
+                         "--target-val-loss", repr(target), *extra)
     reached = fast.get("target_reached_at")
-    print(f"\ndefault recipe: {base_s:6.1f} s wall, {base['iteration']} steps, final val loss {target:.4f}")
+    print(f"\n{baseline}")
     if not reached:
         print(f"{args.preset}: {fast_s:6.1f} s wall, {fast['iteration']} steps, val loss {fast['val_loss']:.4f}: "
               f"did NOT reach {target:.4f}")
         sys.exit(1)
     print(f"{args.preset}: {fast_s:6.1f} s wall, val loss {reached['val_loss']:.4f} at step {reached['step']} "
           f"({reached['tokens']:,} tokens, {reached['seconds']:.1f} s of training)")
-    print(f"ratio: {fast_s / base_s:.3f} of the default recipe's wall time ({base_s / fast_s:.2f}x faster)")
+    print(f"ratio: {fast_s / base_s:.3f} of the baseline's wall time ({base_s / fast_s:.2f}x faster)")
 
 
 if __name__ == "__main__":

@@ -287,6 +287,36 @@ def test_attention_dropout_drops_probabilities_not_outputs() -> None:
     torch.testing.assert_close(got, (probs * mask / 0.75) @ v, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [8, 300])
+def test_half_precision_training_attention_equals_sdpa_written_out_or_not(T: int) -> None:
+    """On CPU in bf16 with grad enabled, blocks up to WRITTEN_OUT_MAX_T (256) take the written-out path
+    (faster there), longer ones SDPA: either way the output and gradients are SDPA's, to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from utils.cpu_probe import probe_half_precision
+
+    if not probe_half_precision("bfloat16").usable:
+        pytest.skip(f"bfloat16 cannot run on this CPU: {probe_half_precision('bfloat16').problem}")
+
+    class Ops(TorchDispatchMode):
+        names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with Ops() as ops:
+        got = causal_attention(q, k, v, 0.0, True)
+    assert any("flash_attention" in n for n in ops.names) == (T > 256), sorted(ops.names)
+    grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g.float(), w.float(), rtol=0.05, atol=0.05)
+
+
 def test_cpu_training_never_draws_from_the_vendor_dependent_kernel(cfg: ModelConfig) -> None:
     """torch's CPU bernoulli_(float) (and so F.dropout and SDPA's dropout) is MKL's parallel VSL
     on Intel and a serial kernel elsewhere; runs with dropout on an Intel Xeon differed from run to

@@ -6,10 +6,11 @@
 
 Memory: weights, gradients and AdamW's two moments (16 bytes per parameter; under fsdp each rank holds
 1/world_size of them, plus the whole weights and gradients of the units it has gathered at once: the
-root's and two blocks'), plus the activations one micro-batch saves for backward. The activation model was fitted to the bytes autograd saves in
-model.py on CPU (saved_tensors_hooks, float32; within 5% on four shapes): about 16.5 bytes x 4 per
+root's and two blocks'), plus the activations one micro-batch saves for backward. The activation model
+was fitted to the bytes autograd saves in model.py on CPU (saved_tensors_hooks, float32; within 5% on four shapes): about 16.5 bytes x 4 per
 (layer, token, channel); with dropout 2.5 more, and on CPU 3 x 4 bytes per attention probability
-(the unfused path keeps them); and the logits 3 times over (log-softmax, its gradient, the head).
+where the attention is written out (with dropout, or short blocks in half precision: it keeps them);
+and the logits 3 times over (log-softmax, its gradient, the head).
 Time: training FLOPs (model.flops_per_token's formula) over a square matmul's rate measured here in
 the run's dtype, at the utilization this project measured (README, Performance). A small model
 reaches far less than that (its matmuls are small, and casts, norms and the optimizer weigh more: the
@@ -29,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from architectures.layers import WRITTEN_OUT_MAX_T
 from corpus.text import tokenizing_bytes
 from model import LanguageModel
 from parameters import ModelConfig
@@ -103,8 +105,10 @@ def activation_bytes(cfg: ModelConfig, vocab_size: int, device: torch.device, dt
     per_value = 4 if dtype == torch.float32 else 2
     dropout = cfg.dropout > 0
     layer = B * T * C * per_value * (16.5 + 2.5 * dropout)
-    if dropout and device.type == "cpu":
-        layer += 3 * B * H * T * T * per_value
+    if device.type == "cpu" and (dropout or (dtype != torch.float32 and T <= WRITTEN_OUT_MAX_T)):
+        # the written-out attention (architectures/layers.py) keeps its scores and probabilities: in half
+        # precision about 8 bytes per probability, measured (bf16 scores, float32 softmax, a bf16 copy)
+        layer += B * H * T * T * (3 * per_value if dtype == torch.float32 else 8)
     # A checkpointed block keeps only its input, and the backward holds one block's activations at a time
     # while it recomputes them (training/parallelize.py).
     recomputed = len(checkpointed_blocks(cfg))
