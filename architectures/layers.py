@@ -91,7 +91,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, is_causa
     if not cpu or (dropout_p == 0.0 and not short_half):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
     assert is_causal and q.size(2) == k.size(2), "training attends within one block"
-    T = q.size(2)
+    B, nh, T, hd = q.shape
+    if dropout_p == 0.0:
+        # The causal mask added as a bias inside the score matmul (baddbmm): no masked_fill and no mask in the
+        # backward, 35.8 against 55.9 ms at shakespeare_char's shape with masked_fill (bf16, Zen 4).
+        future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (T, T)
+        att = torch.baddbmm(future.expand(B * nh, T, T), (q * (1.0 / math.sqrt(hd))).reshape(B * nh, T, hd),
+                            k.reshape(B * nh, T, hd).transpose(1, 2))  # (B * nh, T, T)
+        return F.softmax(att.view(B, nh, T, T), dim=-1) @ v  # (B, nh, T, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (T, T)
     att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)  # (B, nh, T, T)
