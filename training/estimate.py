@@ -106,9 +106,9 @@ def activation_bytes(cfg: ModelConfig, vocab_size: int, device: torch.device, dt
     dropout = cfg.dropout > 0
     layer = B * T * C * per_value * (16.5 + 2.5 * dropout)
     if device.type == "cpu" and (dropout or (dtype != torch.float32 and T <= WRITTEN_OUT_MAX_T)):
-        # the written-out attention (architectures/layers.py) keeps its scores and probabilities: in half
-        # precision about 8 bytes per probability, measured (bf16 scores, float32 softmax, a bf16 copy)
-        layer += B * H * T * T * (3 * per_value if dtype == torch.float32 else 8)
+        # the written-out attention (architectures/layers.py) keeps its probabilities: with dropout three
+        # tensors of them; without, in half precision, the softmax's output once (2 bytes each, measured)
+        layer += B * H * T * T * per_value * (3 if dropout else 1)
     # A checkpointed block keeps only its input, and the backward holds one block's activations at a time
     # while it recomputes them (training/parallelize.py).
     recomputed = len(checkpointed_blocks(cfg))
