@@ -48,7 +48,11 @@ from rundir.tracking import Tracker
 
 STEP = "train_step"  # our own range around each step: the denominator of every share
 PHASES = ("data", "forward", "backward", "optimizer")
-ATTENTION_MARKS = ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "efficient_attention")
+# SDPA's calls, and the attention architectures/layers.py writes out on a CPU (dropout, short half-precision
+# blocks): its forward runs under record_function("causal_attention"), and its backward is the only source
+# of these nodes in gptlab's blocks (linear layers are mm/addmm; cross-entropy's softmax is LogSoftmax).
+ATTENTION_MARKS = ("scaled_dot_product", "ScaledDotProduct", "flash_attention", "efficient_attention",
+                   "causal_attention", ": BaddbmmBackward", ": BmmBackward", ": SoftmaxBackward")
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
 PEAK_SIZES = "2048,3072,4096"
 MAX_SPREAD = 0.15  # repeats of a timing further apart than this mean a busy machine
@@ -121,7 +125,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, sizes: list[int
 
 
 def op_kind(event) -> str:
-    """attention if the op runs inside an SDPA call (forward or backward), else matmul or other."""
+    """attention if the op runs inside an attention call (forward or backward), else matmul or other."""
     e = event
     while e is not None:
         if any(mark in e.name for mark in ATTENTION_MARKS):
