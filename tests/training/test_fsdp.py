@@ -93,6 +93,20 @@ def test_two_fsdp_ranks_equal_one_process_with_twice_the_batch(optimizer: str, f
     assert all(torch.equal(whole[k], fsdp_w[k]) for k in fsdp_w)
 
 
+def test_fsdp_shards_a_llama_block_for_another_optimizer(fsdp_runs: dict[str, Path], tmp_path: Path):
+    """llama's block (grouped-query attention, QK-norm, rotary buffers, an untied head) with Adagrad: 2 fsdp
+    ranks equal one process with twice the batch, as gpt2's block with AdamW and Muon do above."""
+    extra = ("--arch", "llama", "--n-kv-head", "1", "--qk-norm", "true", "--tie-embeddings", "false",
+             "--optimizer", "adagrad", "--dtype", "float32", "--max-iters", "10")
+    torchrun(2, *args(fsdp_runs["corpus"], tmp_path, "fsdp", "--parallelism", "fsdp", "--batch-size", "4", *extra))
+    single = call_main(train.main, *args(fsdp_runs["corpus"], tmp_path, "single", "--batch-size", "8", *extra))
+    assert single.returncode == 0, single.stderr
+    fsdp_w, single_w = export_of(tmp_path / "fsdp"), export_of(tmp_path / "single")
+    assert fsdp_w.keys() == single_w.keys() and "lm_head.weight" in fsdp_w
+    for k in fsdp_w:
+        torch.testing.assert_close(fsdp_w[k], single_w[k], rtol=0, atol=WEIGHT_TOLERANCE)
+
+
 def held(log: str) -> dict[str, float]:
     """A rank's 'rank R holds weights X MB, gradients Y MB, optimizer state Z MB' line, in MB."""
     line = re.search(r"rank \d holds (.*) \(fsdp", log).group(1)
