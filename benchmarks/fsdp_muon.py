@@ -5,8 +5,9 @@
 owner (what training/optim.py does): of each world_size matrices, rank i orthogonalizes the i-th (all of
 them at once), after one all-gather per matrix, then scatters its result's rows back: 1/world_size of the
 compute, one more collective per matrix. gather: every matrix's update is all-gathered, every rank
-orthogonalizes every matrix and keeps its own rows: the whole Newton-Schulz on every rank. The script prints each one's optimizer step (median of --rounds, each
-round alternating the two), and checks that both give the same weights.
+orthogonalizes every matrix and keeps its own rows: the whole Newton-Schulz on every rank. The script
+prints each one's optimizer step (median of --rounds, each round alternating the two), and checks that
+both give the same weights.
 """
 
 from __future__ import annotations

@@ -107,12 +107,12 @@ def save_checkpoint(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.opt
             shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint never stays behind
         # torch.save reports a failed write as a RuntimeError
         full_disk = _disk_full(e, ckpt_dir, model, optimizer) if isinstance(e, (OSError, RuntimeError)) else None
-        if not (sharded and d.enabled):
+        if not d.enabled:
             if full_disk:
                 raise full_disk from None
             raise
         failed = str(full_disk or f"checkpoint {final.name} not written: {type(e).__name__}: {e}")
-    if sharded and d.enabled:  # every rank fails together, or none does
+    if d.enabled:  # every rank fails together, or none does
         if failed := next(filter(None, distributed.gather(d, failed)), None):
             raise ValueError(failed)
     if d.is_main:

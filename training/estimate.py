@@ -5,12 +5,12 @@
     print(describe(est))           # "memory ~1.2 GB of 23 GB | ~48 ms/step, ~1m50s for 2,000 steps + 9 evals"
 
 Memory: weights, gradients and AdamW's two moments (16 bytes per parameter; under fsdp each rank holds
-1/world_size of them, plus the whole weights and gradients of the units it has gathered at once: the
-root's and two blocks'), plus the activations one micro-batch saves for backward. The activation model
-was fitted to the bytes autograd saves in model.py on CPU (saved_tensors_hooks, float32; within 5% on four shapes): about 16.5 bytes x 4 per
-(layer, token, channel); with dropout 2.5 more, and on CPU 3 x 4 bytes per attention probability
-where the attention is written out (with dropout, or short blocks in half precision: it keeps them);
-and the logits 3 times over (log-softmax, its gradient, the head).
+1/world_size of them, plus what it holds whole at once: the root, two blocks' gathered weights and one
+block's gradients; state_bytes), plus the activations one micro-batch saves for backward. The
+activation model was fitted to the bytes autograd saves in model.py on CPU (saved_tensors_hooks,
+float32; within 5% on four shapes): about 16.5 bytes x 4 per (layer, token, channel); with dropout 2.5
+more; on CPU, where the attention is written out (with dropout, or short blocks in half precision),
+the probabilities it keeps; and the logits 3 times over (log-softmax, its gradient, the head).
 Time: training FLOPs (model.flops_per_token's formula) over a square matmul's rate measured here in
 the run's dtype, at the utilization this project measured (README, Performance). A small model
 reaches far less than that (its matmuls are small, and casts, norms and the optimizer weigh more: the

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model import LanguageModel
 from parameters import ModelConfig
+from rundir.sharded import holds_shards
 from utils.device import Compute
 from utils.distributed import Dist
 
@@ -83,10 +84,6 @@ def apply_fsdp(model: LanguageModel, compute: Compute, d: Dist) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module) -> Iterator[None]:
     """Inside, every weight of a sharded model is whole on every rank and stays so across forwards, so
@@ -94,7 +91,7 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
     submodules directly (generation's KV cache does), with no collective. It costs the whole weights'
     memory meanwhile, not the gradients' or the optimizer's. Collective on entry and exit; a no-op for
     a model that is not sharded."""
-    if not is_sharded(model):
+    if not holds_shards(model):
         yield
         return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -114,21 +111,14 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A sharded model's whole weights as CPU tensors on rank 0 ({} on the others; collective); an
-    unsharded model's state_dict."""
-    if not is_sharded(model):
-        return model.state_dict()
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def full_copy(model: LanguageModel, cfg: ModelConfig, grads: bool = False) -> LanguageModel | None:
     """Rank 0: a plain CPU model holding a sharded model's whole weights (and gradients, with grads),
     for the export and histograms; None on the other ranks. Collective. An unsharded model is returned
     as it is."""
-    if not is_sharded(model):
+    if not holds_shards(model):
         return model
-    state = full_state(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)  # {} off rank 0
     whole = [p.grad.full_tensor() if grads and p.grad is not None else None for p in model.parameters()]
     if not state:
         return None

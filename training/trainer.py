@@ -26,12 +26,13 @@ from parameters import ModelConfig
 from rundir.checkpoint import (Checkpoint, best_checkpoint, latest_good, load_checkpoint, load_weights, mark_best,
                                rotate, save_checkpoint, verify)
 from rundir.run_dir import RunDir
+from rundir.sharded import holds_shards
 from rundir.evals import METRICS, save_eval
 from rundir.export import save_export
 from rundir.status import RunStatus
 from rundir.tracking import Tracker
 from training.optim import get_lr, set_lrs
-from training.parallelize import full_copy, gathered, is_sharded, local_bytes
+from training.parallelize import full_copy, gathered, local_bytes
 from training.step import NonFiniteStep, estimate_loss, train_step
 from utils import distributed
 from utils.console import format_duration
@@ -177,7 +178,7 @@ class Trainer:
 
     def log_histograms(self) -> None:
         """Every parameter's and gradient's distribution; under fsdp gathered whole first (every rank)."""
-        if self.d.is_main or is_sharded(self.raw_model):
+        if self.d.is_main or holds_shards(self.raw_model):
             whole = full_copy(self.raw_model, self.cfg, grads=True)
             if whole is not None:
                 self.tracker.log_histograms(self.iteration, whole)
@@ -189,7 +190,7 @@ class Trainer:
         held = {"weights": local_bytes(params), "gradients": local_bytes(p.grad for p in params if p.grad is not None),
                 "optimizer state": local_bytes(t for state in self.optimizer.state.values() for t in state.values()
                                                if isinstance(t, torch.Tensor))}
-        layout = f"fsdp, 1/{self.d.world_size} each" if is_sharded(self.raw_model) else "ddp, whole on every rank"
+        layout = f"fsdp, 1/{self.d.world_size} each" if holds_shards(self.raw_model) else "ddp, whole on every rank"
         return (f"rank {self.d.rank} holds " + ", ".join(f"{k} {v / 1e6:,.3f} MB" for k, v in held.items())
                 + f" ({layout})")
 
@@ -337,7 +338,7 @@ class Trainer:
             window = self.window_losses()
             rank_rng = distributed.gather(self.d, torch.get_rng_state())  # dropout masks differ per rank
             self.saved_at = self.iteration
-            if not (self.d.is_main or is_sharded(self.raw_model)):
+            if not (self.d.is_main or holds_shards(self.raw_model)):
                 return path
             meta = {"iteration": self.iteration, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                     "evals_since_best": self.evals_since_best, "loss_window": window,
@@ -360,7 +361,7 @@ class Trainer:
         the exit code is the signal's for an interrupted run, else 0."""
         cfg, run = self.cfg, RunDir(self.run_dir)
         code = stop.exit_code if reason == "interrupted" else 0
-        if not (self.d.is_main or is_sharded(self.raw_model)):
+        if not (self.d.is_main or holds_shards(self.raw_model)):
             return code
         exported = restore_best(self) if reason == "early_stopping" else ""  # under fsdp: every rank, together
         model = full_copy(self.raw_model, cfg)  # fsdp: gathered whole on rank 0 (a plain CPU copy)
