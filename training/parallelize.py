@@ -106,9 +106,17 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
         # FSDP records each forward's order to prefetch in the next backward; forwards that only one rank ran
         # (a sample, its share of a benchmark) would make the ranks prefetch different blocks, and the next
         # backward's all-gathers would wait on each other forever. Nothing is in flight between steps.
-        model.reset_iter_state()
+        _forget_forward_order(model)
         for unit in units:
             unit.reshard()
+
+
+def _forget_forward_order(model: FSDPModule) -> None:
+    """Clear the forward order FSDP recorded for the next backward's prefetch (collectives finished)."""
+    if hasattr(model, "reset_iter_state"):  # torch 2.13
+        model.reset_iter_state()
+    else:  # older torch (2.11 on a CUDA machine here): the recorded order is the part that matters above
+        model._get_fsdp_state()._comm_ctx.post_forward_order.clear()
 
 
 def full_copy(model: LanguageModel, cfg: ModelConfig, grads: bool = False) -> LanguageModel | None:
