@@ -23,15 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
-from torch.distributed.tensor import DTensor
 
 from utils import distributed
-from utils.distributed import Dist
+from utils.distributed import Dist, is_dtensor
 from utils.files import sha256_file
+
+# torch.distributed.checkpoint (DCP) is imported where it is used: it brings DTensor and sympy, about a
+# second of start-up for every stage, and only fsdp runs and their checkpoints need it.
 
 SHARDS = "sharded"
 METADATA = f"{SHARDS}/.metadata"
@@ -39,7 +37,7 @@ METADATA = f"{SHARDS}/.metadata"
 
 def holds_shards(model: torch.nn.Module) -> bool:
     """Whether the model's parameters are FSDP2 shards (DTensors)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def local_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
@@ -47,12 +45,14 @@ def local_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
     named = [*model.state_dict().items(),
              *((f"optimizer state {i}.{k}", v) for i, state in optimizer.state_dict()["state"].items()
                for k, v in state.items())]
-    return [(n, t.to_local() if isinstance(t, DTensor) else t) for n, t in named if isinstance(t, torch.Tensor)]
+    return [(n, t.to_local() if is_dtensor(t) else t) for n, t in named if isinstance(t, torch.Tensor)]
 
 
 def write_shards(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the weights and the optimizer state into tmp/sharded (collective;
     DCP raises on every rank if any rank's write failed). Files are fsynced."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state},
              storage_writer=dcp.FileSystemWriter(tmp / SHARDS, sync_files=True))
@@ -69,6 +69,9 @@ def hash_files(root: Path, folder: str, d: Dist) -> dict[str, str]:
 def load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """A sharded checkpoint's weights (and optimizer state) into the model as it is laid out now: shards
     on this world size, or whole tensors in one process or under DDP. Collective under torchrun."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
         _load(state, dcp.FileSystemReader(path / SHARDS))
@@ -80,8 +83,10 @@ def load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def _load(state: dict[str, Any], reader: dcp.FileSystemReader) -> None:
-    """dcp.load, collective under torchrun; in one process without DCP's warning that it assumes one."""
+def _load(state: dict[str, Any], reader: Any) -> None:
+    """dcp.load from a FileSystemReader, collective under torchrun; in one process without DCP's warning
+    that it assumes one."""
+    import torch.distributed.checkpoint as dcp
     if dist.is_initialized():
         dcp.load(state, storage_reader=reader)
         return
@@ -93,6 +98,8 @@ def _load(state: dict[str, Any], reader: dcp.FileSystemReader) -> None:
 def read_shard_weights(path: Path) -> dict[str, torch.Tensor]:
     """The whole weights of a sharded checkpoint as CPU tensors named as in the model's state_dict, read
     in one process: what inference.py and serve.py load from an fsdp run's checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     reader = dcp.FileSystemReader(path / SHARDS)
     tensors = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
                for name, meta in reader.read_metadata().state_dict_metadata.items()
@@ -105,6 +112,8 @@ def load_full_into_shards(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                           weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
     """A full checkpoint (one process or DDP: whole tensors, the optimizer's state keyed by parameter
     index) into a sharded model: each rank keeps its slices."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True)
     aliases: dict[int, list[str]] = {}  # a tied head and embedding: one tensor, stored under one of its names
     for name, p in model.named_parameters(remove_duplicate=False):

@@ -18,9 +18,9 @@ import math
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parameters import OPTIMIZERS, SCHEDULES, ModelConfig
+from utils.distributed import is_dtensor
 
 
 
@@ -143,8 +143,9 @@ def orthogonalized(updates: list[torch.Tensor], ns: Callable[[torch.Tensor], tor
     rank i alone (all of them at once, one per rank), which then scatters the rows back to their ranks.
     On 2 CPU ranks that took 839 ms per step of shakespeare_char's 24 matrices against 1,242 ms for every
     rank orthogonalizing every matrix, with the same weights (benchmarks/fsdp_muon.py)."""
-    if not isinstance(updates[0], DTensor):
+    if not is_dtensor(updates[0]):
         return [ns(u) for u in updates]
+    from torch.distributed.tensor import distribute_tensor
     mesh = updates[0].device_mesh
     rank, whole = mesh.get_local_rank(), [u.full_tensor() for u in updates]
     mine = ns(whole[rank]).to(whole[rank].dtype) if rank < len(whole) else None  # the last chunk may have fewer
@@ -163,7 +164,7 @@ class Muon(torch.optim.Muon):
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]
-        if params and all(p.device.type == "cuda" and not isinstance(p, DTensor) for p in params):
+        if params and all(p.device.type == "cuda" and not is_dtensor(p) for p in params):
             return super().step(closure)
         loss = None
         if closure is not None:
@@ -177,7 +178,7 @@ class Muon(torch.optim.Muon):
             dtype = torch.bfloat16 if params[0].device.type == "cuda" else self.ns_dtype
             ns = functools.partial(newton_schulz, coefficients=group["ns_coefficients"], steps=group["ns_steps"],
                                    eps=group["eps"], dtype=dtype)
-            at_once = params[0].device_mesh.size() if isinstance(params[0], DTensor) else 1  # fsdp: one per rank
+            at_once = params[0].device_mesh.size() if is_dtensor(params[0]) else 1  # fsdp: one per rank
             for start in range(0, len(params), at_once):
                 chunk = params[start:start + at_once]
                 for p, update in zip(chunk, orthogonalized([self.momentum_update(p, group) for p in chunk], ns)):

@@ -24,17 +24,13 @@ import functools
 from typing import Callable, Iterator
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from model import LanguageModel
 from parameters import ModelConfig
 from rundir.sharded import holds_shards
 from utils.device import Compute
-from utils.distributed import Dist
+from utils.distributed import Dist, is_dtensor
 
 
 def checkpointed_blocks(cfg: ModelConfig) -> list[int]:
@@ -65,7 +61,8 @@ def _recomputed(forward: Callable, x: torch.Tensor, kv=None, pos=0) -> torch.Ten
 # parameters) follow. A block's whole weights are all-gathered just before its forward and freed after it,
 # again for its backward, whose gradients are reduce-scattered (averaged: tests/training/test_fsdp.py holds
 # gloo to one process's gradients, pytorch#162338) into the shards. Parameter names do not change, so
-# checkpoints, exports and the optimizer's groups see the same model.
+# checkpoints, exports and the optimizer's groups see the same model. torch.distributed.fsdp and its DTensor are
+# imported where they are used: about a second of start-up that only fsdp runs need.
 
 
 def apply_fsdp(model: LanguageModel, compute: Compute, d: Dist) -> None:
@@ -73,6 +70,8 @@ def apply_fsdp(model: LanguageModel, compute: Compute, d: Dist) -> None:
     as torchtitan does. On CUDA in bfloat16 the gathered weights and the forward are bf16 while the
     shards, the gradient reduction and the optimizer stay float32. Compiling compiles each block before it
     is wrapped, so FSDP's hooks stay outside the graphs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(compute.device.type, (d.world_size,))
     half = compute.device.type == "cuda" and compute.dtype != torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute.dtype, reduce_dtype=torch.float32) if half else \
@@ -94,6 +93,7 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
     if not holds_shards(model):
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()
@@ -111,7 +111,7 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
-def _forget_forward_order(model: FSDPModule) -> None:
+def _forget_forward_order(model: torch.nn.Module) -> None:
     """Clear the forward order FSDP recorded for the next backward's prefetch (collectives finished)."""
     if hasattr(model, "reset_iter_state"):  # torch 2.13
         model.reset_iter_state()
@@ -125,6 +125,7 @@ def full_copy(model: LanguageModel, cfg: ModelConfig, grads: bool = False) -> La
     as it is."""
     if not holds_shards(model):
         return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)  # {} off rank 0
     whole = [p.grad.full_tensor() if grads and p.grad is not None else None for p in model.parameters()]
@@ -139,4 +140,4 @@ def full_copy(model: LanguageModel, cfg: ModelConfig, grads: bool = False) -> La
 
 def local_bytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes this rank holds of the tensors: a DTensor's own shard only."""
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+    return sum((t.to_local() if is_dtensor(t) else t).nbytes for t in tensors)

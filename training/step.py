@@ -10,13 +10,12 @@ import contextlib
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from parameters import ModelConfig
 from training.batches import get_batch, step_targets
 from utils import distributed
-from utils.distributed import Dist
+from utils.distributed import Dist, is_dtensor
 
 
 EVAL_SEED_OFFSET = 1  # eval batches: a fixed set drawn with seed + 1, so every eval scores the same text
@@ -101,7 +100,7 @@ def gradient_norm(model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
     rank clips by, and reports, the whole model's norm (torchtitan's clip does the same)."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):
+    if is_dtensor(norm):
         norm = norm.full_tensor()
     if grad_clip > 0:
         torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)

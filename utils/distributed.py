@@ -11,6 +11,7 @@ group, so every rank leaves the loop at the same step and none waits forever for
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,13 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether t is a DTensor (an fsdp shard), without importing torch.distributed.tensor: that import
+    costs every stage about a second of start-up, and no DTensor exists before something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def setup(device_name: str) -> tuple[Dist, str]:
