@@ -3,6 +3,7 @@ final val loss, or nanoGPT's? Both run here, one after the other, as subprocesse
 
     python benchmarks/speedrun.py [--data shakespeare] [--preset speedrun_cpu] [--runs-dir /tmp/speedrun]
     python benchmarks/speedrun.py --data input.txt --nanogpt ~/nanoGPT     # against nanoGPT's CPU recipe
+    python benchmarks/speedrun.py ... --rounds 3                           # alternating rounds, the median ratio
 
 1. The baseline to its end; its final val loss becomes the target. The baseline is the default recipe
    (configs/*.yaml), or with --nanogpt a nanoGPT checkout running the CPU recipe of its README
@@ -13,7 +14,9 @@ in both (--sample-length 0): text generation is not training. Evals stay honest:
 of the same val split (the preset keeps val_fraction and eval_iters). Against nanoGPT the preset's
 eval is at least nanoGPT's (--eval-iters 40: 40 x 24 sequences against 20 x 12 of the same length, on a
 val split of the same 10%), and gptlab's token cache is warmed first, as nanoGPT's prepare.py is.
-Prints both runs and the ratio.
+Prints both runs and the ratio. With --rounds N the race is run N times, the order alternating from round
+to round (the baseline first in the first, which sets the target for every round), and the median ratio is
+the figure: these machines drift by up to 30% between minutes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,32 +80,59 @@ def main() -> None:
     parser.add_argument("--preset", default="speedrun_cpu", help="the recipe to race (default speedrun_cpu)")
     parser.add_argument("--runs-dir", type=Path, help="where both runs go (default: a temporary directory)")
     parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout: race its README's CPU recipe instead")
+    parser.add_argument("--rounds", type=int, default=1, help="races to run, alternating which goes first (default 1)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        sys.exit(f"error: --rounds must be at least 1, got {args.rounds}")
+    if args.nanogpt and (not (args.nanogpt / "train.py").is_file() or not Path(args.data).is_file()):
+        sys.exit("error: --nanogpt takes a nanoGPT checkout (with train.py), and --data the text file it trains on")
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="speedrun_"))
     runs_dir.mkdir(parents=True, exist_ok=True)
+    if args.nanogpt:  # gptlab's token cache, warmed as nanoGPT's prepare.py warms its own
+        train(runs_dir, "cache", "--data", args.data, "--max-iters", "1", "--eval-iters", "1")
 
-    extra: tuple[str, ...] = ()
+    target, ratios = None, []
+    for r in range(args.rounds):
+        work = runs_dir / f"round{r + 1}" if args.rounds > 1 else runs_dir
+        work.mkdir(exist_ok=True)
+        if r % 2 == 0:  # the baseline first: the first round's sets the target
+            base_s, loss, baseline = run_baseline(args, work)
+            target = loss if target is None else target
+            fast_s, fast = race(args, work, target)
+        else:
+            fast_s, fast = race(args, work, target)
+            base_s, _, baseline = run_baseline(args, work)
+        print(f"\n{baseline}" if args.rounds == 1 else f"\nround {r + 1}: {baseline}")
+        reached = fast.get("target_reached_at")
+        if not reached:
+            print(f"{args.preset}: {fast_s:6.1f} s wall, {fast['iteration']} steps, val loss {fast['val_loss']:.4f}: "
+                  f"did NOT reach {target:.4f}")
+            sys.exit(1)
+        print(f"{args.preset}: {fast_s:6.1f} s wall, val loss {reached['val_loss']:.4f} at step {reached['step']} "
+              f"({reached['tokens']:,} tokens, {reached['seconds']:.1f} s of training)")
+        ratios.append(fast_s / base_s)
+        print(f"ratio: {fast_s / base_s:.3f} of the baseline's wall time ({base_s / fast_s:.2f}x faster)", flush=True)
+    if args.rounds > 1:
+        median = statistics.median(ratios)
+        print(f"\nmedian ratio over {args.rounds} rounds: {median:.3f} ({1 / median:.2f}x faster; rounds "
+              f"{', '.join(f'{x:.3f}' for x in ratios)})")
+
+
+def run_baseline(args: argparse.Namespace, work: Path) -> tuple[float, float, str]:
+    """The baseline to its end: (wall seconds, its final val loss, a line saying so)."""
     if args.nanogpt:
-        if not (args.nanogpt / "train.py").is_file() or not Path(args.data).is_file():
-            sys.exit("error: --nanogpt takes a nanoGPT checkout (with train.py), and --data the text file it trains on")
-        base_s, target = nanogpt(args.nanogpt, Path(args.data), runs_dir)
-        train(runs_dir, "cache", "--data", args.data, "--max-iters", "1", "--eval-iters", "1")  # the token cache
-        extra, baseline = ("--eval-iters", "40"), f"nanoGPT: {base_s:6.1f} s wall, 2000 steps, final val loss {target:.4f}"
-    else:
-        base_s, base = train(runs_dir, "baseline", "--data", args.data)
-        target = base["val_loss"]
-        baseline = f"default recipe: {base_s:6.1f} s wall, {base['iteration']} steps, final val loss {target:.4f}"
-    fast_s, fast = train(runs_dir, "speedrun", "--data", args.data, "--config", args.preset,
-                         "--target-val-loss", repr(target), *extra)
-    reached = fast.get("target_reached_at")
-    print(f"\n{baseline}")
-    if not reached:
-        print(f"{args.preset}: {fast_s:6.1f} s wall, {fast['iteration']} steps, val loss {fast['val_loss']:.4f}: "
-              f"did NOT reach {target:.4f}")
-        sys.exit(1)
-    print(f"{args.preset}: {fast_s:6.1f} s wall, val loss {reached['val_loss']:.4f} at step {reached['step']} "
-          f"({reached['tokens']:,} tokens, {reached['seconds']:.1f} s of training)")
-    print(f"ratio: {fast_s / base_s:.3f} of the baseline's wall time ({base_s / fast_s:.2f}x faster)")
+        seconds, loss = nanogpt(args.nanogpt, Path(args.data), work)
+        return seconds, loss, f"nanoGPT: {seconds:6.1f} s wall, 2000 steps, final val loss {loss:.4f}"
+    seconds, status = train(work, "baseline", "--data", args.data)
+    return seconds, status["val_loss"], (f"default recipe: {seconds:6.1f} s wall, {status['iteration']} steps, "
+                                         f"final val loss {status['val_loss']:.4f}")
+
+
+def race(args: argparse.Namespace, work: Path, target: float) -> tuple[float, dict]:
+    """The preset to the target: (wall seconds, its meta/status.json)."""
+    extra = ("--eval-iters", "40") if args.nanogpt else ()
+    return train(work, "speedrun", "--data", args.data, "--config", args.preset, "--target-val-loss", repr(target),
+                 *extra)
 
 
 if __name__ == "__main__":
