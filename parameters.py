@@ -215,9 +215,8 @@ class ModelConfig(Validated):
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     torch_compile: str = knob(
-        "auto", "torch.compile the model: auto = on for CUDA; on a CPU only for runs the estimate puts at 10 "
-        "minutes of steps or more (one process; compiling takes about 30 s there); off on MPS (README, Performance); "
-        "true or false to force it", choices=("auto", "true", "false"),
+        "auto", "torch.compile the model: auto = on for CUDA, off for CPU and MPS (where it measured slower; "
+        "README, Performance); true or false to force it", choices=("auto", "true", "false"),
     )
     activation_checkpointing: str = knob(
         "none", "recompute blocks' activations in the backward pass instead of keeping them: less memory for about "

@@ -32,8 +32,7 @@ from utils.signals import GracefulStop
 # the signal, the run is still going; it is resumed with --max-iters ITERS (further if it got that far:
 # conftest.resume_target). Resume keeps the recorded schedule (config.resume_config: lr_decay_iters =
 # the recorded max_iters), so the uninterrupted reference trains with --lr-decay-iters NEVER: the same
-# learning rate at every step. Warmup is the debug preset's 0 in both. Compile stays off: auto would compile
-# a run of NEVER steps on a slow enough CPU (utils.device.compile_pays), and the reference is not compiled.
+# learning rate at every step. Warmup is the debug preset's 0 in both.
 ITERS, NEVER = 20, 100_000
 
 
@@ -41,7 +40,7 @@ def base_args(corpus: Path, root: Path, max_iters: int = NEVER) -> list[str]:
     return ["--config", "debug", "--data", str(corpus), "--data-dir", str(root / "data"), "--runs-dir",
             str(root / "runs"), "--dropout", "0.1", "--log-interval", "1", "--max-iters", str(max_iters),
             "--eval-interval", "10", "--checkpoint-interval", "10", "--histogram-interval", "0",
-            "--sample-length", "0", "--seed", "5", "--torch-compile", "false"]
+            "--sample-length", "0", "--seed", "5"]
 
 
 def only_run(root: Path) -> Path:

@@ -28,8 +28,8 @@ from rundir.run_dir import RunDir
 from tokenizer import tokenizer_from_dict
 from training.estimate import check_fits, check_tokenizing_fits, describe, estimate_run
 from utils import distributed
-from utils.console import ProgressLine, format_duration
-from utils.device import Compute, compile_pays, setup_compute
+from utils.console import ProgressLine
+from utils.device import Compute, setup_compute
 from utils.distributed import Dist
 from utils.files import writable_dir
 
@@ -87,10 +87,6 @@ def resolve_start(parsed, d: Dist, device_name: str, held: contextlib.ExitStack,
                             resume.iteration if resume else 0)
     check_fits(estimate, compute.device)  # what cannot fit is refused now, not found out by allocating
     notes += describe(estimate, compute.device)
-    if compile_pays(cfg.torch_compile, compute.device, d.world_size, estimate.steps * estimate.step_seconds):
-        compute = dataclasses.replace(compute, compiled=True)
-        notes.append(f"torch_compile auto: on, for ~{format_duration(estimate.steps * estimate.step_seconds)} of steps "
-                     "on this CPU (compiling takes about 30 s; compiled steps measured 1.00-1.14x as fast)")
     return Start(cfg=cfg, compute=compute, corpus=corpus, run=run, resume=resume, init=init, eval_tasks=eval_tasks)
 
 

@@ -102,34 +102,18 @@ def _apply_cap(probe: HalfPrecision) -> str:
             f"uncapped the probe was {probe.problem}" + (f" ({probe.basis})" if probe.forced else ""))
 
 
-# On a CPU, inductor measured 1.00-1.14x faster steps in float32 and 1.09x in bf16 autocast (shakespeare_char,
-# Zen 4), for 26-32 s of compiling on a cold cache: more than the default recipe (about 100 s of steps) earns
-# back. From this many seconds of steps on, the compile costs at most 5% of the run and typically earns 9%.
-CPU_COMPILE_MIN_SECONDS = 600
-
-
 def resolve_compile(setting: str, device: torch.device) -> bool:
-    """Whether to torch.compile, before the run's length is known. auto: on CUDA; on a CPU only once the
-    estimate says the run is long enough (compile_pays); on MPS never, where only aot_eager exists, which
-    does not fuse."""
+    """Whether to torch.compile. auto: on CUDA only. On CPU, inductor measured 1.00-1.14x faster per
+    step in float32 and 1.09x in bf16 autocast (shakespeare_char, Zen 4), and needs 26-32 s to compile on a
+    cold cache (and a C++ compiler), more than the default recipe can earn back (README, Performance); on
+    MPS only aot_eager exists, which does not fuse."""
     if setting == "auto":
         return device.type == "cuda"
-    if setting == "true" and device.type == "cpu" and not has_cxx():
+    if setting == "true" and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
+                                                           or shutil.which("clang++")):
         raise ValueError("torch_compile on CPU needs a C++ compiler (inductor builds C++ kernels): install "
                          "g++ or clang++ (or set CXX), or use --torch-compile false")
     return setting == "true"
-
-
-def compile_pays(setting: str, device: torch.device, world_size: int, step_seconds: float) -> bool:
-    """auto on a CPU, one process, with a C++ compiler for inductor: whether the run's steps (seconds, as
-    estimated) are long enough to repay compiling (CPU_COMPILE_MIN_SECONDS)."""
-    return (setting == "auto" and device.type == "cpu" and world_size == 1 and step_seconds >= CPU_COMPILE_MIN_SECONDS
-            and has_cxx())
-
-
-def has_cxx() -> bool:
-    """A C++ compiler for inductor's CPU kernels."""
-    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++"))
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:

@@ -18,9 +18,7 @@ NEVER = 100_000
 
 
 def write_plan(path: Path, corpus: Path, pairs: Path, finetune_iters: int = 20) -> Path:
-    # compile off: auto would compile a finetune of NEVER steps on a slow enough CPU (utils.device.compile_pays)
-    plan = {"name": "chain", "config": "debug", "settings": {"sample_length": 0, "histogram_interval": 0,
-                                                             "torch_compile": False},
+    plan = {"name": "chain", "config": "debug", "settings": {"sample_length": 0, "histogram_interval": 0},
             "stages": [{"name": "pretrain", "data": str(corpus), "max_iters": 20},
                        {"name": "finetune", "data": str(pairs), "max_iters": finetune_iters, "eval_interval": 10,
                         "log_interval": 1, "checkpoint_interval": 5},

@@ -3,7 +3,6 @@ absent hardware, and half precision on CPU probed in a child so that a crash can
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
@@ -12,7 +11,7 @@ import torch
 
 from utils import cpu_probe, device as device_mod
 from utils.cpu_probe import HalfPrecision, measure, probe_half_precision
-from utils.device import CPU_COMPILE_MIN_SECONDS, compile_pays, resolve_compile, resolve_device, resolve_dtype
+from utils.device import resolve_compile, resolve_device, resolve_dtype
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
@@ -23,41 +22,6 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 ])
 def test_compile_auto_is_on_only_where_it_measured_faster(setting, device, expected):
     assert resolve_compile(setting, device) is expected
-
-
-@pytest.mark.parametrize("setting,device,ranks,seconds,expected", [
-    ("auto", CPU, 1, CPU_COMPILE_MIN_SECONDS, True),  # long enough to repay a cold compile
-    ("auto", CPU, 1, CPU_COMPILE_MIN_SECONDS - 1, False),  # the default recipe's 100 s would not
-    ("auto", CPU, 2, 10 * CPU_COMPILE_MIN_SECONDS, False),  # ranks on CPU stay eager
-    ("auto", MPS, 1, 10 * CPU_COMPILE_MIN_SECONDS, False),  # aot_eager does not fuse
-    ("false", CPU, 1, 10 * CPU_COMPILE_MIN_SECONDS, False),  # forced either way: resolve_compile's
-])
-def test_compile_auto_on_a_cpu_waits_for_a_run_long_enough_to_repay_it(setting, device, ranks, seconds, expected):
-    assert compile_pays(setting, device, ranks, seconds) is expected
-
-
-def test_a_long_cpu_run_compiles_by_auto_and_says_why(tmp_path, tiny_corpus, monkeypatch):
-    """The decision as train.py makes it, after the estimate: a debug run of 5 million steps is hours on any CPU."""
-    from config import load_config
-    from training.start import resolve_start
-    from utils.distributed import Dist
-
-    monkeypatch.setattr(device_mod, "has_cxx", lambda: True)  # the rule, wherever inductor could not build here
-
-    common = ["--config", "debug", "--data", str(tiny_corpus), "--data-dir", str(tmp_path / "data"), "--device", "cpu",
-              "--runs-dir", str(tmp_path / "runs")]
-    for max_iters, compiled in (("5000000", True), ("20", False)):
-        notes: list[str] = []
-        with contextlib.ExitStack() as held:
-            start = resolve_start(load_config([*common, "--max-iters", max_iters]), Dist(), "cpu", held, notes)
-        assert start.compute.compiled is compiled
-        said = [n for n in notes if n and n.startswith("torch_compile auto: on, for ~")]
-        assert len(said) == int(compiled), notes
-    notes = []
-    with contextlib.ExitStack() as held:  # false stays false however long the run
-        start = resolve_start(load_config([*common, "--max-iters", "5000000", "--torch-compile", "false"]), Dist(), "cpu",
-                              held, notes)
-    assert start.compute.compiled is False
 
 
 def dtype_and_note(name: str, device: torch.device) -> tuple[torch.dtype, str]:
