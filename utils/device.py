@@ -104,9 +104,9 @@ def _apply_cap(probe: HalfPrecision) -> str:
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
     """Whether to torch.compile. auto: on CUDA only. On CPU, inductor measured 1.00-1.14x faster per
-    step in float32 and 1.09x in bf16 autocast (shakespeare_char, Zen 4), and needs 26-32 s to compile on a
-    cold cache (and a C++ compiler), more than the default recipe can earn back (README, Performance); on
-    MPS only aot_eager exists, which does not fuse."""
+    step in float32; in bf16 autocast 1.09x for profile_model.py's bare step but none in train.py's loop
+    (shakespeare_char, Zen 4). It needs 24-32 s to compile on a cold cache (and a C++ compiler), more than
+    the default recipe can earn back (README, Performance); on MPS only aot_eager exists, which does not fuse."""
     if setting == "auto":
         return device.type == "cuda"
     if setting == "true" and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
