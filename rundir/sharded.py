@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from utils import distributed
-from utils.distributed import Dist, is_dtensor
+from utils.distributed import Dist, is_dtensor, local_part
 from utils.files import sha256_file
 
 # torch.distributed.checkpoint (DCP) is imported where it is used: it brings DTensor and sympy, about a
@@ -45,7 +45,7 @@ def local_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
     named = [*model.state_dict().items(),
              *((f"optimizer state {i}.{k}", v) for i, state in optimizer.state_dict()["state"].items()
                for k, v in state.items())]
-    return [(n, t.to_local() if is_dtensor(t) else t) for n, t in named if isinstance(t, torch.Tensor)]
+    return [(n, local_part(t)) for n, t in named if isinstance(t, torch.Tensor)]
 
 
 def write_shards(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -30,7 +30,7 @@ from model import LanguageModel
 from parameters import ModelConfig
 from rundir.sharded import holds_shards
 from utils.device import Compute
-from utils.distributed import Dist, is_dtensor
+from utils.distributed import Dist, local_part
 
 
 def checkpointed_blocks(cfg: ModelConfig) -> list[int]:
@@ -140,4 +140,4 @@ def full_copy(model: LanguageModel, cfg: ModelConfig, grads: bool = False) -> La
 
 def local_bytes(tensors: Iterator[torch.Tensor]) -> int:
     """Bytes this rank holds of the tensors: a DTensor's own shard only."""
-    return sum((t.to_local() if is_dtensor(t) else t).nbytes for t in tensors)
+    return sum(local_part(t).nbytes for t in tensors)

@@ -42,6 +42,11 @@ def is_dtensor(t: Any) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def local_part(t: Any) -> Any:
+    """What this rank holds of t: a DTensor's own shard; any other tensor whole."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def setup(device_name: str) -> tuple[Dist, str]:
     """Join the process group when launched by torchrun; returns (Dist, device name for this rank)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
